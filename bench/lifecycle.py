@@ -1,0 +1,88 @@
+"""Container lifecycle: create + fork_into_container(/bin/true) + POLLHUP, against unshare(1).
+
+Run with a service up (CONTAINERFS_SOCKET names it). Prints both medians, the ratio, and the
+throughput with two creators at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import select
+import statistics
+import subprocess
+import time
+
+import syscalls
+from syscalls import (
+    CONTAINER_FD_CLOEXEC, CONTAINER_KILL_ON_CLOSE, CONTAINER_NEW_FS_NS, CONTAINER_NEW_IPC_NS,
+    CONTAINER_NEW_NET_NS, CONTAINER_NEW_PID_NS, CONTAINER_NEW_UTS_NS,
+)
+
+FLAGS = (CONTAINER_NEW_PID_NS | CONTAINER_NEW_FS_NS | CONTAINER_NEW_UTS_NS | CONTAINER_NEW_IPC_NS
+         | CONTAINER_NEW_NET_NS | CONTAINER_KILL_ON_CLOSE | CONTAINER_FD_CLOEXEC)
+UNSHARE = ["unshare", "--fork", "--pid", "--mount", "--uts", "--ipc", "--net", "--mount-proc",
+           "/bin/true"]
+
+
+def one_container() -> None:
+    cfd = syscalls.container_create("bench", FLAGS)
+    pid = syscalls.fork_into_container(cfd)
+    if pid == 0:
+        os.execv("/bin/true", ["/bin/true"])
+    p = select.poll()
+    p.register(cfd, select.POLLHUP)
+    p.poll()
+    os.waitpid(pid, 0)
+    os.close(cfd)
+
+
+def one_unshare() -> None:
+    subprocess.run(UNSHARE, check=True)
+
+
+def timed(fn, n: int) -> list[float]:
+    out = []
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def _throughput_worker(n: int) -> None:
+    for _ in range(n):
+        one_container()
+
+
+def throughput(creators: int, per_creator: int) -> float:
+    t = time.perf_counter()
+    procs = [multiprocessing.Process(target=_throughput_worker, args=(per_creator,))
+             for _ in range(creators)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    return creators * per_creator / (time.perf_counter() - t)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("-n", type=int, default=200)
+    args = ap.parse_args()
+    timed(one_container, 10)
+    timed(one_unshare, 10)
+    ours, theirs = [], []
+    for _ in range(4):  # interleave, so drift in the machine hits both alike
+        ours += timed(one_container, args.n // 4)
+        theirs += timed(one_unshare, args.n // 4)
+    mo, mu = statistics.median(ours), statistics.median(theirs)
+    print(f"containerfs create+fork+POLLHUP  median {mo * 1e3:.2f} ms")
+    print(f"unshare --fork --pid ... /bin/true median {mu * 1e3:.2f} ms")
+    print(f"ratio containerfs/unshare: {mo / mu:.2f}x")
+    print(f"throughput, 2 creators: {throughput(2, args.n // 4):.0f} containers/s")
+
+
+if __name__ == "__main__":
+    main()

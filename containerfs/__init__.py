@@ -1,0 +1,1 @@
+"""containerfs: the service that plays the kernel's part of the container system calls."""

@@ -1,0 +1,186 @@
+"""The control socket: one trio task per connection, requests dispatched to the Service.
+
+A connection's peer credentials come from the kernel (SO_PEERCRED at connect), never from the
+message. Bad bytes get an error reply and the connection is dropped; nothing a client sends
+can stop the service from serving others.
+"""
+
+from __future__ import annotations
+
+import array
+import errno
+import logging
+import os
+import socket
+import struct
+from typing import Any
+
+import trio
+
+from syscalls import protocol
+
+from .service import Container, Peer, Service
+
+log = logging.getLogger("containerfs")
+
+_UCRED = struct.Struct("3i")
+_SO_PEERPIDFD = 77
+
+
+def _peer(sock: trio.socket.SocketType) -> Peer:
+    pid, uid, gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+    return Peer(pid=pid, uid=uid, gid=gid)
+
+
+def _peer_pidfd(sock: trio.socket.SocketType) -> int:
+    (fd,) = struct.unpack("i", sock.getsockopt(socket.SOL_SOCKET, _SO_PEERPIDFD, 4))
+    return int(fd)
+
+
+def _fds_of(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
+    fds = array.array("i")
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
+    return list(fds)
+
+
+async def _send(sock: trio.socket.SocketType, reply: dict[str, Any], fds: list[int]) -> None:
+    anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+    await sock.sendmsg([protocol.encode(reply)], anc)
+
+
+class Connection:
+    """One client connection and what it has in progress (a fork between Fork and Started)."""
+
+    def __init__(self, service: Service, sock: trio.socket.SocketType) -> None:
+        self.service = service
+        self.sock = sock
+        self.peer = _peer(sock)
+        self.forking: tuple[Container, str] | None = None
+
+    async def run(self) -> None:
+        try:
+            while True:
+                data, anc, flags, _ = await self.sock.recvmsg(
+                    protocol.MAX_MESSAGE, socket.CMSG_SPACE(protocol.MAX_FDS * 4),
+                    socket.MSG_CMSG_CLOEXEC)
+                fds = _fds_of(anc)
+                if not data and not fds:
+                    return  # the client hung up
+                out: list[int] = []
+                try:
+                    if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+                        raise protocol.ProtocolError("message or its fds were truncated")
+                    req = protocol.decode_request(data)
+                    if len(fds) != req.nfds and not (isinstance(req, protocol.Kill) and len(fds) == 1):
+                        raise protocol.ProtocolError(f"{req.op} takes {req.nfds} fd(s), got {len(fds)}")
+                    reply, out = await self.dispatch(req, fds)
+                except protocol.ProtocolError as e:
+                    await _send(self.sock, protocol.error_reply(errno.EINVAL, f"bad request: {e}"), [])
+                    return
+                except OSError as e:
+                    reply = protocol.error_reply(e.errno or errno.EIO, e.strerror or str(e))
+                finally:
+                    for fd in fds:
+                        os.close(fd)
+                if reply is None:
+                    continue  # a one-way message
+                try:
+                    await _send(self.sock, reply, out)
+                finally:
+                    self.after_send(out)
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as e:
+            log.debug("connection from pid %d dropped: %s", self.peer.pid, e)
+        finally:
+            if self.forking:
+                self.service.abort_fork(*self.forking)
+            self.sock.close()
+
+    def after_send(self, out: list[int]) -> None:
+        """Close what was only lent to the reply; a new handle's reader now lives elsewhere."""
+        for fd in out:
+            c = self.service.by_pipe.get(_pipe_key(fd))
+            os.close(fd)
+            if c is not None:
+                self.service.watch_handle(c)
+
+    async def dispatch(self, req: protocol.Request,
+                       fds: list[int]) -> tuple[dict[str, Any] | None, list[int]]:
+        """Do one request; return the reply (None for a one-way message) and fds to send."""
+        svc = self.service
+        if isinstance(req, protocol.Create):
+            pidfd = _peer_pidfd(self.sock)
+            try:
+                raw = req.name.encode("utf-8", "surrogateescape")
+                c, rfd = await svc.create(self.peer, pidfd, raw, req.flags)
+            finally:
+                os.close(pidfd)
+            return {"id": c.id}, [rfd]
+        if isinstance(req, protocol.Fork):
+            if self.forking:
+                raise protocol.ProtocolError("fork while a fork is in progress")
+            c = svc.lookup(fds[0])
+            reply, ns_fds = await svc.begin_fork(self.peer, c)
+            self.forking = (c, reply["role"])
+            return reply, ns_fds
+        if isinstance(req, (protocol.Started, protocol.ForkFailed)):
+            if not self.forking:
+                raise protocol.ProtocolError(f"{req.op} without a fork")
+            forking, self.forking = self.forking, None
+            if isinstance(req, protocol.ForkFailed):
+                svc.abort_fork(*forking)
+                return None, []
+            svc.finish_fork(forking[0], forking[1], os.dup(fds[0]))
+            return None, []
+        if isinstance(req, protocol.Status):
+            return svc.describe(svc.lookup(fds[0])), []
+        if isinstance(req, protocol.Kill):
+            if fds:
+                c = svc.lookup(fds[0])
+            elif (found := svc.containers.get(req.id)) is not None:
+                c = found
+            else:
+                raise OSError(errno.ESRCH, f"no container with id {req.id}")
+            svc.kill_by(self.peer, c)
+            return {}, []
+        if isinstance(req, protocol.List):
+            rows = [svc.describe(c) for c in svc.containers.values()
+                    if self.peer.uid == 0 or c.owner == self.peer.uid]
+            return {"containers": rows}, []
+        raise protocol.ProtocolError(f"unhandled op {req.op}")
+
+
+def _pipe_key(fd: int) -> tuple[int, int]:
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
+
+
+async def serve_control(service: Service, path: str,
+                        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    """Listen on `path` (usable by every local user, as a system call is) until cancelled."""
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    await sock.bind(path)
+    os.chmod(path, 0o666)
+    sock.listen(512)
+    task_status.started()
+    try:
+        async with trio.open_nursery() as nursery:
+            while True:
+                conn, _ = await sock.accept()
+                try:
+                    connection = Connection(service, conn)
+                except OSError:
+                    conn.close()
+                    continue
+                nursery.start_soon(connection.run)
+    finally:
+        sock.close()
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass

@@ -1,0 +1,44 @@
+"""`containerfs serve`: the trio program that plays the kernel's part."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from dataclasses import dataclass
+
+import trio
+
+from .cgroups import CgroupTree
+from .control import serve_control
+from .service import Service
+from .store import Store
+
+log = logging.getLogger("containerfs")
+
+
+@dataclass(frozen=True)
+class Config:
+    socket: str
+    runtime_dir: str = "/run/containerfs.d"
+    cgroup: str = "containerfs"
+    max_per_user: int = 1024
+
+
+async def serve(config: Config) -> None:
+    """Run the service until SIGTERM or SIGINT; running containers are left running."""
+    os.makedirs(config.runtime_dir, mode=0o755, exist_ok=True)
+    store = Store(os.path.join(config.runtime_dir, "registry.sqlite"))
+    cgroups = CgroupTree(config.cgroup)
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+            service = Service(store, cgroups, nursery, max_per_user=config.max_per_user)
+            nursery.start_soon(service.watch_last_close)
+            await nursery.start(serve_control, service, config.socket)
+            log.info("serving on %s (cgroups under %s)", config.socket, cgroups.base)
+            async for signum in signals:
+                log.info("stopping on signal %d", signum)
+                break
+            nursery.cancel_scope.cancel()
+    service.close()
+    store.close()

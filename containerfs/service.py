@@ -1,0 +1,411 @@
+"""The container registry and what the kernel would do for each call: create, fork, kill, die.
+
+Runs inside the service's trio loop. Anything that blocks (forking a namespace helper) runs in a
+worker thread. Every privileged act is preceded by a check of the peer's credentials against the
+container (the contract's first rule: never lend the service's privilege).
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import logging
+import os
+import select
+import signal
+import stat
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from syscalls import _linux, validate
+from syscalls.constants import (
+    CONTAINER_KILL_ON_CLOSE,
+    CONTAINER_NEW_EMPTY_FS_NS,
+    CONTAINER_NEW_PID_NS,
+    CONTAINER_NEW_USER_NS,
+    FLAG_NAMESPACES,
+)
+
+from . import namespaces
+from .cgroups import CgroupTree
+from .states import State, check_transition
+from .store import Store
+
+log = logging.getLogger("containerfs")
+
+# Order in which a forking process enters namespaces. The creator's own (not asked-for) ones
+# come first, while the process still has its host privileges; then the new user namespace,
+# whose capabilities it needs to enter the others the container owns.
+_ENTRY_ORDER = ("mnt", "uts", "ipc", "net", "cgroup")
+
+
+@dataclass(frozen=True)
+class Peer:
+    """Who is at the other end of a connection, as the kernel recorded it at connect()."""
+    pid: int
+    uid: int
+    gid: int
+
+
+@dataclass(eq=False)
+class Container:
+    id: int
+    name: bytes
+    flags: int
+    owner: int
+    group: int
+    parent: int
+    pipe: tuple[int, int]
+    wfd: int  # the service's write end of the handle pipe; closing it is the death notice
+    ns: dict[str, int]  # every namespace the container's processes enter, by type
+    new_ns: frozenset[str]
+    state: State = State.CREATED
+    handle_open: bool = True
+    init_pid: int | None = None
+    init_pidfd: int = -1
+    init_starttime: int = 0
+    exit_status: int | None = None
+    kill_pending: bool = False
+    started: trio.Event = field(default_factory=trio.Event)
+
+    def row(self) -> dict[str, Any]:
+        return {"id": self.id, "name": self.name, "flags": self.flags, "owner": self.owner,
+                "grp": self.group, "parent": self.parent, "state": self.state.value,
+                "pipe_dev": self.pipe[0], "pipe_ino": self.pipe[1], "init_pid": self.init_pid,
+                "exit_status": self.exit_status}
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    """Fields 3.. of /proc/PID/stat (after the command name), or None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return data[data.rindex(b")") + 2:].decode().split()
+
+
+def _pidfd_pid(pidfd: int) -> int:
+    """The pid (in the service's namespace) of the process `pidfd` refers to, -1 once gone."""
+    with open(f"/proc/self/fdinfo/{pidfd}") as f:
+        for line in f:
+            if line.startswith("Pid:"):
+                return int(line.split()[1])
+    raise OSError(errno.EINVAL, "not a pidfd")
+
+
+class Service:
+    def __init__(self, store: Store, cgroups: CgroupTree, nursery: trio.Nursery,
+                 max_per_user: int = 1024, dead_linger: float = 30.0) -> None:
+        self.store = store
+        self.cgroups = cgroups
+        self.nursery = nursery
+        self.max_per_user = max_per_user
+        self.dead_linger = dead_linger
+        self.containers: dict[int, Container] = {}  # listed: alive, or dead and still held
+        self.by_pipe: dict[tuple[int, int], Container] = {}
+        self.by_wfd: dict[int, Container] = {}
+        # Dead containers kept (bounded) so container_wait on a still-held handle answers.
+        self.gone: collections.OrderedDict[tuple[int, int], Container] = collections.OrderedDict()
+        # One epoll set of every write end: EPOLLERR, always reported, means "no reader is
+        # left anywhere": the last reference to that handle was closed.
+        self.epoll = select.epoll()
+
+    # ---- lookups and checks -------------------------------------------------------------
+
+    def lookup(self, fd: int) -> Container:
+        """The container whose handle `fd` is: EINVAL if it is none (the kernel's answer)."""
+        st = os.fstat(fd)
+        key = (st.st_dev, st.st_ino)
+        c = self.by_pipe.get(key) or self.gone.get(key)
+        if c is None or not stat.S_ISFIFO(st.st_mode):
+            raise OSError(errno.EINVAL, "fd is not a container handle")
+        return c
+
+    def _check_owner(self, peer: Peer, c: Container, what: str) -> None:
+        if peer.uid != 0 and peer.uid != c.owner:
+            raise OSError(errno.EPERM, f"container {c.id} belongs to uid {c.owner}; "
+                                       f"uid {peer.uid} may not {what} it")
+
+    def _check_manager(self, peer: Peer, c: Container, what: str) -> None:
+        """Owner or root, and not from inside the container itself."""
+        self._check_owner(peer, c, what)
+        if c.state != State.DEAD and self.cgroups.contains(c.id, peer.pid):
+            raise OSError(errno.EPERM, f"a member of container {c.id} may not {what} it")
+
+    # ---- container_create ---------------------------------------------------------------
+
+    async def create(self, peer: Peer, peer_pidfd: int, raw_name: bytes, flags: int) -> tuple[Container, int]:
+        """Make a container for `peer`; return it and the handle's read end."""
+        validate.container_name(raw_name)
+        validate.create_flags(flags, peer.uid)
+        if peer.uid != 0 and sum(1 for c in self.containers.values()
+                                 if c.owner == peer.uid and c.state != State.DEAD) >= self.max_per_user:
+            raise OSError(errno.EAGAIN, f"uid {peer.uid} has {self.max_per_user} containers, "
+                                        "its limit")
+        new = sorted({FLAG_NAMESPACES[bit] for bit in FLAG_NAMESPACES if flags & bit} - {"pid"},
+                     key=namespaces.NS_TYPES.index)
+        if flags & CONTAINER_NEW_EMPTY_FS_NS:
+            new.remove("mnt")  # made when a root is set (a later issue): until then, no fs
+        # The creator's namespaces, for those not asked for; then check the creator is still
+        # the process that connected, so a recycled pid cannot lend us someone else's.
+        ns = namespaces.open_process_namespaces(peer.pid)
+        cid = -1
+        try:
+            _linux.pidfd_send_signal(peer_pidfd, 0)
+            cid = self.store.next_id()
+            self.cgroups.create(cid)
+            if new:
+                made = await trio.to_thread.run_sync(
+                    namespaces.make_namespaces, new, ns, namespaces.Credentials(peer.uid, peer.gid),
+                    os.path.join(self.cgroups.path(cid), "cgroup.procs"))
+                for nstype, fd in made.items():
+                    os.close(ns.pop(nstype))
+                    ns[nstype] = fd
+            if flags & CONTAINER_NEW_EMPTY_FS_NS:
+                os.close(ns.pop("root"))
+            rfd, wfd = os.pipe2(os.O_CLOEXEC)
+        except BaseException as e:
+            namespaces.close_all(ns)
+            if cid > 0:
+                self.cgroups.try_remove(cid)
+            if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+                raise OSError(errno.EAGAIN, f"uid {peer.uid} has no user namespaces left "
+                                            f"(user.max_user_namespaces): {e.strerror}") from None
+            raise
+        st = os.fstat(rfd)
+        parent = self.container_of(peer.pid)
+        c = Container(id=cid, name=raw_name, flags=flags, owner=peer.uid, group=peer.gid,
+                      parent=parent.id if parent else 1, pipe=(st.st_dev, st.st_ino), wfd=wfd,
+                      ns=ns, new_ns=frozenset(new) | ({"pid"} if flags & CONTAINER_NEW_PID_NS else set()))
+        self.store.forget_pipe(*c.pipe)
+        self.store.save(c.row())
+        self.containers[cid] = c
+        self.by_pipe[c.pipe] = c
+        self.by_wfd[wfd] = c
+        return c, rfd
+
+    def watch_handle(self, c: Container) -> None:
+        """Start noticing the last close of `c`'s handle (once the service holds no reader)."""
+        if c.wfd >= 0:
+            self.epoll.register(c.wfd, 0)
+
+    def container_of(self, pid: int) -> Container | None:
+        """The live container whose group holds `pid`, if any."""
+        cid = self.cgroups.container_id_of(pid)
+        return self.containers.get(cid) if cid is not None else None
+
+    # ---- fork_into_container ------------------------------------------------------------
+
+    async def begin_fork(self, peer: Peer, c: Container) -> tuple[dict[str, Any], list[int]]:
+        """Check a fork and return what the intermediate must enter: (reply, fds it names)."""
+        self._check_owner(peer, c, "fork into")
+        while c.state == State.STARTING:  # another caller is making init: wait for it
+            await c.started.wait()
+        if c.state == State.DEAD:
+            raise OSError(errno.ECANCELED, f"container {c.id} is dead")
+        if "root" not in c.ns:
+            raise OSError(errno.ENOENT, f"container {c.id} has no root filesystem yet")
+        role = "init" if c.state == State.CREATED else "member"
+        names: list[str] = []
+        fds: list[int] = []
+
+        def add(name: str, fd: int) -> None:
+            names.append(name)
+            fds.append(os.dup(fd))  # the reply's own copy, closed once sent
+
+        if "user" not in c.new_ns:
+            add("ns:user", c.ns["user"])
+        for nstype in _ENTRY_ORDER:
+            if nstype not in c.new_ns:
+                add(f"ns:{nstype}", c.ns[nstype])
+        if "user" in c.new_ns:
+            add("ns:user", c.ns["user"])
+        for nstype in _ENTRY_ORDER:
+            if nstype in c.new_ns:
+                add(f"ns:{nstype}", c.ns[nstype])
+        if role == "member" or not c.flags & CONTAINER_NEW_PID_NS:
+            add("ns:pid", c.ns["pid"])
+        add("root", c.ns["root"])
+        if peer.uid == 0:
+            # Root may place a process with CLONE_INTO_CGROUP: no cgroup.procs write, no stall.
+            cgroup_fd = self.cgroups.open(c.id)
+            add("cgroup", cgroup_fd)
+            os.close(cgroup_fd)
+        else:
+            # Others may not; move the intermediate itself, before it makes the child.
+            self.cgroups.move(c.id, peer.pid)
+        if role == "init":
+            check_transition(c.state, State.STARTING)
+            c.state = State.STARTING
+            c.started = trio.Event()
+        reply = {"role": role, "fds": names, "id": c.id,
+                 "new_pid_ns": role == "init" and bool(c.flags & CONTAINER_NEW_PID_NS)}
+        return reply, fds
+
+    def abort_fork(self, c: Container, role: str) -> None:
+        """The intermediate failed or vanished before reporting a process."""
+        if role == "init" and c.state == State.STARTING:
+            c.state = State.CREATED
+            c.started.set()
+            if c.kill_pending:
+                self.kill(c)
+
+    def finish_fork(self, c: Container, role: str, pidfd: int) -> int:
+        """Record the process the intermediate made; return its pid. Takes `pidfd`."""
+        try:
+            pid = _pidfd_pid(pidfd)
+            fields = _stat_fields(pid) if pid > 0 else None
+            # Trust the pidfd only if its process is where the container's processes are.
+            if fields is not None and not self.cgroups.contains(c.id, pid):
+                raise OSError(errno.EINVAL, "reported process is not in the container's cgroup")
+        except BaseException:
+            os.close(pidfd)
+            self.abort_fork(c, role)
+            raise
+        if role != "init":
+            os.close(pidfd)
+            return pid
+        c.init_pid, c.init_pidfd = pid, pidfd
+        c.init_starttime = int(fields[19]) if fields else 0
+        if c.flags & CONTAINER_NEW_PID_NS and fields is not None:
+            try:
+                pidns = os.open(f"/proc/{pid}/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+                os.close(c.ns["pid"])
+                c.ns["pid"] = pidns
+            except (FileNotFoundError, ProcessLookupError):
+                pass  # init already died: nobody can join its PID namespace anyway
+        check_transition(c.state, State.RUNNING)
+        c.state = State.RUNNING
+        c.started.set()
+        self.store.save(c.row())
+        self.nursery.start_soon(self._watch_init, c)
+        if c.kill_pending:
+            self.kill(c)
+        return pid
+
+    # ---- death, kill and last close -----------------------------------------------------
+
+    async def _watch_init(self, c: Container) -> None:
+        try:
+            await trio.lowlevel.wait_readable(c.init_pidfd)
+            c.exit_status = await self._exit_status(c)
+        except Exception:  # a bug here must not take the whole service down
+            log.exception("container %d: watching init failed; killing it", c.id)
+        self._die(c)
+
+    async def _exit_status(self, c: Container) -> int | None:
+        """Init's wait status, whether or not its parent has reaped it yet."""
+        for _ in range(200):
+            status = _linux.pidfd_exit_status(c.init_pidfd)
+            if status is not None:  # already reaped (Linux 6.15+ keeps it on the pidfd)
+                return status
+            assert c.init_pid is not None
+            fields = _stat_fields(c.init_pid)
+            # Still a zombie: field 52 holds the status, if the pid is still our init's.
+            if fields and fields[0] == "Z" and int(fields[19]) == c.init_starttime:
+                return int(fields[49])
+            await trio.sleep(0.001)
+        log.warning("container %d: could not read init's exit status", c.id)
+        return None
+
+    def _die(self, c: Container) -> None:
+        """Init is gone or the container was killed: kill the rest, tell every holder."""
+        if c.state == State.DEAD:
+            return
+        self.cgroups.kill(c.id)
+        check_transition(c.state, State.DEAD)
+        c.state = State.DEAD
+        c.started.set()
+        self._close_write_end(c)  # every holder's poll() now reports POLLHUP
+        if c.init_pidfd >= 0:
+            os.close(c.init_pidfd)
+            c.init_pidfd = -1
+        namespaces.close_all(c.ns)
+        self.store.save(c.row())
+        self.nursery.start_soon(self._remove_cgroup, c.id)
+        if not c.handle_open:
+            self._remove(c)
+        else:
+            # Once the write end is closed nothing tells when the last handle goes: keep the
+            # dead container listed for a while, then unlist it (its record stays).
+            self.nursery.start_soon(self._remove_later, c)
+
+    async def _remove_later(self, c: Container) -> None:
+        await trio.sleep(self.dead_linger)
+        self._remove(c)
+
+    def _close_write_end(self, c: Container) -> None:
+        if c.wfd >= 0:
+            try:
+                self.epoll.unregister(c.wfd)
+            except (KeyError, FileNotFoundError, OSError):
+                pass
+            self.by_wfd.pop(c.wfd, None)
+            os.close(c.wfd)
+            c.wfd = -1
+
+    async def _remove_cgroup(self, cid: int) -> None:
+        for _ in range(2000):
+            if self.cgroups.try_remove(cid):
+                return
+            await trio.sleep(0.005)
+        log.warning("container %d: its cgroup stayed busy; left in place", cid)
+
+    def kill(self, c: Container) -> None:
+        """SIGKILL init and every member; the death path does the rest."""
+        if c.state == State.STARTING:
+            c.kill_pending = True  # init is being made: kill it as soon as it is known
+        elif c.state == State.RUNNING:
+            try:
+                _linux.pidfd_send_signal(c.init_pidfd, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.cgroups.kill(c.id)
+        elif c.state == State.CREATED:
+            self._die(c)
+
+    def kill_by(self, peer: Peer, c: Container) -> None:
+        self._check_manager(peer, c, "kill")
+        self.kill(c)
+
+    def _remove(self, c: Container) -> None:
+        """Forget a dead container: unlisted, but its record answers container_wait."""
+        if self.containers.pop(c.id, None) is None:
+            return
+        self.by_pipe.pop(c.pipe, None)
+        self.gone[c.pipe] = c
+        while len(self.gone) > 4096:
+            self.gone.popitem(last=False)
+        self.store.mark_removed(c.id)
+
+    async def watch_last_close(self) -> None:
+        """Forever: act on the last close of any handle (EPOLLERR on its write end)."""
+        while True:
+            await trio.lowlevel.wait_readable(self.epoll.fileno())
+            for wfd, _events in self.epoll.poll(0):
+                c = self.by_wfd.get(wfd)
+                if c is None:
+                    continue
+                self.epoll.unregister(wfd)
+                c.handle_open = False
+                if c.flags & CONTAINER_KILL_ON_CLOSE:
+                    self.kill(c)
+                    if c.state == State.DEAD:
+                        self._remove(c)
+                elif c.state == State.DEAD:
+                    self._remove(c)
+
+    # ---- reading ------------------------------------------------------------------------
+
+    def describe(self, c: Container) -> dict[str, Any]:
+        return {"id": c.id, "name": c.name.decode("utf-8", "surrogateescape"), "flags": c.flags,
+                "owner": c.owner, "group": c.group, "parent": c.parent, "state": c.state.value,
+                "init_pid": c.init_pid, "exit_status": c.exit_status,
+                "members": self.cgroups.procs(c.id) if c.state != State.DEAD else [],
+                "user_ns": bool(c.flags & CONTAINER_NEW_USER_NS)}
+
+    def close(self) -> None:
+        self.epoll.close()

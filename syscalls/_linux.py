@@ -1,0 +1,192 @@
+"""Raw Linux system calls that the standard library lacks, typed and errno-exact.
+
+Only this module (and its siblings in `syscalls/`) touches ctypes. Every wrapper raises a plain
+`OSError(errno, strerror)` on failure, so Python's own subclasses (FileNotFoundError...) appear,
+and retries EINTR where the call is restartable.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno as _errno
+import os
+import platform
+import struct
+from typing import Any
+
+# One table of syscall numbers per architecture. Calls added after 4.x (clone3, pidfd_*, the
+# mount API) share one number on every architecture, so only the old ones differ.
+_ARCH_NUMBERS: dict[str, dict[str, int]] = {
+    "x86_64": {"setns": 308, "unshare": 272},
+    "aarch64": {"setns": 268, "unshare": 97},
+}
+_COMMON_NUMBERS = {
+    "pidfd_send_signal": 424,
+    "open_tree": 428,
+    "move_mount": 429,
+    "fsopen": 430,
+    "fsconfig": 431,
+    "fsmount": 432,
+    "fspick": 433,
+    "pidfd_open": 434,
+    "clone3": 435,
+    "openat2": 437,
+    "pidfd_getfd": 438,
+}
+NR: dict[str, int] = {**_COMMON_NUMBERS, **_ARCH_NUMBERS.get(platform.machine(), {})}
+
+# clone(2) and namespace flags.
+CLONE_FS = 0x00000200
+CLONE_NEWNS = 0x00020000
+CLONE_NEWCGROUP = 0x02000000
+CLONE_NEWUTS = 0x04000000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWUSER = 0x10000000
+CLONE_NEWPID = 0x20000000
+CLONE_NEWNET = 0x40000000
+CLONE_PARENT = 0x00008000
+CLONE_PIDFD = 0x00001000
+CLONE_INTO_CGROUP = 0x200000000
+
+# Namespace type name (as in /proc/PID/ns) to its clone flag.
+NS_FLAGS: dict[str, int] = {
+    "user": CLONE_NEWUSER,
+    "mnt": CLONE_NEWNS,
+    "uts": CLONE_NEWUTS,
+    "ipc": CLONE_NEWIPC,
+    "net": CLONE_NEWNET,
+    "cgroup": CLONE_NEWCGROUP,
+    "pid": CLONE_NEWPID,
+}
+
+PR_SET_DUMPABLE = 4
+PR_SET_PDEATHSIG = 1
+SO_PEERPIDFD = 77
+
+PIDFD_INFO_EXIT = 1 << 3
+_PIDFD_INFO_SIZE = 64
+# _IOWR(PIDFS_IOCTL_MAGIC=0xFF, 11, struct pidfd_info)
+_PIDFD_GET_INFO = (3 << 30) | (_PIDFD_INFO_SIZE << 16) | (0xFF << 8) | 11
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+# The GIL stays held across this one (PyDLL): a raw clone3 child must not try to re-take a GIL
+# that, in its copy of memory, belongs to a thread that does not exist.
+_libc_gil = ctypes.PyDLL(None, use_errno=True)
+_libc_gil.syscall.restype = ctypes.c_long
+
+
+def _raise(err: int, *context: Any) -> None:
+    exc = OSError(err, os.strerror(err))
+    for note in context:
+        exc.add_note(str(note))
+    raise exc
+
+
+def syscall(name: str, *args: Any) -> int:
+    """Call system call `name` with ctypes-ready arguments; return its result or raise OSError.
+
+    EINTR is retried: every call made through here is restartable.
+    """
+    nr = NR[name]
+    while True:
+        res = _libc.syscall(ctypes.c_long(nr), *args)
+        if res != -1:
+            return int(res)
+        err = ctypes.get_errno()
+        if err != _errno.EINTR:
+            _raise(err, f"{name}()")
+
+
+def setns(fd: int, nstype: int = 0) -> None:
+    """Move the calling thread into the namespace that `fd` refers to."""
+    syscall("setns", ctypes.c_int(fd), ctypes.c_int(nstype))
+
+
+def unshare(flags: int) -> None:
+    """Give the calling thread new namespaces of the kinds in `flags`."""
+    syscall("unshare", ctypes.c_int(flags))
+
+
+def pidfd_send_signal(pidfd: int, sig: int) -> None:
+    """Send `sig` to the process `pidfd` refers to (ESRCH once it has exited)."""
+    syscall("pidfd_send_signal", ctypes.c_int(pidfd), ctypes.c_int(sig), None, ctypes.c_uint(0))
+
+
+def pidfd_exit_status(pidfd: int) -> int | None:
+    """Return the wait status of the reaped process behind `pidfd`, or None if not known yet.
+
+    Uses PIDFD_GET_INFO with PIDFD_INFO_EXIT (Linux 6.15+), which is filled only after the reap.
+    """
+    buf = ctypes.create_string_buffer(_PIDFD_INFO_SIZE)
+    struct.pack_into("=Q", buf, 0, PIDFD_INFO_EXIT)
+    while True:
+        res = _libc.ioctl(ctypes.c_int(pidfd), ctypes.c_ulong(_PIDFD_GET_INFO), buf)
+        if res == 0:
+            break
+        err = ctypes.get_errno()
+        if err == _errno.EINTR:
+            continue
+        if err == _errno.ESRCH:
+            return None
+        _raise(err, "ioctl(PIDFD_GET_INFO)")
+    (mask,) = struct.unpack_from("=Q", buf, 0)
+    if not mask & PIDFD_INFO_EXIT:
+        return None
+    (status,) = struct.unpack_from("=i", buf, 60)
+    return int(status)
+
+
+def prctl(option: int, arg2: int = 0) -> None:
+    """prctl(2) with one argument."""
+    if _libc.prctl(ctypes.c_int(option), ctypes.c_ulong(arg2), 0, 0, 0) != 0:
+        _raise(ctypes.get_errno(), "prctl()")
+
+
+def setresuid_thread(ruid: int, euid: int, suid: int) -> None:
+    """setresuid(2) for the calling thread only (glibc's wrapper changes every thread)."""
+    syscall_nr = {"x86_64": 117, "aarch64": 147}[platform.machine()]
+    if _libc.syscall(ctypes.c_long(syscall_nr), ruid, euid, suid) != 0:
+        _raise(ctypes.get_errno(), "setresuid()")
+
+
+class _CloneArgs(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_uint64)
+        for name in (
+            "flags", "pidfd", "child_tid", "parent_tid", "exit_signal", "stack",
+            "stack_size", "tls", "set_tid", "set_tid_size", "cgroup",
+        )
+    ]
+
+
+_before_fork = ctypes.pythonapi.PyOS_BeforeFork
+_after_child = ctypes.pythonapi.PyOS_AfterFork_Child
+_after_parent = ctypes.pythonapi.PyOS_AfterFork_Parent
+
+
+def clone3_fork(flags: int, exit_signal: int, cgroup_fd: int = -1) -> tuple[int, int]:
+    """Fork with clone3(2): return (pid, pidfd) in the parent and (0, -1) in the child.
+
+    Like os.fork() it runs CPython's fork hooks, so the child is a working interpreter. It skips
+    glibc's fork bookkeeping, so call it only from a single-threaded process.
+    """
+    pidfd = ctypes.c_int(-1)
+    args = _CloneArgs()
+    args.flags = flags | CLONE_PIDFD
+    args.pidfd = ctypes.addressof(pidfd)
+    args.exit_signal = exit_signal
+    if cgroup_fd >= 0:
+        args.flags |= CLONE_INTO_CGROUP
+        args.cgroup = cgroup_fd
+    _before_fork()
+    res = _libc_gil.syscall(ctypes.c_long(NR["clone3"]), ctypes.byref(args),
+                            ctypes.c_size_t(ctypes.sizeof(args)))
+    if res == 0:
+        _after_child()
+        return 0, -1
+    err = ctypes.get_errno()
+    _after_parent()
+    if res < 0:
+        _raise(err, "clone3()")
+    return int(res), pidfd.value

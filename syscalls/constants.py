@@ -1,0 +1,41 @@
+"""The proposal's constants, with the values of the contract (docs/api.md section 1)."""
+
+CONTAINER_NEW_FS_NS = 0x001
+CONTAINER_NEW_EMPTY_FS_NS = 0x002
+CONTAINER_NEW_CGROUP_NS = 0x004
+CONTAINER_NEW_UTS_NS = 0x008
+CONTAINER_NEW_IPC_NS = 0x010
+CONTAINER_NEW_USER_NS = 0x020
+CONTAINER_NEW_PID_NS = 0x040
+CONTAINER_NEW_NET_NS = 0x080
+CONTAINER_KILL_ON_CLOSE = 0x100
+CONTAINER_FD_CLOEXEC = 0x200
+
+CONTAINER_NS_FLAGS = (
+    CONTAINER_NEW_FS_NS | CONTAINER_NEW_EMPTY_FS_NS | CONTAINER_NEW_CGROUP_NS
+    | CONTAINER_NEW_UTS_NS | CONTAINER_NEW_IPC_NS | CONTAINER_NEW_USER_NS
+    | CONTAINER_NEW_PID_NS | CONTAINER_NEW_NET_NS
+)
+CONTAINER_ALL_FLAGS = CONTAINER_NS_FLAGS | CONTAINER_KILL_ON_CLOSE | CONTAINER_FD_CLOEXEC
+
+# Namespace type (as named in /proc/PID/ns) that each flag asks for. NEW_EMPTY_FS_NS also makes
+# a mount namespace; it differs in what the namespace holds.
+FLAG_NAMESPACES: dict[int, str] = {
+    CONTAINER_NEW_USER_NS: "user",
+    CONTAINER_NEW_FS_NS: "mnt",
+    CONTAINER_NEW_EMPTY_FS_NS: "mnt",
+    CONTAINER_NEW_UTS_NS: "uts",
+    CONTAINER_NEW_IPC_NS: "ipc",
+    CONTAINER_NEW_NET_NS: "net",
+    CONTAINER_NEW_CGROUP_NS: "cgroup",
+    CONTAINER_NEW_PID_NS: "pid",
+}
+
+# A container name is shorter than this many bytes of UTF-8.
+CONTAINER_NAME_MAX = 24
+
+FSCONFIG_SET_CONTAINER = 9
+MOVE_MOUNT_T_CONTAINER_ROOT = 0x80
+
+# The control socket clients use unless CONTAINERFS_SOCKET says otherwise.
+DEFAULT_SOCKET = "/run/containerfs.sock"

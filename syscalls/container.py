@@ -1,0 +1,257 @@
+"""container_create, fork_into_container, container_wait: the container object as a program sees it."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import select
+import signal
+import stat
+from typing import Any
+
+from . import _linux, protocol, validate
+from ._client import Connection, call
+from .constants import CONTAINER_FD_CLOEXEC
+
+
+def check_handle(fd: int) -> None:
+    """Raise EBADF for a closed fd and EINVAL for one that cannot be a container handle."""
+    if not isinstance(fd, int) or isinstance(fd, bool):
+        raise TypeError(f"a container handle is an int fd, not {type(fd).__name__}")
+    st = os.fstat(fd)  # EBADF for a closed or invalid fd, as the kernel would say
+    if not stat.S_ISFIFO(st.st_mode):
+        raise OSError(errno.EINVAL, f"fd {fd} is not a container handle")
+
+
+def container_create(name: str | bytes, flags: int) -> int:
+    """Create a container; return its handle, a new fd (close-on-exec with CONTAINER_FD_CLOEXEC)."""
+    raw = validate.container_name(name)
+    validate.create_flags(flags, os.geteuid())
+    _reply, fds = call(protocol.Create(name=raw.decode("utf-8", "surrogateescape"), flags=flags))
+    (fd,) = fds
+    if not flags & CONTAINER_FD_CLOEXEC:
+        os.set_inheritable(fd, True)
+    return fd
+
+
+def container_status(fd: int) -> dict[str, Any]:
+    """The service's record of the container behind `fd` (id, name, state, init pid...)."""
+    check_handle(fd)
+    reply, _ = call(protocol.Status(), [fd])
+    return reply
+
+
+def container_kill(fd: int) -> None:
+    """Kill every process of the container behind `fd` (an extension: the owner's kill)."""
+    check_handle(fd)
+    call(protocol.Kill(), [fd])
+
+
+def container_wait(fd: int) -> int:
+    """Block until the container is dead; return its init's wait status."""
+    check_handle(fd)
+    poller = select.poll()
+    poller.register(fd, select.POLLHUP)
+    while not poller.poll():  # poll() retries EINTR itself (PEP 475)
+        pass
+    status = container_status(fd).get("exit_status")
+    if status is None:
+        raise OSError(errno.ECHILD, f"container behind fd {fd} died without an init status")
+    return int(status)
+
+
+def fork_into_container(fd: int) -> int:
+    """Fork a process into the container: its pid in the caller, 0 in the child.
+
+    The caller is the child's real parent (waitpid works). The first process becomes init.
+    """
+    check_handle(fd)
+    if os.geteuid() == 0 and _single_threaded():
+        # Fast path: root in a single-threaded process enters the namespaces itself, forks
+        # once, and comes back; only a user namespace (which no process can leave) needs an
+        # intermediate process.
+        conn = Connection()
+        try:
+            reply, fds = conn.call(protocol.Fork(), [fd])
+        except BaseException:
+            conn.close()
+            raise
+        if "ns:user" not in reply["fds"] or _same_file(
+                fds[reply["fds"].index("ns:user")], "/proc/self/ns/user"):
+            return _fork_here(conn, reply, fds)
+        return _via_intermediate(fd, conn, reply, fds)
+    return _via_intermediate(fd, None, {}, [])
+
+
+def _single_threaded() -> bool:
+    with open("/proc/self/status", "rb") as f:
+        for line in f:
+            if line.startswith(b"Threads:"):
+                return int(line.split()[1]) == 1
+    return False
+
+
+def _close(conn: Connection, fds: list[int]) -> None:
+    conn.close()
+    for fd in fds:
+        os.close(fd)
+
+
+def _fork_here(conn: Connection, reply: dict[str, Any], fds: list[int]) -> int:
+    """Enter, fork once, and restore the caller's namespaces, root and cwd."""
+    all_signals = signal.valid_signals()
+    # No Python signal handler may run while this thread stands in the container.
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, all_signals)
+    saved: list[tuple[str, int]] = []
+    cwd = os.open(".", os.O_PATH | os.O_CLOEXEC)
+    root = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    in_child = False
+    try:
+        try:
+            cgroup_fd = _enter(reply, fds, saved)
+            pid, pidfd = _linux.clone3_fork(0, signal.SIGCHLD, cgroup_fd)
+        except OSError as e:
+            conn.send(protocol.ForkFailed(errno=e.errno or errno.EIO))
+            _close(conn, fds)
+            raise
+        if pid == 0:
+            in_child = True
+            _close(conn, fds)
+            for _nstype, saved_fd in saved:
+                os.close(saved_fd)
+            os.close(cwd)
+            os.close(root)
+            os.umask(0o022)
+            return 0
+    finally:
+        if not in_child:
+            _restore(saved, cwd, root)
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+    try:
+        # One way: until the service reads this the container is STARTING, which makes any
+        # later call on it wait, so nothing can observe the gap.
+        conn.send(protocol.Started(pid=pid), [pidfd])
+    finally:
+        os.close(pidfd)
+        _close(conn, fds)
+    return pid
+
+
+def _restore(saved: list[tuple[str, int]], cwd: int, root: int) -> None:
+    """Put the calling thread back where it stood (in reverse order of entry)."""
+    try:
+        for nstype, fd in reversed(saved):
+            _linux.setns(fd, _linux.NS_FLAGS[nstype])
+            os.close(fd)
+        saved.clear()
+        if not _same_file(root, "/"):
+            os.fchdir(root)
+            os.chroot(".")
+        os.fchdir(cwd)
+    finally:
+        os.close(cwd)
+        os.close(root)
+
+
+def _via_intermediate(handle: int, conn: Connection | None, reply: dict[str, Any],
+                      fds: list[int]) -> int:
+    """Fork an intermediate that enters and makes the process with CLONE_PARENT."""
+    rfd, wfd = os.pipe2(os.O_CLOEXEC)
+    try:
+        mid = os.fork()
+    except BaseException:
+        os.close(rfd)
+        os.close(wfd)
+        if conn:
+            _close(conn, fds)
+        raise
+    if mid == 0:
+        os.close(rfd)
+        if _intermediate(handle, wfd, conn, reply, fds):
+            return 0  # we are the new process in the container
+        os._exit(0)
+    os.close(wfd)
+    if conn:
+        _close(conn, fds)  # the intermediate has its own copies
+    try:
+        data = b""
+        while chunk := os.read(rfd, 4096):
+            data += chunk
+    finally:
+        os.close(rfd)
+        os.waitpid(mid, 0)
+    if not data:
+        raise OSError(errno.EIO, "fork_into_container: the intermediate process died")
+    result = json.loads(data)
+    if "errno" in result:
+        raise OSError(result["errno"], result["message"])
+    return int(result["pid"])
+
+
+def _same_file(fd: int, path: str) -> bool:
+    a, b = os.fstat(fd), os.stat(path)
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def _enter(reply: dict[str, Any], fds: list[int],
+           saved: list[tuple[str, int]] | None = None) -> int:
+    """Enter what the service handed over; return the cgroup fd or -1.
+
+    With `saved`, first keep an fd of each namespace left, so the caller can come back.
+    """
+    cgroup_fd = -1
+    for name, fd in zip(reply["fds"], fds):
+        kind, _, nstype = name.partition(":")
+        if kind == "ns":
+            own = f"/proc/thread-self/ns/{'pid_for_children' if nstype == 'pid' else nstype}"
+            if not _same_file(fd, own):
+                if saved is not None:
+                    saved.append((nstype, os.open(own, os.O_RDONLY | os.O_CLOEXEC)))
+                _linux.setns(fd, _linux.NS_FLAGS[nstype])
+        elif kind == "root":
+            if not _same_file(fd, "/"):
+                os.fchdir(fd)
+                os.chroot(".")
+            os.chdir("/")
+        elif kind == "cgroup":
+            cgroup_fd = fd
+    if reply.get("new_pid_ns"):
+        if saved is not None:
+            own = "/proc/thread-self/ns/pid_for_children"
+            saved.append(("pid", os.open(own, os.O_RDONLY | os.O_CLOEXEC)))
+        _linux.unshare(_linux.CLONE_NEWPID)
+    return cgroup_fd
+
+
+def _intermediate(handle: int, wfd: int, conn: Connection | None, reply: dict[str, Any],
+                  fds: list[int]) -> bool:
+    """Run in the short-lived intermediate; True only in the new process, which must return 0."""
+    result: dict[str, Any]
+    try:
+        if conn is None:
+            conn = Connection()
+            reply, fds = conn.call(protocol.Fork(), [handle])
+        try:
+            cgroup_fd = _enter(reply, fds)
+            # CLONE_PARENT makes the caller the parent; the kernel then wants exit_signal 0 and
+            # gives the child the intermediate's own exit signal (SIGCHLD), so waitpid works.
+            pid, pidfd = _linux.clone3_fork(_linux.CLONE_PARENT, 0, cgroup_fd)
+        except OSError as e:
+            conn.send(protocol.ForkFailed(errno=e.errno or errno.EIO))
+            raise
+        if pid == 0:
+            _close(conn, fds)
+            os.close(wfd)
+            os.umask(0o022)
+            return True
+        conn.send(protocol.Started(pid=pid), [pidfd])
+        result = {"pid": pid}
+    except OSError as e:
+        result = {"errno": e.errno or errno.EIO, "message": e.strerror or str(e)}
+    except BaseException as e:  # never let the intermediate run on as a second caller
+        result = {"errno": errno.EIO, "message": f"fork_into_container: {e!r}"}
+    try:
+        os.write(wfd, json.dumps(result).encode())
+    finally:
+        os._exit(0)

@@ -1,0 +1,135 @@
+"""The wire protocol between `syscalls` and the service: plain data, no I/O.
+
+One message is one SOCK_SEQPACKET datagram holding a JSON object; fds travel beside it as
+SCM_RIGHTS. A request names its `op`; each op is a frozen dataclass whose fields are checked on
+decode, so a malformed datagram becomes a ProtocolError, never a crash.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, ClassVar
+
+MAX_MESSAGE = 65536
+MAX_FDS = 16
+
+
+class ProtocolError(ValueError):
+    """The bytes are not a message of this protocol."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    op: ClassVar[str] = ""
+    # How many fds must come with the request.
+    nfds: ClassVar[int] = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Create(Request):
+    """container_create(name, flags). Reply: handle fd, id."""
+    op: ClassVar[str] = "create"
+    name: str  # UTF-8 with surrogateescape, so any bytes survive JSON
+    flags: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Fork(Request):
+    """Sent by fork_into_container's intermediate with the handle. Reply: role, ns fds."""
+    op: ClassVar[str] = "fork"
+    nfds: ClassVar[int] = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Started(Request):
+    """The process was made; its pidfd comes along. One way: no reply."""
+    op: ClassVar[str] = "started"
+    nfds: ClassVar[int] = 1
+    pid: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ForkFailed(Request):
+    """The process could not be made; `errno` says why. One way: no reply."""
+    op: ClassVar[str] = "fork_failed"
+    errno: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Status(Request):
+    """The container behind the handle. Reply: its public fields."""
+    op: ClassVar[str] = "status"
+    nfds: ClassVar[int] = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Kill(Request):
+    """Kill a container, named by handle (nfds=1) or by id (owner or root only)."""
+    op: ClassVar[str] = "kill"
+    id: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class List(Request):
+    """The containers the caller may see. Reply: rows."""
+    op: ClassVar[str] = "list"
+
+
+REQUESTS: dict[str, type[Request]] = {
+    cls.op: cls for cls in (Create, Fork, Started, ForkFailed, Status, Kill, List)
+}
+_FIELD_TYPES: dict[str, type] = {"int": int, "str": str}
+
+
+def encode(msg: Request | dict[str, Any]) -> bytes:
+    """Encode a request (dataclass) or a reply (dict) as one datagram."""
+    if isinstance(msg, Request):
+        body = {"op": msg.op, **dataclasses.asdict(msg)}
+    else:
+        body = msg
+    data = json.dumps(body, separators=(",", ":")).encode()
+    if len(data) > MAX_MESSAGE:
+        raise ProtocolError(f"message of {len(data)} bytes exceeds {MAX_MESSAGE}")
+    return data
+
+
+def _load(data: bytes) -> dict[str, Any]:
+    try:
+        body = json.loads(data)
+    except (ValueError, RecursionError) as e:
+        raise ProtocolError(f"not JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise ProtocolError("message is not a JSON object")
+    return body
+
+
+def decode_request(data: bytes) -> Request:
+    """Decode and check one request datagram; raise ProtocolError if it is not one."""
+    body = _load(data)
+    cls = REQUESTS.get(body.pop("op", None))  # type: ignore[arg-type]
+    if cls is None:
+        raise ProtocolError("unknown or missing op")
+    kwargs: dict[str, Any] = {}
+    for field in dataclasses.fields(cls):
+        want = _FIELD_TYPES[str(field.type)]
+        if field.name not in body:
+            if field.default is dataclasses.MISSING:
+                raise ProtocolError(f"{cls.op}: missing field {field.name}")
+            continue
+        value = body.pop(field.name)
+        if type(value) is not want:
+            raise ProtocolError(f"{cls.op}: field {field.name} must be {want.__name__}")
+        kwargs[field.name] = value
+    if body:
+        raise ProtocolError(f"{cls.op}: unknown fields {sorted(body)}")
+    return cls(**kwargs)
+
+
+def decode_reply(data: bytes) -> dict[str, Any]:
+    """Decode a reply datagram (a JSON object)."""
+    return _load(data)
+
+
+def error_reply(err: int, message: str) -> dict[str, Any]:
+    return {"errno": err, "message": message}
