@@ -17,7 +17,7 @@ from typing import Any
 
 import trio
 
-from syscalls import protocol
+from syscalls import fdpass, protocol
 
 from .service import Container, Peer, Service
 
@@ -35,14 +35,6 @@ def _peer(sock: trio.socket.SocketType) -> Peer:
 def _peer_pidfd(sock: trio.socket.SocketType) -> int:
     (fd,) = struct.unpack("i", sock.getsockopt(socket.SOL_SOCKET, _SO_PEERPIDFD, 4))
     return int(fd)
-
-
-def _fds_of(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
-    fds = array.array("i")
-    for level, kind, data in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
-    return list(fds)
 
 
 async def _send(sock: trio.socket.SocketType, reply: dict[str, Any], fds: list[int]) -> None:
@@ -65,7 +57,7 @@ class Connection:
                 data, anc, flags, _ = await self.sock.recvmsg(
                     protocol.MAX_MESSAGE, socket.CMSG_SPACE(protocol.MAX_FDS * 4),
                     socket.MSG_CMSG_CLOEXEC)
-                fds = _fds_of(anc)
+                fds = fdpass.fds_from_ancdata(anc)
                 if not data and not fds:
                     return  # the client hung up
                 out: list[int] = []

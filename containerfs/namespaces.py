@@ -15,7 +15,7 @@ import os
 import socket
 from dataclasses import dataclass
 
-from syscalls import _linux
+from syscalls import _linux, fdpass
 
 # Namespace types in the order /proc/PID/ns names them; "pid" is read as pid_for_children.
 NS_TYPES = ("user", "mnt", "uts", "ipc", "net", "cgroup", "pid")
@@ -167,8 +167,7 @@ def _make_in_helper(new: list[str], creator: dict[str, int], creds: Credentials,
             os._exit(code)
         child_sock.close()
         try:
-            data, fds, _flags, _addr = socket.recv_fds(parent_sock, 4096, len(new) + 1,
-                                                       socket.MSG_CMSG_CLOEXEC)
+            data, fds, _flags = fdpass.recv_fds(parent_sock, 4096, len(new) + 1)
         finally:
             os.waitpid(pid, 0)
     reply = json.loads(data) if data else {"errno": errno.EIO, "message": "helper died"}

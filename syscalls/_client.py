@@ -8,7 +8,7 @@ import socket
 from collections.abc import Sequence
 from typing import Any
 
-from . import protocol
+from . import fdpass, protocol
 from .constants import DEFAULT_SOCKET
 
 
@@ -45,8 +45,7 @@ class Connection:
             self.sock.send(data)
 
     def receive(self) -> tuple[dict[str, Any], list[int]]:
-        data, fds, _flags, _addr = socket.recv_fds(
-            self.sock, protocol.MAX_MESSAGE, protocol.MAX_FDS, socket.MSG_CMSG_CLOEXEC)
+        data, fds, _flags = fdpass.recv_fds(self.sock, protocol.MAX_MESSAGE, protocol.MAX_FDS)
         if not data:
             for fd in fds:
                 os.close(fd)

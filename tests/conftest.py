@@ -1,0 +1,144 @@
+"""Fixtures: a fresh service per test (own socket, state and cgroup), and running as other users.
+
+Kernel tests need root, cgroup2 and user namespaces; without them they are skipped, and the
+probed reason is printed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from containerfs.cgroups import CgroupTree, cgroup2_mount
+
+ROOT = Path(__file__).resolve().parent.parent
+# An unprivileged uid and gid with no other meaning on the machine.
+OTHER_UID = 4242
+OTHER_GID = 4242
+THIRD_UID = 4343
+
+
+def _probe() -> str | None:
+    if os.geteuid() != 0:
+        return "not root: the service and the kernel tests need root"
+    try:
+        cgroup2_mount()
+    except OSError as e:
+        return f"no cgroup2 hierarchy: {e}"
+    return None
+
+
+SKIP_REASON = _probe()
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"containerfs kernel tests: {'skipped: ' + SKIP_REASON if SKIP_REASON else 'enabled'}"
+
+
+@dataclass
+class ServiceUnderTest:
+    socket: str
+    runtime_dir: str
+    cgroups: CgroupTree
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+
+def start_service(tmp: Path, cgroup: str) -> ServiceUnderTest:
+    tmp.chmod(0o755)  # other users must reach the socket
+    sock = str(tmp / "cfs.sock")
+    log = tmp / "service.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "containerfs", "serve", "--socket", sock,
+         "--runtime-dir", str(tmp / "state"), "--cgroup", cgroup, "--log-level", "debug"],
+        stdout=log.open("wb"), stderr=subprocess.STDOUT, cwd=ROOT)
+    deadline = time.monotonic() + 10
+    while True:
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            probe.connect(sock)
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"service did not start: {log.read_text()}") from None
+            time.sleep(0.02)
+        finally:
+            probe.close()
+    return ServiceUnderTest(sock, str(tmp / "state"), CgroupTree(cgroup), proc, log)
+
+
+@pytest.fixture
+def service(request: pytest.FixtureRequest,
+            monkeypatch: pytest.MonkeyPatch) -> Iterator[ServiceUnderTest]:
+    """A fresh service for one test; everything it made is killed and removed afterwards."""
+    if SKIP_REASON:
+        print(f"skipping: {SKIP_REASON}")
+        pytest.skip(SKIP_REASON)
+    cgroup = f"cfs-test-{os.getpid()}-{time.monotonic_ns()}"
+    # Not under tmp_path: pytest's base directory is private to root, and other users must
+    # reach the socket.
+    where = Path(tempfile.mkdtemp(prefix="cfs-test-"))
+    request.addfinalizer(lambda: shutil.rmtree(where, ignore_errors=True))
+    svc = start_service(where, cgroup)
+    monkeypatch.setenv("CONTAINERFS_SOCKET", svc.socket)
+    try:
+        yield svc
+        assert svc.alive(), f"the service died during the test:\n{svc.log.read_text()}"
+    finally:
+        svc.stop()
+        svc.cgroups.remove_all()
+        leftover = os.path.exists(svc.cgroups.base)
+        assert not leftover, f"cgroup {svc.cgroups.base} was left behind"
+
+
+def run_as(uid: int, gid: int, code: str, *, pass_fds: tuple[int, ...] = (),
+           timeout: float = 20) -> Any:
+    """Run `code` (a function body that returns a JSON-able value) as another user."""
+    program = ("import json, os, sys\nsys.path.insert(0, %r)\ndef main():\n%s\n"
+               "print(json.dumps(main()))\n") % (str(ROOT), textwrap.indent(textwrap.dedent(code), "    "))
+    res = subprocess.run([sys.executable, "-c", program], user=uid, group=gid, extra_groups=[],
+                         capture_output=True, text=True, pass_fds=pass_fds, timeout=timeout,
+                         cwd="/")
+    if res.returncode != 0:
+        raise AssertionError(f"program as uid {uid} failed:\n{res.stderr}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def child_result(pid: int) -> int:
+    """waitpid `pid` and return its exit code (-N for a signal)."""
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
