@@ -1,0 +1,90 @@
+"""Hostile or broken clients get an error or are dropped; the service keeps serving others."""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import time
+from typing import Any
+
+import pytest
+
+import syscalls
+from syscalls import CONTAINER_NEW_PID_NS, fdpass, protocol
+
+from .conftest import child_result
+
+
+def raw(service: Any) -> socket.socket:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    s.connect(service.socket)
+    s.settimeout(5)
+    return s
+
+
+def service_fds(service: Any) -> int:
+    return len(os.listdir(f"/proc/{service.proc.pid}/fd"))
+
+
+def still_serves() -> None:
+    fd = syscalls.container_create("after", 0)
+    assert syscalls.container_status(fd)["state"] == "created"
+    os.close(fd)
+
+
+@pytest.mark.parametrize("data", [b"\xff garbage", b"[]", b'{"op":"fork"}', b'{"op":"started","pid":1}',
+                                  b'{"op":"create","name":"x","flags":-1}'])
+def test_garbage_gets_error_then_close(service: Any, data: bytes) -> None:
+    s = raw(service)
+    s.send(data)
+    reply = s.recv(65536)
+    assert protocol.decode_reply(reply)["errno"] in (errno.EINVAL, errno.EPERM)
+    s.close()
+    still_serves()
+
+
+def test_non_handle_fds_and_too_many_fds(service: Any) -> None:
+    before = service_fds(service)
+    r, w = os.pipe()
+    s = raw(service)
+    socket.send_fds(s, [protocol.encode(protocol.Status())], [r])
+    data, fds, _ = fdpass.recv_fds(s, 65536, 4)
+    assert protocol.decode_reply(data)["errno"] == errno.EINVAL and fds == []
+    s.close()
+    s = raw(service)  # more fds than any message may carry: truncated, all closed
+    socket.send_fds(s, [protocol.encode(protocol.Status())], [r] * (protocol.MAX_FDS + 8))
+    assert protocol.decode_reply(s.recv(65536))["errno"] == errno.EINVAL
+    s.close()
+    os.close(r)
+    os.close(w)
+    deadline = time.monotonic() + 3  # the service closes a dropped connection soon, not at once
+    while service_fds(service) != before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert service_fds(service) == before, "the service kept fds a client sent"
+    still_serves()
+
+
+def test_disconnect_mid_fork_rolls_back(service: Any) -> None:
+    cfd = syscalls.container_create("mid", CONTAINER_NEW_PID_NS)
+    s = raw(service)
+    socket.send_fds(s, [protocol.encode(protocol.Fork())], [cfd])
+    data, fds, _ = fdpass.recv_fds(s, 65536, protocol.MAX_FDS)
+    assert protocol.decode_reply(data)["role"] == "init"
+    for fd in fds:
+        os.close(fd)
+    assert syscalls.container_status(cfd)["state"] == "starting"
+    s.close()  # vanish before reporting a process
+    pid = syscalls.fork_into_container(cfd)
+    if pid == 0:
+        os._exit(0 if os.getpid() == 1 else 1)
+    assert child_result(pid) == 0, "the next fork did not become init"
+    os.close(cfd)
+
+
+def test_client_gone_before_reply(service: Any) -> None:
+    for _ in range(20):
+        s = raw(service)
+        s.send(protocol.encode(protocol.Create(name="gone", flags=CONTAINER_NEW_PID_NS)))
+        s.close()
+    still_serves()
