@@ -123,8 +123,8 @@ class Connection:
             if isinstance(req, protocol.ForkFailed):
                 svc.abort_fork(*forking)
                 return None, []
-            svc.finish_fork(forking[0], forking[1], os.dup(fds[0]))
-            return None, []
+            pid = svc.finish_fork(forking[0], forking[1], os.dup(fds[0]))
+            return {"pid": pid}, []
         if isinstance(req, protocol.Status):
             return svc.describe(svc.lookup(fds[0])), []
         if isinstance(req, protocol.Kill):
@@ -136,6 +136,8 @@ class Connection:
                 raise OSError(errno.ESRCH, f"no container with id {req.id}")
             svc.kill_by(self.peer, c)
             return {}, []
+        if isinstance(req, protocol.NetNs):
+            return svc.netns_fds(self.peer, svc.lookup(fds[0]))
         if isinstance(req, protocol.List):
             rows = [svc.describe(c) for c in svc.containers.values()
                     if self.peer.uid == 0 or c.owner == self.peer.uid]

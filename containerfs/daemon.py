@@ -11,6 +11,7 @@ import trio
 
 from .cgroups import CgroupTree
 from .control import serve_control
+from .fdstore import FdStore
 from .service import Service
 from .store import Store
 
@@ -30,9 +31,11 @@ async def serve(config: Config) -> None:
     os.makedirs(config.runtime_dir, mode=0o755, exist_ok=True)
     store = Store(os.path.join(config.runtime_dir, "registry.sqlite"))
     cgroups = CgroupTree(config.cgroup)
+    fdstore = FdStore(config.runtime_dir)
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
-            service = Service(store, cgroups, nursery, max_per_user=config.max_per_user)
+            service = Service(store, cgroups, nursery, fdstore, max_per_user=config.max_per_user)
+            service.recover()
             nursery.start_soon(service.watch_last_close)
             await nursery.start(serve_control, service, config.socket)
             log.info("serving on %s (cgroups under %s)", config.socket, cgroups.base)
@@ -41,4 +44,5 @@ async def serve(config: Config) -> None:
                 break
             nursery.cancel_scope.cancel()
     service.close()
+    fdstore.close()
     store.close()

@@ -30,6 +30,7 @@ from syscalls.constants import (
 
 from . import namespaces
 from .cgroups import CgroupTree
+from .fdstore import FdStore
 from .states import State, check_transition
 from .store import Store
 
@@ -77,6 +78,15 @@ class Container:
                 "exit_status": self.exit_status}
 
 
+def requested_namespaces(flags: int) -> frozenset[str]:
+    """The namespace types a container with `flags` has of its own (an empty-fs container gets
+    its mount namespace only when a root is set)."""
+    new = {FLAG_NAMESPACES[bit] for bit in FLAG_NAMESPACES if flags & bit}
+    if flags & CONTAINER_NEW_EMPTY_FS_NS:
+        new.discard("mnt")
+    return frozenset(new)
+
+
 def _stat_fields(pid: int) -> list[str] | None:
     """Fields 3.. of /proc/PID/stat (after the command name), or None if it is gone."""
     try:
@@ -98,8 +108,9 @@ def _pidfd_pid(pidfd: int) -> int:
 
 class Service:
     def __init__(self, store: Store, cgroups: CgroupTree, nursery: trio.Nursery,
-                 max_per_user: int = 1024, dead_linger: float = 30.0) -> None:
+                 fdstore: FdStore, max_per_user: int = 1024, dead_linger: float = 30.0) -> None:
         self.store = store
+        self.fdstore = fdstore
         self.cgroups = cgroups
         self.nursery = nursery
         self.max_per_user = max_per_user
@@ -120,9 +131,67 @@ class Service:
         st = os.fstat(fd)
         key = (st.st_dev, st.st_ino)
         c = self.by_pipe.get(key) or self.gone.get(key)
+        if c is None and stat.S_ISFIFO(st.st_mode):
+            # The handle of a container removed before this service started: its record.
+            row = self.store.by_pipe(*key)
+            if row is not None and (row["removed"] or row["state"] == State.DEAD.value):
+                c = self._container_from_row(row, key, wfd=-1, ns={})
+                c.state = State.DEAD
         if c is None or not stat.S_ISFIFO(st.st_mode):
             raise OSError(errno.EINVAL, "fd is not a container handle")
         return c
+
+    def _container_from_row(self, row: dict[str, Any], pipe: tuple[int, int], wfd: int,
+                            ns: dict[str, int]) -> Container:
+        return Container(id=row["id"], name=row["name"], flags=row["flags"], owner=row["owner"],
+                         group=row["grp"], parent=row["parent"], pipe=pipe, wfd=wfd, ns=ns,
+                         new_ns=requested_namespaces(row["flags"]), init_pid=row["init_pid"],
+                         exit_status=row["exit_status"])
+
+    # ---- recovery after a restart -------------------------------------------------------
+
+    def recover(self) -> None:
+        """Adopt the containers a previous service left, with the fds the keeper kept."""
+        held = self.fdstore.get_all()
+        for row in self.store.unremoved_rows():
+            fds = held.pop(f"c{row['id']}", {})
+            if row["state"] == State.DEAD.value or "w" not in fds:
+                # Dead, or nothing kept its handles alive (the keeper died too): holders have
+                # seen their hang-up already; make sure nothing of it runs on.
+                for fd in fds.values():
+                    os.close(fd)
+                self.cgroups.kill(row["id"])
+                self.nursery.start_soon(self._remove_cgroup, row["id"])
+                row["state"] = State.DEAD.value
+                self.store.save(row)
+                self.store.mark_removed(row["id"])
+                self.fdstore.drop(f"c{row['id']}")
+                continue
+            self._adopt(row, fds)
+        for key, fds in held.items():
+            for fd in fds.values():
+                os.close(fd)
+            self.fdstore.drop(key)
+
+    def _adopt(self, row: dict[str, Any], fds: dict[str, int]) -> None:
+        wfd = fds.pop("w")
+        init_pidfd = fds.pop("init", -1)
+        ns = {name[3:]: fd for name, fd in fds.items() if name.startswith("ns:")}
+        st = os.fstat(wfd)
+        c = self._container_from_row(row, (st.st_dev, st.st_ino), wfd, ns)
+        if init_pidfd >= 0:
+            c.init_pidfd = init_pidfd
+            c.state = State.RUNNING
+            fields = _stat_fields(c.init_pid) if c.init_pid else None
+            c.init_starttime = int(fields[19]) if fields else 0
+            self.nursery.start_soon(self._watch_init, c)
+        # A fork cut short by the crash left no process: the container is as it was before.
+        self.containers[c.id] = c
+        self.by_pipe[c.pipe] = c
+        self.by_wfd[wfd] = c
+        self.store.save(c.row())
+        self.watch_handle(c)  # if every handle closed while we were down, this fires at once
+        log.info("container %d adopted (%s)", c.id, c.state.value)
 
     def _check_owner(self, peer: Peer, c: Container, what: str) -> None:
         if peer.uid != 0 and peer.uid != c.owner:
@@ -145,10 +214,8 @@ class Service:
                                  if c.owner == peer.uid and c.state != State.DEAD) >= self.max_per_user:
             raise OSError(errno.EAGAIN, f"uid {peer.uid} has {self.max_per_user} containers, "
                                         "its limit")
-        new = sorted({FLAG_NAMESPACES[bit] for bit in FLAG_NAMESPACES if flags & bit} - {"pid"},
-                     key=namespaces.NS_TYPES.index)
-        if flags & CONTAINER_NEW_EMPTY_FS_NS:
-            new.remove("mnt")  # made when a root is set (a later issue): until then, no fs
+        # The PID namespace is born with init; the others are made now.
+        new = sorted(requested_namespaces(flags) - {"pid"}, key=namespaces.NS_TYPES.index)
         # The creator's namespaces, for those not asked for; then check the creator is still
         # the process that connected, so a recycled pid cannot lend us someone else's.
         ns = namespaces.open_process_namespaces(peer.pid)
@@ -179,13 +246,21 @@ class Service:
         parent = self.container_of(peer.pid)
         c = Container(id=cid, name=raw_name, flags=flags, owner=peer.uid, group=peer.gid,
                       parent=parent.id if parent else 1, pipe=(st.st_dev, st.st_ino), wfd=wfd,
-                      ns=ns, new_ns=frozenset(new) | ({"pid"} if flags & CONTAINER_NEW_PID_NS else set()))
+                      ns=ns, new_ns=requested_namespaces(flags))
         self.store.forget_pipe(*c.pipe)
         self.store.save(c.row())
+        self._keep(c)
         self.containers[cid] = c
         self.by_pipe[c.pipe] = c
         self.by_wfd[wfd] = c
         return c, rfd
+
+    def _keep(self, c: Container) -> None:
+        """Hand the keeper copies of what must outlive a crash of the service."""
+        fds = {"w": c.wfd, **{f"ns:{t}": fd for t, fd in c.ns.items()}}
+        if c.init_pidfd >= 0:
+            fds["init"] = c.init_pidfd
+        self.fdstore.put(f"c{c.id}", fds)
 
     def watch_handle(self, c: Container) -> None:
         """Start noticing the last close of `c`'s handle (once the service holds no reader)."""
@@ -281,6 +356,7 @@ class Service:
         c.state = State.RUNNING
         c.started.set()
         self.store.save(c.row())
+        self._keep(c)
         self.nursery.start_soon(self._watch_init, c)
         if c.kill_pending:
             self.kill(c)
@@ -319,7 +395,8 @@ class Service:
         check_transition(c.state, State.DEAD)
         c.state = State.DEAD
         c.started.set()
-        self._close_write_end(c)  # every holder's poll() now reports POLLHUP
+        self._close_write_end(c)
+        self.fdstore.drop(f"c{c.id}")  # the keeper's copy too: now holders see POLLHUP
         if c.init_pidfd >= 0:
             os.close(c.init_pidfd)
             c.init_pidfd = -1
@@ -409,3 +486,24 @@ class Service:
 
     def close(self) -> None:
         self.epoll.close()
+
+    # ---- container_socket ---------------------------------------------------------------
+
+    def netns_fds(self, peer: Peer, c: Container) -> tuple[dict[str, Any], list[int]]:
+        """The container's network namespace (and its own user namespace, if it has one) for
+        a caller that could enter it: root, the owner, or a member. Returns dup'd fds."""
+        if peer.uid not in (0, c.owner) and not (
+                c.state != State.DEAD and self.cgroups.contains(c.id, peer.pid)):
+            self._check_owner(peer, c, "open a socket in")  # raises EPERM
+        if c.state == State.DEAD:
+            raise OSError(errno.ECANCELED, f"container {c.id} is dead")
+        names = (["user"] if "user" in c.new_ns else []) + ["net"]
+        fds: list[int] = []
+        try:
+            for name in names:
+                fds.append(os.dup(c.ns[name]))  # the reply's own copy, closed once sent
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        return {"fds": names}, fds

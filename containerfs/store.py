@@ -78,5 +78,11 @@ class Store:
         row = cur.fetchone()
         return dict(zip(COLUMNS, row)) if row else None
 
+    def unremoved_rows(self) -> list[dict[str, Any]]:
+        """Every container not yet removed, oldest first (for recovery)."""
+        cur = self.db.execute(
+            f"SELECT {','.join(COLUMNS)} FROM containers WHERE removed=0 ORDER BY id")
+        return [dict(zip(COLUMNS, row)) for row in cur.fetchall()]
+
     def close(self) -> None:
         self.db.close()

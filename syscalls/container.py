@@ -129,9 +129,13 @@ def _fork_here(conn: Connection, reply: dict[str, Any], fds: list[int]) -> int:
             _restore(saved, cwd, root)
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
     try:
-        # One way: until the service reads this the container is STARTING, which makes any
-        # later call on it wait, so nothing can observe the gap.
-        conn.send(protocol.Started(pid=pid), [pidfd])
+        # Wait for the service to have it: a service that died before reading it would never
+        # learn of this process, its death or its exit status.
+        conn.call(protocol.Started(pid=pid), [pidfd])
+    except BaseException:
+        _linux.pidfd_send_signal(pidfd, signal.SIGKILL)  # no half-made process is left
+        os.waitpid(pid, 0)
+        raise
     finally:
         os.close(pidfd)
         _close(conn, fds)
@@ -185,6 +189,8 @@ def _via_intermediate(handle: int, conn: Connection | None, reply: dict[str, Any
         raise OSError(errno.EIO, "fork_into_container: the intermediate process died")
     result = json.loads(data)
     if "errno" in result:
+        if result.get("reap"):
+            os.waitpid(result["reap"], 0)
         raise OSError(result["errno"], result["message"])
     return int(result["pid"])
 
@@ -228,6 +234,7 @@ def _intermediate(handle: int, wfd: int, conn: Connection | None, reply: dict[st
                   fds: list[int]) -> bool:
     """Run in the short-lived intermediate; True only in the new process, which must return 0."""
     result: dict[str, Any]
+    reap = 0
     try:
         if conn is None:
             conn = Connection()
@@ -245,10 +252,16 @@ def _intermediate(handle: int, wfd: int, conn: Connection | None, reply: dict[st
             os.close(wfd)
             os.umask(0o022)
             return True
-        conn.send(protocol.Started(pid=pid), [pidfd])
+        try:
+            conn.call(protocol.Started(pid=pid), [pidfd])
+        except OSError:
+            # No half-made process is left: kill it; the caller, its parent, reaps it.
+            _linux.pidfd_send_signal(pidfd, signal.SIGKILL)
+            reap = pid
+            raise
         result = {"pid": pid}
     except OSError as e:
-        result = {"errno": e.errno or errno.EIO, "message": e.strerror or str(e)}
+        result = {"errno": e.errno or errno.EIO, "message": e.strerror or str(e), "reap": reap}
     except BaseException as e:  # never let the intermediate run on as a second caller
         result = {"errno": errno.EIO, "message": f"fork_into_container: {e!r}"}
     try:

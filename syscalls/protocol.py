@@ -43,7 +43,7 @@ class Fork(Request):
 
 @dataclasses.dataclass(frozen=True)
 class Started(Request):
-    """The process was made; its pidfd comes along. One way: no reply."""
+    """The process was made; its pidfd comes along. Reply: its pid, once recorded."""
     op: ClassVar[str] = "started"
     nfds: ClassVar[int] = 1
     pid: int
@@ -76,8 +76,15 @@ class List(Request):
     op: ClassVar[str] = "list"
 
 
+@dataclasses.dataclass(frozen=True)
+class NetNs(Request):
+    """container_socket: the container's network (and own user) namespace. Reply: ns fds."""
+    op: ClassVar[str] = "netns"
+    nfds: ClassVar[int] = 1
+
+
 REQUESTS: dict[str, type[Request]] = {
-    cls.op: cls for cls in (Create, Fork, Started, ForkFailed, Status, Kill, List)
+    cls.op: cls for cls in (Create, Fork, Started, ForkFailed, Status, Kill, List, NetNs)
 }
 _FIELD_TYPES: dict[str, type] = {"int": int, "str": str}
 

@@ -69,6 +69,14 @@ class ServiceUnderTest:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
+    def stop_keeper(self) -> None:
+        """The keeper outlives the service on purpose; tests end it themselves."""
+        try:
+            with open(os.path.join(self.runtime_dir, "keeper.pid")) as f:
+                os.kill(int(f.read()), signal.SIGKILL)
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+
 
 def start_service(tmp: Path, cgroup: str) -> ServiceUnderTest:
     tmp.chmod(0o755)  # other users must reach the socket
@@ -112,6 +120,7 @@ def service(request: pytest.FixtureRequest,
         assert svc.alive(), f"the service died during the test:\n{svc.log.read_text()}"
     finally:
         svc.stop()
+        svc.stop_keeper()
         svc.cgroups.remove_all()
         leftover = os.path.exists(svc.cgroups.base)
         assert not leftover, f"cgroup {svc.cgroups.base} was left behind"

@@ -1,0 +1,67 @@
+"""The service's side of the keeper (containerfs.keeper): put, drop and get back held fds."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+from syscalls import fdpass
+
+
+class FdStore:
+    """Connects to the keeper at `<runtime_dir>/keeper.sock`, starting one if none answers."""
+
+    def __init__(self, runtime_dir: str) -> None:
+        self.path = os.path.join(runtime_dir, "keeper.sock")
+        self.pidfile = os.path.join(runtime_dir, "keeper.pid")
+        self.sock = self._connect() or self._spawn()
+
+    def _connect(self) -> socket.socket | None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        try:
+            sock.connect(self.path)
+        except (FileNotFoundError, ConnectionRefusedError):
+            sock.close()
+            return None
+        return sock
+
+    def _spawn(self) -> socket.socket:
+        # A session of its own: a signal to the service's process group must not reach it.
+        proc = subprocess.Popen([sys.executable, "-m", "containerfs.keeper", "--socket", self.path],
+                                start_new_session=True, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, close_fds=True)
+        with open(self.pidfile, "w") as f:
+            f.write(f"{proc.pid}\n")
+        deadline = time.monotonic() + 10
+        while (sock := self._connect()) is None:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise OSError(f"the keeper did not start (exit {proc.poll()})")
+            time.sleep(0.005)
+        return sock
+
+    def put(self, key: str, fds: dict[str, int]) -> None:
+        """Hold `fds` (by name) under `key`, replacing what it held. Does not wait."""
+        names = list(fds)
+        socket.send_fds(self.sock, [json.dumps({"op": "put", "key": key, "names": names}).encode()],
+                        [fds[n] for n in names])
+
+    def drop(self, key: str) -> None:
+        self.sock.send(json.dumps({"op": "drop", "key": key}).encode())
+
+    def get_all(self) -> dict[str, dict[str, int]]:
+        """Copies of everything held, by key and name (the caller owns the fds)."""
+        self.sock.send(b'{"op": "get"}')
+        out: dict[str, dict[str, int]] = {}
+        while True:
+            data, fds, _ = fdpass.recv_fds(self.sock, 65536, 64)
+            msg = json.loads(data)
+            if msg.get("end"):
+                return out
+            out[msg["key"]] = dict(zip(msg["names"], fds))
+
+    def close(self) -> None:
+        self.sock.close()

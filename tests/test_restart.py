@@ -1,0 +1,100 @@
+"""Restarting the service, even after kill -9, neither kills nor loses running containers."""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import syscalls
+from syscalls import CONTAINER_KILL_ON_CLOSE, CONTAINER_NEW_NET_NS, CONTAINER_NEW_PID_NS
+
+from .conftest import child_result, pid_alive, start_service
+
+
+def hung_up(fd: int, timeout: float) -> bool:
+    p = select.poll()
+    p.register(fd, select.POLLHUP)
+    return bool(p.poll(timeout * 1000))
+
+
+def restart(service: Any, hard: bool) -> None:
+    if hard:
+        service.proc.send_signal(signal.SIGKILL)
+        service.proc.wait()
+    else:
+        service.stop()
+    again = start_service(Path(service.socket).parent, os.path.basename(service.cgroups.base))
+    service.proc, service.log = again.proc, again.log
+
+
+def test_running_container_survives_kill_9(service: Any) -> None:
+    cfd = syscalls.container_create("keep", CONTAINER_NEW_PID_NS | CONTAINER_NEW_NET_NS)
+    r, w = os.pipe()
+    init = syscalls.fork_into_container(cfd)
+    if init == 0:
+        os.close(w)
+        os.close(cfd)
+        os._exit(4 if not os.read(r, 1) else 1)
+    os.close(r)
+    restart(service, hard=True)
+    assert not hung_up(cfd, 0.3), "a crash of the service looked like a death"
+    assert pid_alive(init)
+    status = syscalls.container_status(cfd)
+    assert (status["state"], status["init_pid"]) == ("running", init)
+    member = syscalls.fork_into_container(cfd)  # the namespaces came back too
+    if member == 0:
+        os._exit(0 if os.getpid() != 1 else 1)
+    assert child_result(member) == 0
+    os.close(w)
+    assert child_result(init) == 4
+    assert hung_up(cfd, 5)
+    assert syscalls.container_wait(cfd) == 4 << 8
+    os.close(cfd)
+
+
+def test_death_while_down_is_seen_after_restart(service: Any) -> None:
+    cfd = syscalls.container_create("gone", CONTAINER_NEW_PID_NS)
+    init = syscalls.fork_into_container(cfd)
+    if init == 0:
+        os._exit(6)
+    service.proc.send_signal(signal.SIGKILL)
+    service.proc.wait()
+    assert child_result(init) == 6  # reaped while no service runs
+    restart(service, hard=False)
+    assert hung_up(cfd, 5)
+    assert syscalls.container_wait(cfd) == 6 << 8
+    os.close(cfd)
+
+
+def test_last_close_while_down_kills_after_restart(service: Any) -> None:
+    cfd = syscalls.container_create("koc", CONTAINER_KILL_ON_CLOSE | CONTAINER_NEW_PID_NS)
+    init = syscalls.fork_into_container(cfd)
+    if init == 0:
+        os.close(cfd)
+        while True:
+            time.sleep(1)
+    service.proc.send_signal(signal.SIGKILL)
+    service.proc.wait()
+    os.close(cfd)
+    time.sleep(0.1)
+    assert pid_alive(init), "nothing should act while no service runs"
+    restart(service, hard=False)
+    assert child_result(init) == -9
+
+
+def test_clean_stop_and_start_keeps_created_container(service: Any) -> None:
+    cfd = syscalls.container_create("idle", CONTAINER_NEW_NET_NS)
+    cid = syscalls.container_status(cfd)["id"]
+    restart(service, hard=False)
+    assert not hung_up(cfd, 0.2)
+    assert syscalls.container_status(cfd)["id"] == cid
+    pid = syscalls.fork_into_container(cfd)
+    if pid == 0:
+        os._exit(0)
+    assert child_result(pid) == 0
+    assert hung_up(cfd, 5)
+    os.close(cfd)
