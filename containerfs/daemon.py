@@ -37,6 +37,7 @@ async def serve(config: Config) -> None:
             service = Service(store, cgroups, nursery, fdstore, max_per_user=config.max_per_user)
             service.recover()
             nursery.start_soon(service.watch_last_close)
+            nursery.start_soon(service.fill_pool)
             await nursery.start(serve_control, service, config.socket)
             log.info("serving on %s (cgroups under %s)", config.socket, cgroups.base)
             async for signum in signals:

@@ -100,34 +100,37 @@ def make_namespaces(new: list[str], creator: dict[str, int], creds: Credentials,
     unshare(2) for that caller (EPERM, ENOSPC, EINVAL...).
     """
     if creds.uid == 0 and "user" not in new and "cgroup" not in new:
-        return _make_in_thread(new, creator)
+        return make_in_thread(new, creator)
     return _make_in_helper(new, creator, creds, cgroup_procs)
 
 
-def _make_in_thread(new: list[str], creator: dict[str, int]) -> dict[str, int]:
+def make_in_thread(new: list[str], creator: dict[str, int] | None) -> dict[str, int]:
     """Root's namespaces, made by the calling thread itself and left behind: no fork.
 
     Mount, UTS, IPC and network namespaces belong to a thread, not a process, so a thread can
     unshare them, open their fds and setns() back; only a user namespace needs a whole process.
+    With `creator`, the copy of the mount namespace is of the creator's, and "root" is returned.
     """
-    saved = {t: os.open(f"/proc/thread-self/ns/{t}", os.O_RDONLY | os.O_CLOEXEC)
-             for t in dict.fromkeys(("mnt", *new))}
+    restore = list(dict.fromkeys((["mnt"] if creator else []) + new))
+    saved = {t: os.open(f"/proc/thread-self/ns/{t}", os.O_RDONLY | os.O_CLOEXEC) for t in restore}
     saved_root = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     out: dict[str, int] = {}
     try:
-        # A thread shares its root and cwd with the others until it unshares them; then it
-        # can take the creator's mount namespace and root without moving the other threads.
-        _linux.unshare(_linux.CLONE_FS)
-        _linux.setns(creator["mnt"], _linux.CLONE_NEWNS)
-        os.fchdir(creator["root"])
-        os.chroot(".")
+        if creator:
+            # A thread shares its root and cwd with the others until it unshares them; then
+            # it can take the creator's mount namespace and root without moving the others.
+            _linux.unshare(_linux.CLONE_FS)
+            _linux.setns(creator["mnt"], _linux.CLONE_NEWNS)
+            os.fchdir(creator["root"])
+            os.chroot(".")
         flags = 0
         for nstype in new:
             flags |= _linux.NS_FLAGS[nstype]
         _linux.unshare(flags)
         for nstype in new:
             out[nstype] = os.open(f"/proc/thread-self/ns/{nstype}", os.O_RDONLY | os.O_CLOEXEC)
-        out["root"] = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        if creator:
+            out["root"] = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     except BaseException:
         close_all(out)
         raise
@@ -135,16 +138,52 @@ def _make_in_thread(new: list[str], creator: dict[str, int]) -> dict[str, int]:
         try:
             for nstype, fd in saved.items():
                 _linux.setns(fd, _linux.NS_FLAGS[nstype])
-            os.fchdir(saved_root)
-            os.chroot(".")
-            os.chdir("/")
+            if creator:
+                os.fchdir(saved_root)
+                os.chroot(".")
+                os.chdir("/")
         except OSError:
-            # A worker thread left in a container's namespaces would do the next job there.
+            # A thread left in a container's namespaces would do its next job there.
             os._exit(70)
         finally:
             close_all(saved)
             os.close(saved_root)
     return out
+
+
+class NamespacePool:
+    """Fresh UTS, IPC and network namespaces made ahead of time, for root's containers.
+
+    A new namespace of these kinds holds nothing of its maker (an empty hostname, no IPC
+    objects, only a down `lo`), so one made a second ago is as good as one made now; making a
+    network namespace is the costliest part of container_create, and this takes it off the path.
+    """
+
+    KINDS = ("uts", "ipc", "net")
+
+    def __init__(self, size: int = 4) -> None:
+        self.size = size
+        self.free: dict[str, list[int]] = {t: [] for t in self.KINDS}
+
+    def take(self, nstype: str) -> int | None:
+        free = self.free.get(nstype)
+        return free.pop() if free else None
+
+    def missing(self) -> list[str]:
+        return [t for t in self.KINDS if len(self.free[t]) < self.size]
+
+    def fill_once(self) -> None:
+        """Add one namespace of each kind that is short (blocking: run it in a thread)."""
+        kinds = self.missing()
+        if kinds:
+            for nstype, fd in make_in_thread(kinds, None).items():
+                self.free[nstype].append(fd)
+
+    def close(self) -> None:
+        for fds in self.free.values():
+            for fd in fds:
+                os.close(fd)
+            fds.clear()
 
 
 def _make_in_helper(new: list[str], creator: dict[str, int], creds: Credentials,

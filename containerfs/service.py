@@ -111,6 +111,8 @@ class Service:
                  fdstore: FdStore, max_per_user: int = 1024, dead_linger: float = 30.0) -> None:
         self.store = store
         self.fdstore = fdstore
+        self.pool = namespaces.NamespacePool()
+        self.pool_wanted = trio.Event()
         self.cgroups = cgroups
         self.nursery = nursery
         self.max_per_user = max_per_user
@@ -224,13 +226,10 @@ class Service:
             _linux.pidfd_send_signal(peer_pidfd, 0)
             cid = self.store.next_id()
             self.cgroups.create(cid)
-            if new:
-                made = await trio.to_thread.run_sync(
-                    namespaces.make_namespaces, new, ns, namespaces.Credentials(peer.uid, peer.gid),
-                    os.path.join(self.cgroups.path(cid), "cgroup.procs"))
-                for nstype, fd in made.items():
-                    os.close(ns.pop(nstype))
-                    ns[nstype] = fd
+            made = await self._make_namespaces(peer, new, ns, cid)
+            for nstype, fd in made.items():
+                os.close(ns.pop(nstype))
+                ns[nstype] = fd
             if flags & CONTAINER_NEW_EMPTY_FS_NS:
                 os.close(ns.pop("root"))
             rfd, wfd = os.pipe2(os.O_CLOEXEC)
@@ -254,6 +253,40 @@ class Service:
         self.by_pipe[c.pipe] = c
         self.by_wfd[wfd] = c
         return c, rfd
+
+    async def _make_namespaces(self, peer: Peer, new: list[str], creator: dict[str, int],
+                               cid: int) -> dict[str, int]:
+        """The new namespaces of a container, as `peer` would make them: {type: fd}."""
+        made: dict[str, int] = {}
+        if peer.uid == 0 and "user" not in new:
+            for nstype in new:
+                fd = self.pool.take(nstype)
+                if fd is not None:
+                    made[nstype] = fd
+            self.pool_wanted.set()
+        rest = [t for t in new if t not in made]
+        try:
+            if rest == ["mnt"] and peer.uid == 0:
+                # Copying a mount namespace takes tens of microseconds: cheaper here than a
+                # trip to a worker thread.
+                made.update(namespaces.make_in_thread(rest, creator))
+            elif rest:
+                made.update(await trio.to_thread.run_sync(
+                    namespaces.make_namespaces, rest, creator,
+                    namespaces.Credentials(peer.uid, peer.gid),
+                    os.path.join(self.cgroups.path(cid), "cgroup.procs")))
+        except BaseException:
+            namespaces.close_all(made)
+            raise
+        return made
+
+    async def fill_pool(self) -> None:
+        """Forever: keep the namespace pool full, off the path of any request."""
+        while True:
+            while self.pool.missing():
+                await trio.to_thread.run_sync(self.pool.fill_once)
+            self.pool_wanted = trio.Event()
+            await self.pool_wanted.wait()
 
     def _keep(self, c: Container) -> None:
         """Hand the keeper copies of what must outlive a crash of the service."""
@@ -486,6 +519,7 @@ class Service:
 
     def close(self) -> None:
         self.epoll.close()
+        self.pool.close()
 
     # ---- container_socket ---------------------------------------------------------------
 
