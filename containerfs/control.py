@@ -73,6 +73,9 @@ class Connection:
                     return
                 except OSError as e:
                     reply = protocol.error_reply(e.errno or errno.EIO, e.strerror or str(e))
+                except Exception as e:  # a bug must cost one request, never the service
+                    log.exception("internal error serving %s from pid %d", data[:80], self.peer.pid)
+                    reply = protocol.error_reply(errno.EIO, f"containerfs internal error: {e!r}")
                 finally:
                     for fd in fds:
                         os.close(fd)
@@ -142,6 +145,16 @@ class Connection:
             rows = [svc.describe(c) for c in svc.containers.values()
                     if self.peer.uid == 0 or c.owner == self.peer.uid]
             return {"containers": rows}, []
+        if isinstance(req, protocol.Root):
+            return {}, svc.root_fd(svc.lookup(fds[0]))
+        if isinstance(req, protocol.SetRoot):
+            await svc.set_root(self.peer, svc.lookup(fds[0]), fds[1])
+            return {}, []
+        if isinstance(req, protocol.MountAt):
+            await svc.mount_at(self.peer, svc.lookup(fds[0]), fds[1], req.path, bool(req.proc))
+            return {}, []
+        if isinstance(req, protocol.FsNamespaces):
+            return svc.fs_namespaces(self.peer, svc.lookup(fds[0]))
         raise protocol.ProtocolError(f"unhandled op {req.op}")
 
 

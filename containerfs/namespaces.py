@@ -9,10 +9,12 @@ namespaces apply to the creator, never to the service.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
 import socket
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from syscalls import _linux, fdpass
@@ -62,13 +64,19 @@ def _write(path: str, data: str) -> None:
         os.close(fd)
 
 
+def _take_credentials(creds: Credentials) -> None:
+    """Become the caller, in a helper process (never in the service itself)."""
+    os.setgroups([])
+    os.setresgid(creds.gid, creds.gid, creds.gid)
+    os.setresuid(creds.uid, creds.uid, creds.uid)
+    # Dropping root makes us undumpable, and /proc/self/*_map root's; take them back.
+    _linux.prctl(_linux.PR_SET_DUMPABLE, 1)
+
+
 def _helper(new: list[str], creator: dict[str, int], creds: Credentials,
             cgroup_procs: str | None) -> list[int]:
     """In the forked helper: make the namespaces; return the fds to send (new..., root)."""
-    # Copy the creator's view, not the service's: its mount namespace and its root.
-    _linux.setns(creator["mnt"], _linux.CLONE_NEWNS)
-    os.fchdir(creator["root"])
-    os.chroot(".")
+    _enter_view(creator)  # copy the creator's view, not the service's
     if "cgroup" in new and cgroup_procs:
         # A cgroup namespace is rooted where its creator stands: stand in the container's group.
         _write(cgroup_procs, "0")
@@ -76,11 +84,7 @@ def _helper(new: list[str], creator: dict[str, int], creds: Credentials,
     for nstype in new:
         flags |= _linux.NS_FLAGS[nstype]
     if creds.uid != 0 or "user" in new:
-        os.setgroups([])
-        os.setresgid(creds.gid, creds.gid, creds.gid)
-        os.setresuid(creds.uid, creds.uid, creds.uid)
-        # Dropping root makes us undumpable, and /proc/self/*_map root's; take them back.
-        _linux.prctl(_linux.PR_SET_DUMPABLE, 1)
+        _take_credentials(creds)
     _linux.unshare(flags)
     if "user" in new:
         if creds.uid != 0:
@@ -104,6 +108,42 @@ def make_namespaces(new: list[str], creator: dict[str, int], creds: Credentials,
     return _make_in_helper(new, creator, creds, cgroup_procs)
 
 
+@contextlib.contextmanager
+def _thread_elsewhere(restore: list[str]) -> Iterator[None]:
+    """Let the calling thread move into other namespaces (and root) and bring it back after.
+
+    Namespaces belong to a thread, so nothing else in the service moves. If the thread cannot
+    come back, the process exits: a worker left in a container would do its next job there.
+    """
+    saved = {t: os.open(f"/proc/thread-self/ns/{t}", os.O_RDONLY | os.O_CLOEXEC) for t in restore}
+    saved_root = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        if "mnt" in restore:
+            # A thread shares root and cwd with the others until it unshares them.
+            _linux.unshare(_linux.CLONE_FS)
+        yield
+    finally:
+        try:
+            for nstype, fd in saved.items():
+                _linux.setns(fd, _linux.NS_FLAGS[nstype])
+            if "mnt" in restore:
+                os.fchdir(saved_root)
+                os.chroot(".")
+                os.chdir("/")
+        except OSError:
+            os._exit(70)
+        finally:
+            close_all(saved)
+            os.close(saved_root)
+
+
+def _enter_view(creator: dict[str, int]) -> None:
+    """Stand in the creator's mount namespace, at its root."""
+    _linux.setns(creator["mnt"], _linux.CLONE_NEWNS)
+    os.fchdir(creator["root"])
+    os.chroot(".")
+
+
 def make_in_thread(new: list[str], creator: dict[str, int] | None) -> dict[str, int]:
     """Root's namespaces, made by the calling thread itself and left behind: no fork.
 
@@ -111,44 +151,91 @@ def make_in_thread(new: list[str], creator: dict[str, int] | None) -> dict[str, 
     unshare them, open their fds and setns() back; only a user namespace needs a whole process.
     With `creator`, the copy of the mount namespace is of the creator's, and "root" is returned.
     """
-    restore = list(dict.fromkeys((["mnt"] if creator else []) + new))
-    saved = {t: os.open(f"/proc/thread-self/ns/{t}", os.O_RDONLY | os.O_CLOEXEC) for t in restore}
-    saved_root = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     out: dict[str, int] = {}
-    try:
-        if creator:
-            # A thread shares its root and cwd with the others until it unshares them; then
-            # it can take the creator's mount namespace and root without moving the others.
-            _linux.unshare(_linux.CLONE_FS)
-            _linux.setns(creator["mnt"], _linux.CLONE_NEWNS)
-            os.fchdir(creator["root"])
-            os.chroot(".")
-        flags = 0
-        for nstype in new:
-            flags |= _linux.NS_FLAGS[nstype]
-        _linux.unshare(flags)
-        for nstype in new:
-            out[nstype] = os.open(f"/proc/thread-self/ns/{nstype}", os.O_RDONLY | os.O_CLOEXEC)
-        if creator:
-            out["root"] = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    except BaseException:
-        close_all(out)
-        raise
-    finally:
+    with _thread_elsewhere(list(dict.fromkeys((["mnt"] if creator else []) + new))):
         try:
-            for nstype, fd in saved.items():
-                _linux.setns(fd, _linux.NS_FLAGS[nstype])
             if creator:
-                os.fchdir(saved_root)
-                os.chroot(".")
-                os.chdir("/")
-        except OSError:
-            # A thread left in a container's namespaces would do its next job there.
-            os._exit(70)
-        finally:
-            close_all(saved)
-            os.close(saved_root)
+                _enter_view(creator)
+            flags = 0
+            for nstype in new:
+                flags |= _linux.NS_FLAGS[nstype]
+            _linux.unshare(flags)
+            for nstype in new:
+                out[nstype] = os.open(f"/proc/thread-self/ns/{nstype}", os.O_RDONLY | os.O_CLOEXEC)
+            if creator:
+                out["root"] = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        except BaseException:
+            close_all(out)
+            raise
     return out
+
+
+def _pivot_into(mfd: int) -> dict[str, int]:
+    """In a fresh mount namespace: make mount `mfd` the root and only mount; return its fds."""
+    mnt = os.open("/proc/thread-self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)  # while /proc is here
+    # Private first, so nothing done here propagates back to the namespace it was copied from.
+    _linux.mount(None, "/", None, _linux.MS_REC | _linux.MS_PRIVATE)
+    _linux.move_mount(mfd, "", _linux.AT_FDCWD, "/", _linux.MOVE_MOUNT_F_EMPTY_PATH)
+    os.fchdir(mfd)
+    _linux.pivot_root(".", ".")  # the old root now sits on top of the new one...
+    _linux.umount2(".", _linux.MNT_DETACH)  # ...and goes, with everything under it
+    os.chdir("/")
+    return {"mnt": mnt, "root": os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)}
+
+
+def root_namespace(mfd: int, creator: dict[str, int], creds: Credentials,
+                   userns: int | None) -> dict[str, int]:
+    """A new mount namespace whose root, and only mount, is `mfd`: {"mnt", "root"} fds.
+
+    Made as `creds` would: by root in a worker thread, or by a helper that takes the caller's
+    credentials and enters the container's user namespace, so it owns the new namespace.
+    Blocking: run it in a worker thread.
+    """
+    # Whose mount namespace is copied hardly matters: everything but `mfd` is detached.
+    if userns is None:
+        with _thread_elsewhere(["mnt"]):
+            _linux.setns(creator["mnt"], _linux.CLONE_NEWNS)
+            _linux.unshare(_linux.CLONE_NEWNS)
+            return _pivot_into(mfd)
+
+    def helper() -> list[int]:
+        _linux.setns(creator["mnt"], _linux.CLONE_NEWNS)
+        _take_credentials(creds)
+        _linux.setns(userns, _linux.CLONE_NEWUSER)
+        _linux.unshare(_linux.CLONE_NEWNS)
+        made = _pivot_into(mfd)
+        return [made["mnt"], made["root"]]
+
+    return dict(zip(["mnt", "root"], _in_helper(helper, 2)))
+
+
+def mount_inside(mfd: int, mnt: int, root: int, unsafe_path: str, creds: Credentials,
+                 userns: int | None) -> None:
+    """Attach mount `mfd` at `unsafe_path`, resolved from `root` and never outside it."""
+
+    def attach() -> None:
+        target = _linux.openat2(root, unsafe_path, os.O_PATH | os.O_CLOEXEC,
+                                resolve=_linux.RESOLVE_IN_ROOT | _linux.RESOLVE_NO_MAGICLINKS)
+        try:
+            _linux.move_mount(mfd, "", target, "",
+                              _linux.MOVE_MOUNT_F_EMPTY_PATH | _linux.MOVE_MOUNT_T_EMPTY_PATH)
+        finally:
+            os.close(target)
+
+    if userns is None:
+        with _thread_elsewhere(["mnt"]):
+            _linux.setns(mnt, _linux.CLONE_NEWNS)
+            attach()
+        return
+
+    def helper() -> list[int]:
+        _take_credentials(creds)
+        _linux.setns(userns, _linux.CLONE_NEWUSER)
+        _linux.setns(mnt, _linux.CLONE_NEWNS)
+        attach()
+        return []
+
+    _in_helper(helper, 0)
 
 
 class NamespacePool:
@@ -189,6 +276,18 @@ class NamespacePool:
 def _make_in_helper(new: list[str], creator: dict[str, int], creds: Credentials,
                     cgroup_procs: str | None) -> dict[str, int]:
     """Anything with a user namespace (or as non-root): in a forked helper with the creds."""
+    try:
+        fds = _in_helper(lambda: _helper(new, creator, creds, cgroup_procs), len(new) + 1)
+    except OSError as e:
+        raise OSError(e.errno, f"making namespaces {'+'.join(new)}: {e.strerror}") from None
+    return dict(zip([*new, "root"], fds))
+
+
+def _in_helper(work: Callable[[], list[int]], nfds: int) -> list[int]:
+    """Run `work` in a forked helper process; return the fds it made (its OSError if not).
+
+    Blocking: run it in a worker thread. The helper changes only itself and exits.
+    """
     parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     with parent_sock, child_sock:
         pid = os.fork()
@@ -196,8 +295,11 @@ def _make_in_helper(new: list[str], creator: dict[str, int], creds: Credentials,
             code = 0
             try:
                 parent_sock.close()
-                fds = _helper(new, creator, creds, cgroup_procs)
-                socket.send_fds(child_sock, [b"{}"], fds)
+                made = work()
+                if made:
+                    socket.send_fds(child_sock, [b"{}"], made)
+                else:
+                    child_sock.send(b"{}")
             except OSError as e:
                 child_sock.send(json.dumps({"errno": e.errno or errno.EIO,
                                             "message": e.strerror or str(e)}).encode())
@@ -206,12 +308,12 @@ def _make_in_helper(new: list[str], creator: dict[str, int], creds: Credentials,
             os._exit(code)
         child_sock.close()
         try:
-            data, fds, _flags = fdpass.recv_fds(parent_sock, 4096, len(new) + 1)
+            data, fds, _flags = fdpass.recv_fds(parent_sock, 4096, max(nfds, 1))
         finally:
             os.waitpid(pid, 0)
     reply = json.loads(data) if data else {"errno": errno.EIO, "message": "helper died"}
     if "errno" in reply:
         for fd in fds:
             os.close(fd)
-        raise OSError(reply["errno"], f"making namespaces {'+'.join(new)}: {reply['message']}")
-    return dict(zip([*new, "root"], fds))
+        raise OSError(reply["errno"], reply["message"])
+    return fds

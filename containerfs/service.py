@@ -14,6 +14,7 @@ import os
 import select
 import signal
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,6 +70,8 @@ class Container:
     init_starttime: int = 0
     exit_status: int | None = None
     kill_pending: bool = False
+    # Where proc mounts made before init wait for its PID namespace (relative to the root).
+    proc_paths: list[str] = field(default_factory=list)
     started: trio.Event = field(default_factory=trio.Event)
 
     def row(self) -> dict[str, Any]:
@@ -125,6 +128,9 @@ class Service:
         # One epoll set of every write end: EPOLLERR, always reported, means "no reader is
         # left anywhere": the last reference to that handle was closed.
         self.epoll = select.epoll()
+        # Called after any change a reader of the FUSE view could see (a container made,
+        # started, dead, removed, its last handle closed); the view sets it.
+        self.on_change: Callable[[], None] | None = None
 
     # ---- lookups and checks -------------------------------------------------------------
 
@@ -181,6 +187,8 @@ class Service:
         ns = {name[3:]: fd for name, fd in fds.items() if name.startswith("ns:")}
         st = os.fstat(wfd)
         c = self._container_from_row(row, (st.st_dev, st.st_ino), wfd, ns)
+        if c.flags & CONTAINER_NEW_EMPTY_FS_NS and "root" in ns:
+            c.new_ns = c.new_ns | {"mnt"}  # its root was set before the restart
         if init_pidfd >= 0:
             c.init_pidfd = init_pidfd
             c.state = State.RUNNING
@@ -194,6 +202,11 @@ class Service:
         self.store.save(c.row())
         self.watch_handle(c)  # if every handle closed while we were down, this fires at once
         log.info("container %d adopted (%s)", c.id, c.state.value)
+        self._changed()
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change()
 
     def _check_owner(self, peer: Peer, c: Container, what: str) -> None:
         if peer.uid != 0 and peer.uid != c.owner:
@@ -252,6 +265,7 @@ class Service:
         self.containers[cid] = c
         self.by_pipe[c.pipe] = c
         self.by_wfd[wfd] = c
+        self._changed()
         return c, rfd
 
     async def _make_namespaces(self, peer: Peer, new: list[str], creator: dict[str, int],
@@ -349,8 +363,10 @@ class Service:
             check_transition(c.state, State.STARTING)
             c.state = State.STARTING
             c.started = trio.Event()
+            self._changed()
         reply = {"role": role, "fds": names, "id": c.id,
-                 "new_pid_ns": role == "init" and bool(c.flags & CONTAINER_NEW_PID_NS)}
+                 "new_pid_ns": role == "init" and bool(c.flags & CONTAINER_NEW_PID_NS),
+                 "proc_paths": c.proc_paths if role == "init" else []}
         return reply, fds
 
     def abort_fork(self, c: Container, role: str) -> None:
@@ -358,6 +374,7 @@ class Service:
         if role == "init" and c.state == State.STARTING:
             c.state = State.CREATED
             c.started.set()
+            self._changed()
             if c.kill_pending:
                 self.kill(c)
 
@@ -388,6 +405,7 @@ class Service:
         check_transition(c.state, State.RUNNING)
         c.state = State.RUNNING
         c.started.set()
+        self._changed()
         self.store.save(c.row())
         self._keep(c)
         self.nursery.start_soon(self._watch_init, c)
@@ -428,12 +446,16 @@ class Service:
         check_transition(c.state, State.DEAD)
         c.state = State.DEAD
         c.started.set()
+        self._changed()
         self._close_write_end(c)
         self.fdstore.drop(f"c{c.id}")  # the keeper's copy too: now holders see POLLHUP
         if c.init_pidfd >= 0:
             os.close(c.init_pidfd)
             c.init_pidfd = -1
+        root = c.ns.pop("root", None)
         namespaces.close_all(c.ns)
+        if root is not None:
+            c.ns["root"] = root  # *at() calls on a held handle still work once it is dead
         self.store.save(c.row())
         self.nursery.start_soon(self._remove_cgroup, c.id)
         if not c.handle_open:
@@ -490,6 +512,7 @@ class Service:
         while len(self.gone) > 4096:
             self.gone.popitem(last=False)
         self.store.mark_removed(c.id)
+        self._changed()
 
     async def watch_last_close(self) -> None:
         """Forever: act on the last close of any handle (EPOLLERR on its write end)."""
@@ -501,6 +524,7 @@ class Service:
                     continue
                 self.epoll.unregister(wfd)
                 c.handle_open = False
+                self._changed()
                 if c.flags & CONTAINER_KILL_ON_CLOSE:
                     self.kill(c)
                     if c.state == State.DEAD:
@@ -541,3 +565,65 @@ class Service:
                 os.close(fd)
             raise
         return {"fds": names}, fds
+
+    # ---- filesystems: roots, mounts and *at() (issue 4) ---------------------------------
+
+    def _check_mounter(self, peer: Peer, c: Container, what: str) -> None:
+        """Root, or the owner of the container's own user namespace; never a member."""
+        self._check_manager(peer, c, what)
+        if peer.uid != 0 and "user" not in c.new_ns:
+            raise OSError(errno.EPERM, f"only root may {what} container {c.id}: it has no "
+                                       "user namespace of its own")
+
+    def root_fd(self, c: Container) -> list[int]:
+        """A copy of the container's root (O_PATH) for *at() calls; none before it has one."""
+        return [os.dup(c.ns["root"])] if "root" in c.ns else []
+
+    def _userns_for(self, peer: Peer, c: Container) -> int | None:
+        """The user namespace a helper must enter to act as `peer` (None: root in a thread)."""
+        return c.ns["user"] if peer.uid != 0 and "user" in c.new_ns else None
+
+    async def set_root(self, peer: Peer, c: Container, mfd: int) -> None:
+        """MOVE_MOUNT_T_CONTAINER_ROOT: mount `mfd` becomes the root of an empty-fs container."""
+        self._check_mounter(peer, c, "set the root of")
+        if not c.flags & CONTAINER_NEW_EMPTY_FS_NS or "root" in c.ns:
+            raise OSError(errno.EBUSY, f"container {c.id} already has a mount namespace")
+        if c.state == State.DEAD:
+            raise OSError(errno.ECANCELED, f"container {c.id} is dead")
+        made = await trio.to_thread.run_sync(
+            namespaces.root_namespace, mfd, c.ns, namespaces.Credentials(peer.uid, peer.gid),
+            self._userns_for(peer, c))
+        if "root" in c.ns:  # set by a racing call while we worked: keep the first
+            namespaces.close_all(made)
+            raise OSError(errno.EBUSY, f"container {c.id} already has a mount namespace")
+        os.close(c.ns.pop("mnt"))
+        c.ns.update(made)
+        c.new_ns = c.new_ns | {"mnt"}
+        self._keep(c)
+
+    async def mount_at(self, peer: Peer, c: Container, mfd: int, unsafe_path: str,
+                       proc: bool) -> None:
+        """move_mount into the container at `unsafe_path`, resolved from its root."""
+        self._check_mounter(peer, c, "mount into")
+        if "root" not in c.ns:
+            raise OSError(errno.ENOENT, f"container {c.id} has no root filesystem yet")
+        if c.state == State.DEAD:
+            raise OSError(errno.ECANCELED, f"container {c.id} is dead")
+        await trio.to_thread.run_sync(
+            namespaces.mount_inside, mfd, c.ns["mnt"], c.ns["root"], unsafe_path,
+            namespaces.Credentials(peer.uid, peer.gid), self._userns_for(peer, c))
+        if proc and c.flags & CONTAINER_NEW_PID_NS and c.state in (State.CREATED, State.STARTING):
+            c.proc_paths.append(unsafe_path)
+
+    def fs_namespaces(self, peer: Peer, c: Container) -> tuple[dict[str, Any], list[int]]:
+        """FSCONFIG_SET_CONTAINER: the container's user (own), network and PID namespaces."""
+        self._check_mounter(peer, c, "create a filesystem in")
+        if c.state == State.DEAD:
+            raise OSError(errno.ECANCELED, f"container {c.id} is dead")
+        names = (["user"] if "user" in c.new_ns else []) + ["net"]
+        pid_born = c.state == State.RUNNING or not c.flags & CONTAINER_NEW_PID_NS
+        if pid_born:
+            names.append("pid")
+        return ({"fds": names, "pid_pending": not pid_born},
+                [os.dup(c.ns[name]) for name in names])
+

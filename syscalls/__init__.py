@@ -27,6 +27,7 @@ from .container import (
     container_wait,
     fork_into_container,
 )
+from .sockets import container_socket, socketns
 
 __all__ = [
     "CONTAINER_FD_CLOEXEC",
@@ -43,7 +44,33 @@ __all__ = [
     "MOVE_MOUNT_T_CONTAINER_ROOT",
     "container_create",
     "container_kill",
+    "container_socket",
     "container_status",
     "container_wait",
     "fork_into_container",
+    "socketns",
+]
+
+# The mount API and the *at() calls, each accepting a container handle (issue 4).
+from .at import (  # noqa: E402
+    AT_EMPTY_PATH, AT_FDCWD, AT_REMOVEDIR, AT_SYMLINK_FOLLOW, AT_SYMLINK_NOFOLLOW,
+    RESOLVE_BENEATH, RESOLVE_IN_ROOT, RESOLVE_NO_MAGICLINKS, RESOLVE_NO_SYMLINKS,
+    faccessat, fchmodat, fchownat, fstatat, linkat, mkdirat, mknodat, openat, openat2,
+    readlinkat, renameat2, statx, symlinkat, unlinkat, utimensat,
+)
+from .mount import (  # noqa: E402
+    FSCONFIG_CMD_CREATE, FSCONFIG_SET_FD, FSCONFIG_SET_FLAG, FSCONFIG_SET_STRING,
+    FSMOUNT_CLOEXEC, FSOPEN_CLOEXEC, MOVE_MOUNT_F_EMPTY_PATH, MOVE_MOUNT_T_EMPTY_PATH,
+    OPEN_TREE_CLOEXEC, OPEN_TREE_CLONE, fsconfig, fsmount, fsopen, move_mount, open_tree,
+)
+
+__all__ += [
+    "AT_EMPTY_PATH", "AT_FDCWD", "AT_REMOVEDIR", "AT_SYMLINK_FOLLOW", "AT_SYMLINK_NOFOLLOW",
+    "RESOLVE_BENEATH", "RESOLVE_IN_ROOT", "RESOLVE_NO_MAGICLINKS", "RESOLVE_NO_SYMLINKS",
+    "faccessat", "fchmodat", "fchownat", "fstatat", "linkat", "mkdirat", "mknodat", "openat",
+    "openat2", "readlinkat", "renameat2", "statx", "symlinkat", "unlinkat", "utimensat",
+    "FSCONFIG_CMD_CREATE", "FSCONFIG_SET_FD", "FSCONFIG_SET_FLAG", "FSCONFIG_SET_STRING",
+    "FSMOUNT_CLOEXEC", "FSOPEN_CLOEXEC", "MOVE_MOUNT_F_EMPTY_PATH", "MOVE_MOUNT_T_EMPTY_PATH",
+    "OPEN_TREE_CLOEXEC", "OPEN_TREE_CLONE", "fsconfig", "fsmount", "fsopen", "move_mount",
+    "open_tree",
 ]

@@ -17,8 +17,10 @@ from typing import Any
 # One table of syscall numbers per architecture. Calls added after 4.x (clone3, pidfd_*, the
 # mount API) share one number on every architecture, so only the old ones differ.
 _ARCH_NUMBERS: dict[str, dict[str, int]] = {
-    "x86_64": {"setns": 308, "unshare": 272},
-    "aarch64": {"setns": 268, "unshare": 97},
+    "x86_64": {"setns": 308, "unshare": 272, "mount": 165, "umount2": 166, "pivot_root": 155,
+               "statx": 332, "renameat2": 316},
+    "aarch64": {"setns": 268, "unshare": 97, "mount": 40, "umount2": 39, "pivot_root": 41,
+                "statx": 291, "renameat2": 276},
 }
 _COMMON_NUMBERS = {
     "pidfd_send_signal": 424,
@@ -190,3 +192,86 @@ def clone3_fork(flags: int, exit_signal: int, cgroup_fd: int = -1) -> tuple[int,
     if res < 0:
         _raise(err, "clone3()")
     return int(res), pidfd.value
+
+
+# ---- the mount API and path resolution -------------------------------------------------------
+
+AT_FDCWD = -100
+AT_EMPTY_PATH = 0x1000
+RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_IN_ROOT = 0x10
+MOVE_MOUNT_F_EMPTY_PATH = 0x04
+MOVE_MOUNT_T_EMPTY_PATH = 0x40
+MNT_DETACH = 2
+MS_REC = 0x4000
+MS_PRIVATE = 1 << 18
+
+
+def _path(p: str | bytes | None) -> bytes | None:
+    if p is None:
+        return None
+    return os.fsencode(p)
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+
+
+def openat2(dirfd: int, path: str | bytes, flags: int, mode: int = 0, resolve: int = 0) -> int:
+    """openat2(2): open `path` relative to `dirfd` under the `resolve` rules."""
+    how = _OpenHow(flags, mode, resolve)
+    return syscall("openat2", ctypes.c_int(dirfd), _path(path), ctypes.byref(how),
+                   ctypes.c_size_t(ctypes.sizeof(how)))
+
+
+def fsopen(fstype: str | bytes, flags: int = 0) -> int:
+    return syscall("fsopen", _path(fstype), ctypes.c_uint(flags))
+
+
+def fsconfig(fsfd: int, cmd: int, key: str | bytes | None, value: Any, aux: int) -> None:
+    """fsconfig(2); `value` is bytes/str (a string or path), or None."""
+    if isinstance(value, str):
+        value = value.encode()
+    syscall("fsconfig", ctypes.c_int(fsfd), ctypes.c_uint(cmd), _path(key),
+            ctypes.c_char_p(value) if value is not None else None, ctypes.c_int(aux))
+
+
+def fsmount(fsfd: int, flags: int = 0, attr_flags: int = 0) -> int:
+    return syscall("fsmount", ctypes.c_int(fsfd), ctypes.c_uint(flags), ctypes.c_uint(attr_flags))
+
+
+def move_mount(from_dfd: int, from_path: str | bytes, to_dfd: int, to_path: str | bytes,
+               flags: int) -> None:
+    syscall("move_mount", ctypes.c_int(from_dfd), _path(from_path), ctypes.c_int(to_dfd),
+            _path(to_path), ctypes.c_uint(flags))
+
+
+def open_tree(dfd: int, path: str | bytes, flags: int) -> int:
+    return syscall("open_tree", ctypes.c_int(dfd), _path(path), ctypes.c_uint(flags))
+
+
+def mount(source: str | bytes | None, target: str | bytes, fstype: str | bytes | None,
+          flags: int = 0, data: bytes | None = None) -> None:
+    syscall("mount", _path(source), _path(target), _path(fstype), ctypes.c_ulong(flags), data)
+
+
+def umount2(target: str | bytes, flags: int = 0) -> None:
+    syscall("umount2", _path(target), ctypes.c_int(flags))
+
+
+def pivot_root(new_root: str | bytes, put_old: str | bytes) -> None:
+    syscall("pivot_root", _path(new_root), _path(put_old))
+
+
+def renameat2(olddirfd: int, oldpath: str | bytes, newdirfd: int, newpath: str | bytes,
+              flags: int) -> None:
+    syscall("renameat2", ctypes.c_int(olddirfd), _path(oldpath), ctypes.c_int(newdirfd),
+            _path(newpath), ctypes.c_uint(flags))
+
+
+def statx(dirfd: int, path: str | bytes, flags: int, mask: int) -> bytes:
+    """statx(2): the raw 256-byte struct statx."""
+    buf = ctypes.create_string_buffer(256)
+    syscall("statx", ctypes.c_int(dirfd), _path(path), ctypes.c_int(flags), ctypes.c_uint(mask),
+            buf)
+    return buf.raw

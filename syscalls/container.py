@@ -84,6 +84,41 @@ def fork_into_container(fd: int) -> int:
     return _via_intermediate(fd, None, {}, [])
 
 
+def _child_setup(reply: dict[str, Any]) -> None:
+    """In the new process, before any of the caller's code runs in it."""
+    os.umask(0o022)
+    try:
+        for unsafe_path in reply.get("proc_paths", []):
+            _mount_proc(unsafe_path)
+    except OSError as e:
+        # Nobody can be told any more: the caller already has our pid. Die loudly instead of
+        # running with the wrong /proc.
+        os.write(2, f"fork_into_container: mounting proc at {unsafe_path}: {e}\n".encode())
+        os._exit(127)
+
+
+def _mount_proc(unsafe_path: str) -> None:
+    """Mount a proc of our own (new) PID namespace at `unsafe_path`, inside our root."""
+    fs = _linux.fsopen("proc", 1)  # FSOPEN_CLOEXEC
+    try:
+        _linux.fsconfig(fs, 6, None, None, 0)  # FSCONFIG_CMD_CREATE
+        mnt = _linux.fsmount(fs, 1)  # FSMOUNT_CLOEXEC
+    finally:
+        os.close(fs)
+    root = os.open("/", os.O_PATH | os.O_CLOEXEC)
+    try:
+        target = _linux.openat2(root, unsafe_path, os.O_PATH | os.O_CLOEXEC,
+                                resolve=_linux.RESOLVE_IN_ROOT | _linux.RESOLVE_NO_MAGICLINKS)
+        try:
+            _linux.move_mount(mnt, "", target, "",
+                              _linux.MOVE_MOUNT_F_EMPTY_PATH | _linux.MOVE_MOUNT_T_EMPTY_PATH)
+        finally:
+            os.close(target)
+    finally:
+        os.close(root)
+        os.close(mnt)
+
+
 def _single_threaded() -> bool:
     with open("/proc/self/status", "rb") as f:
         for line in f:
@@ -122,7 +157,7 @@ def _fork_here(conn: Connection, reply: dict[str, Any], fds: list[int]) -> int:
                 os.close(saved_fd)
             os.close(cwd)
             os.close(root)
-            os.umask(0o022)
+            _child_setup(reply)
             return 0
     finally:
         if not in_child:
@@ -200,33 +235,49 @@ def _same_file(fd: int, path: str) -> bool:
     return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
+_OWN_NS_FILES = {"user": "user", "mnt": "mnt", "uts": "uts", "ipc": "ipc", "net": "net",
+                 "cgroup": "cgroup", "pid": "pid_for_children"}
+
+
+def _same(a: int, b: int) -> bool:
+    sa, sb = os.fstat(a), os.fstat(b)
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+
+
 def _enter(reply: dict[str, Any], fds: list[int],
            saved: list[tuple[str, int]] | None = None) -> int:
     """Enter what the service handed over; return the cgroup fd or -1.
 
-    With `saved`, first keep an fd of each namespace left, so the caller can come back.
+    With `saved`, keep an fd of each namespace left, so the caller can come back. Everything
+    of our own is opened first: once in the container's mount namespace /proc may not exist.
     """
+    own = {t: os.open(f"/proc/thread-self/ns/{name}", os.O_RDONLY | os.O_CLOEXEC)
+           for t, name in _OWN_NS_FILES.items()}
+    own_root = os.open("/", os.O_PATH | os.O_CLOEXEC)
     cgroup_fd = -1
-    for name, fd in zip(reply["fds"], fds):
-        kind, _, nstype = name.partition(":")
-        if kind == "ns":
-            own = f"/proc/thread-self/ns/{'pid_for_children' if nstype == 'pid' else nstype}"
-            if not _same_file(fd, own):
-                if saved is not None:
-                    saved.append((nstype, os.open(own, os.O_RDONLY | os.O_CLOEXEC)))
-                _linux.setns(fd, _linux.NS_FLAGS[nstype])
-        elif kind == "root":
-            if not _same_file(fd, "/"):
-                os.fchdir(fd)
-                os.chroot(".")
-            os.chdir("/")
-        elif kind == "cgroup":
-            cgroup_fd = fd
-    if reply.get("new_pid_ns"):
-        if saved is not None:
-            own = "/proc/thread-self/ns/pid_for_children"
-            saved.append(("pid", os.open(own, os.O_RDONLY | os.O_CLOEXEC)))
-        _linux.unshare(_linux.CLONE_NEWPID)
+    try:
+        for name, fd in zip(reply["fds"], fds):
+            kind, _, nstype = name.partition(":")
+            if kind == "ns":
+                if not _same(fd, own[nstype]):
+                    if saved is not None:
+                        saved.append((nstype, own.pop(nstype)))
+                    _linux.setns(fd, _linux.NS_FLAGS[nstype])
+            elif kind == "root":
+                if not _same(fd, own_root):
+                    os.fchdir(fd)
+                    os.chroot(".")
+                os.chdir("/")
+            elif kind == "cgroup":
+                cgroup_fd = fd
+        if reply.get("new_pid_ns"):
+            if saved is not None:
+                saved.append(("pid", own.pop("pid")))
+            _linux.unshare(_linux.CLONE_NEWPID)
+    finally:
+        for fd in own.values():
+            os.close(fd)
+        os.close(own_root)
     return cgroup_fd
 
 
@@ -250,7 +301,7 @@ def _intermediate(handle: int, wfd: int, conn: Connection | None, reply: dict[st
         if pid == 0:
             _close(conn, fds)
             os.close(wfd)
-            os.umask(0o022)
+            _child_setup(reply)
             return True
         try:
             conn.call(protocol.Started(pid=pid), [pidfd])

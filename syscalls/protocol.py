@@ -83,9 +83,43 @@ class NetNs(Request):
     nfds: ClassVar[int] = 1
 
 
+@dataclasses.dataclass(frozen=True)
+class Root(Request):
+    """The container's root directory, an O_PATH fd, for *at() calls. Reply: the fd."""
+    op: ClassVar[str] = "root"
+    nfds: ClassVar[int] = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class SetRoot(Request):
+    """move_mount(..., MOVE_MOUNT_T_CONTAINER_ROOT): fds are the handle and the mount."""
+    op: ClassVar[str] = "set_root"
+    nfds: ClassVar[int] = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class MountAt(Request):
+    """move_mount into the container at `path` (from its root); fds: handle, mount.
+
+    `proc` asks for a proc of the container's PID namespace once init is born (the mount
+    made before init shows another one)."""
+    op: ClassVar[str] = "mount_at"
+    nfds: ClassVar[int] = 2
+    path: str
+    proc: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class FsNamespaces(Request):
+    """FSCONFIG_SET_CONTAINER: the user, network and PID namespaces a superblock belongs in."""
+    op: ClassVar[str] = "fs_namespaces"
+    nfds: ClassVar[int] = 1
+
+
 REQUESTS: dict[str, type[Request]] = {
     cls.op: cls for cls in (Create, Fork, Started, ForkFailed, Status, Kill, List, NetNs)
 }
+REQUESTS.update({cls.op: cls for cls in (Root, SetRoot, MountAt, FsNamespaces)})
 _FIELD_TYPES: dict[str, type] = {"int": int, "str": str}
 
 

@@ -1,0 +1,154 @@
+"""container_socket against making a socket in a netns the way `ip netns exec` and pyroute2 do.
+
+The other way: fork, setns(CLONE_NEWNET) in the child, socket(), send the fd back over
+SCM_RIGHTS, wait for the child. Both run in the same process, interleaved, on one container with
+a new network namespace. Also timed: socketns (no service round trip), plain socket(), and a
+non-root owner's container_socket into its CONTAINER_NEW_USER_NS container (a forked helper).
+
+Uses the service named by CONTAINERFS_SOCKET, or starts its own in a temporary directory.
+Run as root: python -m bench.sockets [-n 2000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import syscalls
+from syscalls import CONTAINER_NEW_NET_NS, CONTAINER_NEW_USER_NS, container_socket, socketns
+from syscalls import _linux
+
+ROOT = Path(__file__).resolve().parent.parent
+SIOCGSKNS = 0x894C
+NOBODY = 65534
+
+
+@contextmanager
+def service() -> Iterator[None]:
+    """The service in CONTAINERFS_SOCKET, or a private one for the length of the run."""
+    if os.environ.get("CONTAINERFS_SOCKET"):
+        yield
+        return
+    from containerfs.cgroups import CgroupTree
+
+    where = Path(tempfile.mkdtemp(prefix="cfs-bench-"))
+    where.chmod(0o755)  # the non-root run must reach the socket
+    sock, cgroup = str(where / "cfs.sock"), f"cfs-bench-{os.getpid()}"
+    proc = subprocess.Popen([sys.executable, "-m", "containerfs", "serve", "--socket", sock,
+                             "--runtime-dir", str(where / "state"), "--cgroup", cgroup,
+                             "--log-level", "warning"], cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 10
+        while not os.path.exists(sock):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("containerfs service did not start")
+            time.sleep(0.02)
+        time.sleep(0.1)  # let it start listening
+        os.environ["CONTAINERFS_SOCKET"] = sock
+        yield
+    finally:
+        proc.terminate()
+        proc.wait()
+        CgroupTree(cgroup).remove_all()
+        shutil.rmtree(where, ignore_errors=True)
+
+
+def fork_setns_socket(netfd: int) -> int:
+    """The `ip netns exec`/pyroute2 way: a forked child enters, makes the socket, sends it."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with ours, theirs:
+        pid = os.fork()
+        if pid == 0:
+            try:
+                _linux.setns(netfd, _linux.CLONE_NEWNET)
+                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                socket.send_fds(theirs, [b"\0"], [s.fileno()])
+            finally:
+                os._exit(0)
+        _, fds, _, _ = socket.recv_fds(ours, 1, 1)
+        os.waitpid(pid, 0)
+    return fds[0]
+
+
+def timed(fn: Callable[[], int], n: int) -> list[float]:
+    out = []
+    for _ in range(n):
+        t = time.perf_counter()
+        fd = fn()
+        out.append(time.perf_counter() - t)
+        os.close(fd)
+    return out
+
+
+def unprivileged(n: int) -> list[float]:
+    """container_socket timings of a non-root owner (fork path), measured in a child as nobody."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(r)
+            os.setgroups([])
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            cfd = syscalls.container_create("bench-user", CONTAINER_NEW_USER_NS | CONTAINER_NEW_NET_NS)
+            one = lambda: container_socket(cfd, socket.AF_INET, socket.SOCK_STREAM, 0)  # noqa: E731
+            timed(one, 20)
+            os.write(w, json.dumps(timed(one, n)).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r) as f:
+        data = f.read()
+    os.waitpid(pid, 0)
+    return json.loads(data) if data else []
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("-n", type=int, default=2000)
+    args = ap.parse_args()
+    with service():
+        cfd = syscalls.container_create("bench", CONTAINER_NEW_NET_NS)
+        holder = container_socket(cfd, socket.AF_INET, socket.SOCK_DGRAM, 0)
+        netfd = fcntl.ioctl(holder, SIOCGSKNS)  # the container's netns, for the other ways
+        ways: dict[str, Callable[[], int]] = {
+            "container_socket (root)": lambda: container_socket(
+                cfd, socket.AF_INET, socket.SOCK_STREAM, 0),
+            "fork+setns+socket+SCM_RIGHTS": lambda: fork_setns_socket(netfd),
+            "socketns (root)": lambda: socketns(netfd, socket.AF_INET, socket.SOCK_STREAM, 0),
+            "plain socket() in own netns": lambda: socket.socket().detach(),
+        }
+        times: dict[str, list[float]] = {name: [] for name in ways}
+        for fn in ways.values():
+            timed(fn, 50)  # warm up
+        for _ in range(4):  # interleave, so drift in the machine hits every way alike
+            for name, fn in ways.items():
+                times[name] += timed(fn, args.n // 4)
+        user = unprivileged(args.n // 4)
+        os.close(netfd)
+        os.close(holder)
+        os.close(cfd)
+    med = {name: statistics.median(t) for name, t in times.items()}
+    for name, m in med.items():
+        print(f"{name:36s} median {m * 1e6:8.1f} us")
+    if user:
+        print(f"{'container_socket (non-root, userns)':36s} median "
+              f"{statistics.median(user) * 1e6:8.1f} us")
+    ratio = med["container_socket (root)"] / med["fork+setns+socket+SCM_RIGHTS"]
+    print(f"ratio container_socket/fork+setns: {ratio:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+"""Make one fd inside other namespaces without moving the caller or any of its threads.
+
+Network, mount, UTS and IPC namespaces belong to a thread: a private, short-lived thread can
+enter them, make the fd and end, and no other thread ever stands anywhere else. A user
+namespace can only be entered by a single-threaded process that can never leave it: then a
+forked child enters, makes the fd, sends it back over SCM_RIGHTS (its errno otherwise) and
+exits. Either way the fd is made with the caller's own credentials.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import socket
+import struct
+import threading
+from collections.abc import Callable, Sequence
+
+from . import _linux, fdpass
+
+_ERRNO = struct.Struct("i")
+
+
+def _enter(namespaces: Sequence[tuple[str, int]]) -> None:
+    for nstype, fd in namespaces:
+        if nstype == "mnt":
+            _linux.unshare(_linux.CLONE_FS)  # a thread needs its own root/cwd to change mount ns
+        _linux.setns(fd, _linux.NS_FLAGS[nstype])
+
+
+def fd_in(namespaces: Sequence[tuple[str, int]], make: Callable[[], int]) -> int:
+    """Enter `namespaces` (in order: (type, fd)), call `make`, return the fd it made.
+
+    `make`'s OSError comes back with its errno. The fd arrives close-on-exec when a child made
+    it; the caller sets what it wants.
+    """
+    if any(nstype == "user" for nstype, _ in namespaces):
+        return _in_child(namespaces, make)
+    return _in_thread(namespaces, make)
+
+
+def _in_thread(namespaces: Sequence[tuple[str, int]], make: Callable[[], int]) -> int:
+    result: list[int | OSError] = []
+
+    def run() -> None:
+        try:
+            _enter(namespaces)
+            result.append(make())
+        except OSError as e:
+            result.append(e)
+
+    helper = threading.Thread(target=run, name="containerfs-nsexec", daemon=True)
+    helper.start()
+    try:
+        helper.join()
+    except BaseException:  # interrupted: let the helper finish, and drop what it made
+        helper.join()
+        if result and isinstance(result[0], int):
+            os.close(result[0])
+        raise
+    if not result:
+        raise OSError(errno.EIO, "the namespace helper thread failed")
+    if isinstance(result[0], OSError):
+        raise result[0]
+    return result[0]
+
+
+def _in_child(namespaces: Sequence[tuple[str, int]], make: Callable[[], int]) -> int:
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    with ours, theirs:
+        # No Python signal handler may run in the child: it does one thing and _exits.
+        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+        try:
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    _enter(namespaces)
+                    socket.send_fds(theirs, [b"\0"], [make()])
+                except OSError as e:
+                    theirs.send(_ERRNO.pack(e.errno or errno.EIO))
+                finally:
+                    os._exit(0)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        theirs.close()
+        try:
+            data, fds, _flags = fdpass.recv_fds(ours, 16, 1)
+        finally:
+            try:
+                os.waitpid(pid, 0)
+            except ChildProcessError:
+                pass  # reaped by the caller's own SIGCHLD handling
+    if fds:
+        return fds[0]
+    if len(data) == _ERRNO.size:
+        err = _ERRNO.unpack(data)[0]
+        raise OSError(err, os.strerror(err))
+    raise OSError(errno.EIO, "the namespace helper process died")
