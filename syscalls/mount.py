@@ -46,6 +46,10 @@ class _Context:
     fstype: str
     configured: bool = False
     pending_proc: bool = False  # proc for a container whose PID namespace is not born yet
+    # The container's user namespace, for a caller that may mount only inside it (non-root).
+    userns: int = -1
+    # fsopen was refused (EPERM, non-root): a placeholder until FSCONFIG_SET_CONTAINER.
+    refused: bool = False
 
 
 # fsfd -> context, and mount fd -> "is a proc waiting for its PID namespace"
@@ -59,10 +63,30 @@ def is_container_handle(fd: int) -> bool:
 
 
 def fsopen(fstype: str, flags: int = 0) -> int:
-    """fsopen(2)."""
-    fd = _linux.fsopen(fstype, flags)
-    _contexts[fd] = _Context(fstype)
+    """fsopen(2).
+
+    A caller without CAP_SYS_ADMIN gets EPERM from the kernel; here it gets a placeholder
+    that only FSCONFIG_SET_CONTAINER can make real (for a container whose user namespace it
+    owns), and EPERM from anything else done with it.
+    """
+    try:
+        fd = _linux.fsopen(fstype, flags)
+        refused = False
+    except PermissionError:
+        if os.geteuid() == 0:
+            raise
+        fd = os.open("/dev/null", os.O_RDONLY | (os.O_CLOEXEC if flags & FSOPEN_CLOEXEC else 0))
+        refused = True
+    close_context(fd)
+    _contexts[fd] = _Context(fstype, refused=refused)
     return fd
+
+
+def close_context(fd: int) -> None:
+    """Forget a context whose fd number is being reused."""
+    ctx = _contexts.pop(fd, None)
+    if ctx is not None and ctx.userns >= 0:
+        os.close(ctx.userns)
 
 
 def fsconfig(fsfd: int, cmd: int, key: str | None = None, value: str | bytes | None = None,
@@ -70,6 +94,9 @@ def fsconfig(fsfd: int, cmd: int, key: str | None = None, value: str | bytes | N
     """fsconfig(2), plus FSCONFIG_SET_CONTAINER (aux is the container handle)."""
     ctx = _contexts.get(fsfd)
     if cmd != FSCONFIG_SET_CONTAINER:
+        if ctx is not None and ctx.refused:
+            raise OSError(errno.EPERM, "fsopen was refused: only FSCONFIG_SET_CONTAINER, for a "
+                                       "container with your own user namespace, can use it")
         _linux.fsconfig(fsfd, cmd, key, value, aux)
         if ctx is not None:
             ctx.configured = True
@@ -86,26 +113,54 @@ def fsconfig(fsfd: int, cmd: int, key: str | None = None, value: str | bytes | N
     reply, fds = call(protocol.FsNamespaces(), [aux])
     try:
         named = dict(zip(reply["fds"], fds))
+        if ctx.refused and "user" not in named:
+            raise OSError(errno.EPERM, "fsopen was refused and the container has no user "
+                                       "namespace of its own")
         order = [(t, named[t]) for t in ("user", "net") if t in named]
         cloexec = os.get_inheritable(fsfd) is False
-        new = nsexec.fd_in(order, lambda: _linux.fsopen(ctx.fstype, FSOPEN_CLOEXEC))
+        inside_userns = "user" in named and os.geteuid() != 0
+
+        def make() -> int:
+            if inside_userns:
+                _mountable()
+            return _linux.fsopen(ctx.fstype, FSOPEN_CLOEXEC)
+
+        new = nsexec.fd_in(order, make)
         try:
             if ctx.fstype == "proc" and "pid" in named:
                 _linux.fsconfig(new, FSCONFIG_SET_FD, "pidns", None, named["pid"])
             os.dup2(new, fsfd, inheritable=not cloexec)  # the caller's fd number stays
         finally:
             os.close(new)
+        if "user" in named and os.geteuid() != 0:
+            ctx.userns = os.dup(named["user"])
     finally:
         for fd in fds:
             os.close(fd)
     ctx.configured = True
+    ctx.refused = False
     ctx.pending_proc = ctx.fstype == "proc" and bool(reply.get("pid_pending"))
+
+
+def _mountable() -> None:
+    """In a helper that entered a user namespace: fsopen and fsmount want CAP_SYS_ADMIN over
+    the mount namespace one stands in, so stand in one of that user namespace's own."""
+    _linux.unshare(_linux.CLONE_NEWNS)
 
 
 def fsmount(fsfd: int, flags: int = 0, attr_flags: int = 0) -> int:
     """fsmount(2)."""
-    mfd = _linux.fsmount(fsfd, flags, attr_flags)
     ctx = _contexts.get(fsfd)
+    if ctx is not None and ctx.userns >= 0:
+        # Mounting needs CAP_SYS_ADMIN over one's mount namespace: a non-root owner has it
+        # only in a mount namespace of the container's user namespace.
+        def inside() -> int:
+            _mountable()
+            return _linux.fsmount(fsfd, flags, attr_flags)
+        mfd = nsexec.fd_in([("user", ctx.userns)], inside)
+        os.set_inheritable(mfd, not flags & FSMOUNT_CLOEXEC)
+    else:
+        mfd = _linux.fsmount(fsfd, flags, attr_flags)
     if ctx is not None and ctx.pending_proc:
         _pending_proc_mounts.add(mfd)
     return mfd
@@ -113,7 +168,7 @@ def fsmount(fsfd: int, flags: int = 0, attr_flags: int = 0) -> int:
 
 def close(fd: int) -> None:
     """Close an fd of this module (forgets what it knew of it)."""
-    _contexts.pop(fd, None)
+    close_context(fd)
     _pending_proc_mounts.discard(fd)
     os.close(fd)
 

@@ -326,3 +326,37 @@ def test_mount_calls_need_a_mounter(rooted: int) -> None:
             return e.errno
     """, pass_fds=(cfd,))
     assert got == errno.EPERM
+
+
+def test_unprivileged_owner_builds_its_container(service: Any) -> None:
+    got = run_as(OTHER_UID, OTHER_GID, """
+        import syscalls as S
+        from syscalls import (CONTAINER_NEW_USER_NS, CONTAINER_NEW_EMPTY_FS_NS,
+                              CONTAINER_NEW_PID_NS, FSCONFIG_SET_CONTAINER,
+                              MOVE_MOUNT_T_CONTAINER_ROOT)
+        cfd = S.container_create("mine", CONTAINER_NEW_USER_NS | CONTAINER_NEW_EMPTY_FS_NS
+                                 | CONTAINER_NEW_PID_NS)
+        plain_fs = S.fsopen("tmpfs")  # refused by the kernel: the EPERM comes at first use
+        try:
+            S.fsconfig(plain_fs, S.FSCONFIG_CMD_CREATE)
+            plain = 0
+        except OSError as e:
+            plain = e.errno
+        fs = S.fsopen("tmpfs", S.FSOPEN_CLOEXEC)
+        S.fsconfig(fs, FSCONFIG_SET_CONTAINER, None, None, cfd)
+        S.fsconfig(fs, S.FSCONFIG_CMD_CREATE)
+        mfd = S.fsmount(fs, S.FSMOUNT_CLOEXEC)
+        S.move_mount(mfd, "", cfd, "/", S.MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_CONTAINER_ROOT)
+        S.mkdirat(cfd, "made-outside")
+        r, w = os.pipe()
+        pid = S.fork_into_container(cfd)
+        if pid == 0:
+            os.write(w, json.dumps([os.getuid(), os.getpid(), os.listdir("/")]).encode())
+            os._exit(0)
+        os.close(w)
+        inside = json.loads(os.read(r, 4096))
+        os.waitpid(pid, 0)
+        return {"plain": plain, "inside": inside}
+    """)
+    assert got["plain"] == errno.EPERM
+    assert got["inside"] == [0, 1, ["made-outside"]]
