@@ -16,6 +16,7 @@ import fcntl
 import json
 import os
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -27,8 +28,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import syscalls
-from syscalls import CONTAINER_NEW_NET_NS, CONTAINER_NEW_USER_NS, container_socket, socketns
-from syscalls import _linux
+from syscalls import CONTAINER_NEW_NET_NS, CONTAINER_NEW_USER_NS, _linux, container_socket, socketns
 
 ROOT = Path(__file__).resolve().parent.parent
 SIOCGSKNS = 0x894C
@@ -46,23 +46,38 @@ def service() -> Iterator[None]:
     where = Path(tempfile.mkdtemp(prefix="cfs-bench-"))
     where.chmod(0o755)  # the non-root run must reach the socket
     sock, cgroup = str(where / "cfs.sock"), f"cfs-bench-{os.getpid()}"
+    log = where / "service.log"
     proc = subprocess.Popen([sys.executable, "-m", "containerfs", "serve", "--socket", sock,
                              "--runtime-dir", str(where / "state"), "--cgroup", cgroup,
-                             "--log-level", "warning"], cwd=ROOT)
+                             "--no-mount", "--log-level", "warning"],
+                            stdin=subprocess.DEVNULL, stdout=log.open("wb"),
+                            stderr=subprocess.STDOUT, cwd=ROOT)
     try:
         deadline = time.monotonic() + 10
-        while not os.path.exists(sock):
+        while not _listening(sock):
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("containerfs service did not start")
+                raise RuntimeError(f"containerfs service did not start:\n{log.read_text()}")
             time.sleep(0.02)
-        time.sleep(0.1)  # let it start listening
         os.environ["CONTAINERFS_SOCKET"] = sock
         yield
     finally:
         proc.terminate()
         proc.wait()
+        try:  # the keeper outlives the service on purpose; this run ends it
+            os.kill(int((where / "state" / "keeper.pid").read_text()), signal.SIGKILL)
+        except (FileNotFoundError, ProcessLookupError, ValueError):
+            pass
         CgroupTree(cgroup).remove_all()
         shutil.rmtree(where, ignore_errors=True)
+
+
+def _listening(path: str) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as probe:
+        try:
+            probe.connect(path)
+            return True
+        except OSError:
+            return False
 
 
 def fork_setns_socket(netfd: int) -> int:
@@ -103,7 +118,7 @@ def unprivileged(n: int) -> list[float]:
             os.setgid(NOBODY)
             os.setuid(NOBODY)
             cfd = syscalls.container_create("bench-user", CONTAINER_NEW_USER_NS | CONTAINER_NEW_NET_NS)
-            one = lambda: container_socket(cfd, socket.AF_INET, socket.SOCK_STREAM, 0)  # noqa: E731
+            one = lambda: container_socket(cfd, socket.AF_INET, socket.SOCK_STREAM, 0)
             timed(one, 20)
             os.write(w, json.dumps(timed(one, n)).encode())
         finally:

@@ -69,6 +69,11 @@ class CgroupTree:
         with open(os.path.join(self.path(cid), "cgroup.procs"), "w") as f:
             f.write(str(pid))
 
+    def move_to(self, path: str, pid: int) -> None:
+        """Put process `pid` into the group at `path` (as /proc/PID/cgroup names it)."""
+        with open(os.path.join(self.mount, path.lstrip("/"), "cgroup.procs"), "w") as f:
+            f.write(str(pid))
+
     def container_id_of(self, pid: int) -> int | None:
         """The id of the container whose group (or a group below it) holds `pid`, if any."""
         path = process_cgroup(pid)

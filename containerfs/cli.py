@@ -36,12 +36,15 @@ def _serve(args: argparse.Namespace) -> int:
         print("containerfs serve: must run as root (it plays the kernel's part)", file=sys.stderr)
         return 1
     trio.run(serve, Config(socket=args.socket or _client.socket_path(),
-                           runtime_dir=args.runtime_dir, cgroup=args.cgroup))
+                           runtime_dir=args.runtime_dir, cgroup=args.cgroup,
+                           mount=args.mount))
     return 0
 
 
 def _run(args: argparse.Namespace) -> int:
-    flags = syscalls.CONTAINER_KILL_ON_CLOSE | syscalls.CONTAINER_FD_CLOEXEC
+    flags = syscalls.CONTAINER_FD_CLOEXEC
+    if not args.keep:
+        flags |= syscalls.CONTAINER_KILL_ON_CLOSE
     for option, bit in NAMESPACE_OPTIONS.items():
         if getattr(args, option) or args.all:
             flags |= bit
@@ -51,17 +54,77 @@ def _run(args: argparse.Namespace) -> int:
         print("containerfs run: no command given", file=sys.stderr)
         return 2
     cfd = syscalls.container_create(args.name, flags)
+    if args.keep:
+        print(f"container {syscalls.container_status(cfd)['id']}", file=sys.stderr)
+    return _exec_in(cfd, args.command, args.tty, "run")
+
+
+def _exec_in(cfd: int, command: list[str], tty: bool, verb: str) -> int:
+    """Run `command` in the container; return its exit code (128+N for signal N)."""
+    master = -1
+    if tty:
+        master, slave = os.openpty()
     pid = syscalls.fork_into_container(cfd)
     if pid == 0:
         try:
-            os.execvp(args.command[0], args.command)
+            if tty:
+                os.close(master)
+                os.login_tty(slave)
+            os.execvp(command[0], command)
         except OSError as e:
-            print(f"containerfs run: {args.command[0]}: {e.strerror}", file=sys.stderr)
+            print(f"containerfs {verb}: {command[0]}: {e.strerror}", file=sys.stderr)
         os._exit(127)
+    if tty:
+        os.close(slave)
+        _relay(master)
     _, status = os.waitpid(pid, 0)
-    os.close(cfd)
+    os.close(cfd)  # only now: with kill-on-close, this last close ends the container
     code = os.waitstatus_to_exitcode(status)
     return code if code >= 0 else 128 - code
+
+
+def _relay(master: int) -> None:
+    """Copy our stdin to the terminal and its output to our stdout until it closes."""
+    import select
+    import termios
+    import tty as ttymod
+
+    saved = termios.tcgetattr(0) if os.isatty(0) else None
+    if saved is not None:
+        ttymod.setraw(0)
+    fds = [master, 0]
+    try:
+        while master in fds:
+            for fd in select.select(fds, [], [])[0]:
+                try:
+                    data = os.read(fd, 65536)
+                except OSError:  # EIO: the terminal's last user is gone
+                    data = b""
+                if fd == master:
+                    if not data:
+                        fds.remove(master)
+                    else:
+                        os.write(1, data)
+                elif data:
+                    os.write(master, data)
+                else:
+                    fds.remove(0)
+    finally:
+        if saved is not None:
+            termios.tcsetattr(0, termios.TCSADRAIN, saved)
+        os.close(master)
+
+
+def _open(cid: int) -> int:
+    _reply, fds = _client.call(protocol.Open(id=cid))
+    return fds[0]
+
+
+def _exec(args: argparse.Namespace) -> int:
+    if not args.command:
+        print("containerfs exec: no command given", file=sys.stderr)
+        return 2
+    return _exec_in(_open(args.id), args.command, args.tty, "exec")
 
 
 def _ls(args: argparse.Namespace) -> int:
@@ -97,6 +160,10 @@ def parser() -> argparse.ArgumentParser:
                                     f"{syscalls.constants.DEFAULT_SOCKET})")
     s.add_argument("--runtime-dir", default="/run/containerfs.d", help="state directory")
     s.add_argument("--cgroup", default="containerfs", help="base cgroup name under cgroup2")
+    s.add_argument("--mount", default="/run/containerfs",
+                   help="where to mount the FUSE view ('' for none; default %(default)s)")
+    s.add_argument("--no-mount", dest="mount", action="store_const", const="",
+                   help="serve without the FUSE view")
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     s.set_defaults(func=_serve)
     r = sub.add_parser("run", help="run a command as init of a new container")
@@ -104,8 +171,16 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--all", action="store_true", help="every namespace")
     for option in NAMESPACE_OPTIONS:
         r.add_argument(f"--{option}", action="store_true", help=f"new {option} namespace")
+    r.add_argument("--keep", action="store_true",
+                   help="keep the container after this command exits (no kill-on-close)")
+    r.add_argument("-t", "--tty", action="store_true", help="give the command a terminal")
     r.add_argument("command", nargs=argparse.REMAINDER)
     r.set_defaults(func=_run)
+    e = sub.add_parser("exec", help="run a command in a running container, by id")
+    e.add_argument("id", type=int)
+    e.add_argument("-t", "--tty", action="store_true", help="give the command a terminal")
+    e.add_argument("command", nargs=argparse.REMAINDER)
+    e.set_defaults(func=_exec)
     sub.add_parser("ls", help="list your containers").set_defaults(func=_ls)
     k = sub.add_parser("kill", help="kill a container by id")
     k.add_argument("id", type=int)
@@ -118,6 +193,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if getattr(args, "command", None) and args.command[0] == "--":
+        args.command = args.command[1:]
     try:
         return int(args.func(args))
     except OSError as e:

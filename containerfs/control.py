@@ -50,6 +50,9 @@ class Connection:
         self.sock = sock
         self.peer = _peer(sock)
         self.forking: tuple[Container, str] | None = None
+        # The container this connection forked into: its processes may hand over seccomp
+        # listeners here (KeyListener), even after Started.
+        self.fork_container: Container | None = None
 
     async def run(self) -> None:
         try:
@@ -90,6 +93,7 @@ class Connection:
         finally:
             if self.forking:
                 self.service.abort_fork(*self.forking)
+                self.service.return_intermediate(self.peer)
             self.sock.close()
 
     def after_send(self, out: list[int]) -> None:
@@ -118,15 +122,19 @@ class Connection:
             c = svc.lookup(fds[0])
             reply, ns_fds = await svc.begin_fork(self.peer, c)
             self.forking = (c, reply["role"])
+            self.fork_container = c
             return reply, ns_fds
         if isinstance(req, (protocol.Started, protocol.ForkFailed)):
             if not self.forking:
                 raise protocol.ProtocolError(f"{req.op} without a fork")
             forking, self.forking = self.forking, None
-            if isinstance(req, protocol.ForkFailed):
-                svc.abort_fork(*forking)
-                return None, []
-            pid = svc.finish_fork(forking[0], forking[1], os.dup(fds[0]))
+            try:
+                if isinstance(req, protocol.ForkFailed):
+                    svc.abort_fork(*forking)
+                    return None, []
+                pid = svc.finish_fork(forking[0], forking[1], os.dup(fds[0]))
+            finally:
+                svc.return_intermediate(self.peer)
             return {"pid": pid}, []
         if isinstance(req, protocol.Status):
             return svc.describe(svc.lookup(fds[0])), []
@@ -155,6 +163,10 @@ class Connection:
             return {}, []
         if isinstance(req, protocol.FsNamespaces):
             return svc.fs_namespaces(self.peer, svc.lookup(fds[0]))
+        if isinstance(req, protocol.Open):
+            return {}, [svc.open_handle(self.peer, req.id)]
+        if isinstance(req, protocol.KEY_REQUESTS):
+            return await svc.keyrings.dispatch(self, req, fds)
         raise protocol.ProtocolError(f"unhandled op {req.op}")
 
 

@@ -24,6 +24,7 @@ class Config:
     runtime_dir: str = "/run/containerfs.d"
     cgroup: str = "containerfs"
     max_per_user: int = 1024
+    mount: str = "/run/containerfs"  # the FUSE view; "" for none
 
 
 async def serve(config: Config) -> None:
@@ -38,6 +39,9 @@ async def serve(config: Config) -> None:
             service.recover()
             nursery.start_soon(service.watch_last_close)
             nursery.start_soon(service.fill_pool)
+            if config.mount:
+                from .view.fuse import serve_view  # pyfuse3 only when there is a view
+                await nursery.start(serve_view, service, config.mount)
             await nursery.start(serve_control, service, config.socket)
             log.info("serving on %s (cgroups under %s)", config.socket, cgroups.base)
             async for signum in signals:

@@ -74,7 +74,7 @@ def _take_credentials(creds: Credentials) -> None:
 
 
 def _helper(new: list[str], creator: dict[str, int], creds: Credentials,
-            cgroup_procs: str | None) -> list[int]:
+            cgroup_procs: str | None, parent: socket.socket) -> list[int]:
     """In the forked helper: make the namespaces; return the fds to send (new..., root)."""
     _enter_view(creator)  # copy the creator's view, not the service's
     if "cgroup" in new and cgroup_procs:
@@ -87,10 +87,11 @@ def _helper(new: list[str], creator: dict[str, int], creds: Credentials,
         _take_credentials(creds)
     _linux.unshare(flags)
     if "user" in new:
-        if creds.uid != 0:
-            _write("/proc/self/setgroups", "deny")
-        _write("/proc/self/uid_map", f"0 {creds.uid} 1\n")
-        _write("/proc/self/gid_map", f"0 {creds.gid} 1\n")
+        # The maps are written from outside, by the service: mapping uid 0 (root's own)
+        # needs CAP_SETFCAP in the parent namespace, which nothing inside has.
+        parent.send(b"maps")
+        if parent.recv(16) != b"ok":
+            raise OSError(errno.EPERM, "the service could not write the id maps")
     out = [os.open(f"/proc/self/ns/{t}", os.O_RDONLY | os.O_CLOEXEC) for t in new]
     out.append(os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC))
     return out
@@ -198,7 +199,7 @@ def root_namespace(mfd: int, creator: dict[str, int], creds: Credentials,
             _linux.unshare(_linux.CLONE_NEWNS)
             return _pivot_into(mfd)
 
-    def helper() -> list[int]:
+    def helper(_parent: socket.socket) -> list[int]:
         _linux.setns(creator["mnt"], _linux.CLONE_NEWNS)
         _take_credentials(creds)
         _linux.setns(userns, _linux.CLONE_NEWUSER)
@@ -228,7 +229,7 @@ def mount_inside(mfd: int, mnt: int, root: int, unsafe_path: str, creds: Credent
             attach()
         return
 
-    def helper() -> list[int]:
+    def helper(_parent: socket.socket) -> list[int]:
         _take_credentials(creds)
         _linux.setns(userns, _linux.CLONE_NEWUSER)
         _linux.setns(mnt, _linux.CLONE_NEWNS)
@@ -276,17 +277,27 @@ class NamespacePool:
 def _make_in_helper(new: list[str], creator: dict[str, int], creds: Credentials,
                     cgroup_procs: str | None) -> dict[str, int]:
     """Anything with a user namespace (or as non-root): in a forked helper with the creds."""
+    def write_maps(pid: int) -> None:
+        if creds.uid != 0:
+            _write(f"/proc/{pid}/setgroups", "deny")  # the kernel's rule for the unprivileged
+        _write(f"/proc/{pid}/uid_map", f"0 {creds.uid} 1\n")
+        _write(f"/proc/{pid}/gid_map", f"0 {creds.gid} 1\n")
+
     try:
-        fds = _in_helper(lambda: _helper(new, creator, creds, cgroup_procs), len(new) + 1)
+        fds = _in_helper(lambda sock: _helper(new, creator, creds, cgroup_procs, sock),
+                         len(new) + 1, write_maps)
     except OSError as e:
         raise OSError(e.errno, f"making namespaces {'+'.join(new)}: {e.strerror}") from None
     return dict(zip([*new, "root"], fds))
 
 
-def _in_helper(work: Callable[[], list[int]], nfds: int) -> list[int]:
+def _in_helper(work: Callable[[socket.socket], list[int]], nfds: int,
+               on_maps: Callable[[int], None] | None = None) -> list[int]:
     """Run `work` in a forked helper process; return the fds it made (its OSError if not).
 
-    Blocking: run it in a worker thread. The helper changes only itself and exits.
+    `work` may ask, by sending b"maps" on the socket it is given, for `on_maps(pid)` to run
+    here, outside it; it then reads b"ok". Blocking: run it in a worker thread. The helper
+    changes only itself and exits.
     """
     parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     with parent_sock, child_sock:
@@ -295,7 +306,7 @@ def _in_helper(work: Callable[[], list[int]], nfds: int) -> list[int]:
             code = 0
             try:
                 parent_sock.close()
-                made = work()
+                made = work(child_sock)
                 if made:
                     socket.send_fds(child_sock, [b"{}"], made)
                 else:
@@ -309,6 +320,13 @@ def _in_helper(work: Callable[[], list[int]], nfds: int) -> list[int]:
         child_sock.close()
         try:
             data, fds, _flags = fdpass.recv_fds(parent_sock, 4096, max(nfds, 1))
+            if data == b"maps" and on_maps is not None:
+                try:
+                    on_maps(pid)
+                    parent_sock.send(b"ok")
+                except OSError:
+                    parent_sock.send(b"no")
+                data, fds, _flags = fdpass.recv_fds(parent_sock, 4096, max(nfds, 1))
         finally:
             os.waitpid(pid, 0)
     reply = json.loads(data) if data else {"errno": errno.EIO, "message": "helper died"}

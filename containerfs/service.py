@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import errno
+import functools
 import logging
 import os
 import select
@@ -30,8 +31,9 @@ from syscalls.constants import (
 )
 
 from . import namespaces
-from .cgroups import CgroupTree
+from .cgroups import CgroupTree, process_cgroup
 from .fdstore import FdStore
+from .keyring.service import KeyringService
 from .states import State, check_transition
 from .store import Store
 
@@ -115,6 +117,7 @@ class Service:
         self.store = store
         self.fdstore = fdstore
         self.pool = namespaces.NamespacePool()
+        self._origins: dict[int, str] = {}  # intermediate pid -> its own cgroup
         self.pool_wanted = trio.Event()
         self.cgroups = cgroups
         self.nursery = nursery
@@ -176,6 +179,7 @@ class Service:
                 self.fdstore.drop(f"c{row['id']}")
                 continue
             self._adopt(row, fds)
+        self.keyrings.recover(held)  # takes its own keys out of `held`
         for key, fds in held.items():
             for fd in fds.values():
                 os.close(fd)
@@ -239,6 +243,7 @@ class Service:
             _linux.pidfd_send_signal(peer_pidfd, 0)
             cid = self.store.next_id()
             self.cgroups.create(cid)
+            self.keyrings.create_session(cid, peer.uid, peer.gid)  # EAGAIN: key quota
             made = await self._make_namespaces(peer, new, ns, cid)
             for nstype, fd in made.items():
                 os.close(ns.pop(nstype))
@@ -250,6 +255,7 @@ class Service:
             namespaces.close_all(ns)
             if cid > 0:
                 self.cgroups.try_remove(cid)
+                self.keyrings.discard(cid)
             if isinstance(e, OSError) and e.errno == errno.ENOSPC:
                 raise OSError(errno.EAGAIN, f"uid {peer.uid} has no user namespaces left "
                                             f"(user.max_user_namespaces): {e.strerror}") from None
@@ -312,7 +318,10 @@ class Service:
     def watch_handle(self, c: Container) -> None:
         """Start noticing the last close of `c`'s handle (once the service holds no reader)."""
         if c.wfd >= 0:
-            self.epoll.register(c.wfd, 0)
+            try:
+                self.epoll.register(c.wfd, 0)
+            except FileExistsError:
+                pass  # watched already (another handle of it is open)
 
     def container_of(self, pid: int) -> Container | None:
         """The live container whose group holds `pid`, if any."""
@@ -357,8 +366,13 @@ class Service:
             add("cgroup", cgroup_fd)
             os.close(cgroup_fd)
         else:
-            # Others may not; move the intermediate itself, before it makes the child.
+            # Others may not; move the intermediate itself, before it makes the child, and
+            # back out once the child is reported (return_intermediate), so that the
+            # container's death, however early, never kills the intermediate.
+            origin = process_cgroup(peer.pid)
             self.cgroups.move(c.id, peer.pid)
+            if origin is not None:
+                self._origins[peer.pid] = origin
         if role == "init":
             check_transition(c.state, State.STARTING)
             c.state = State.STARTING
@@ -367,6 +381,7 @@ class Service:
         reply = {"role": role, "fds": names, "id": c.id,
                  "new_pid_ns": role == "init" and bool(c.flags & CONTAINER_NEW_PID_NS),
                  "proc_paths": c.proc_paths if role == "init" else []}
+        reply.update(self.keyrings.fork_info(c))
         return reply, fds
 
     def abort_fork(self, c: Container, role: str) -> None:
@@ -449,6 +464,7 @@ class Service:
         self._changed()
         self._close_write_end(c)
         self.fdstore.drop(f"c{c.id}")  # the keeper's copy too: now holders see POLLHUP
+        self.keyrings.container_died(c)
         if c.init_pidfd >= 0:
             os.close(c.init_pidfd)
             c.init_pidfd = -1
@@ -544,6 +560,8 @@ class Service:
     def close(self) -> None:
         self.epoll.close()
         self.pool.close()
+        if "keyrings" in self.__dict__:
+            self.keyrings.close()
 
     # ---- container_socket ---------------------------------------------------------------
 
@@ -627,3 +645,34 @@ class Service:
         return ({"fds": names, "pid_pending": not pid_born},
                 [os.dup(c.ns[name]) for name in names])
 
+    def open_handle(self, peer: Peer, cid: int) -> int:
+        """A new handle (read end) for container `cid`, for its owner or root."""
+        c = self.containers.get(cid)
+        if c is None or (peer.uid != 0 and peer.uid != c.owner):
+            raise OSError(errno.ESRCH, f"no container {cid} of yours")
+        if c.wfd < 0:
+            raise OSError(errno.ECANCELED, f"container {cid} is dead")
+        # Reopening the pipe through /proc gives another reader of the same pipe: a handle
+        # like the first, counted like it (a reader again, if the last one had gone).
+        rfd = os.open(f"/proc/self/fd/{c.wfd}", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        os.set_blocking(rfd, True)
+        if not c.handle_open:
+            c.handle_open = True
+            self._changed()
+        return rfd
+
+    def return_intermediate(self, peer: Peer) -> None:
+        """Move a non-root caller's intermediate back to its own cgroup after a fork."""
+        origin = self._origins.pop(peer.pid, None)
+        if origin is not None:
+            try:
+                self.cgroups.move_to(origin, peer.pid)
+            except OSError as e:  # gone, or its group went away: nothing left to protect
+                log.debug("intermediate %d stays: %s", peer.pid, e)
+
+    # ---- keyrings (section 7) -----------------------------------------------------------
+
+    @functools.cached_property
+    def keyrings(self) -> KeyringService:
+        """Per-container keyrings and request_key() traps (made on first use)."""
+        return KeyringService(self)

@@ -74,3 +74,16 @@ __all__ += [
     "OPEN_TREE_CLOEXEC", "OPEN_TREE_CLONE", "fsconfig", "fsmount", "fsopen", "move_mount",
     "open_tree",
 ]
+
+# Per-container keyrings and request_key() interception (issue 6, section 7).
+from .keys import (  # noqa: E402
+    KEY_SPEC_PROCESS_KEYRING, KEY_SPEC_SESSION_KEYRING, KEY_SPEC_THREAD_KEYRING,
+    KEY_SPEC_USER_KEYRING, KEY_SPEC_USER_SESSION_KEYRING, keyctl_container_intercept,
+    keyctl_set_container_keyring,
+)
+
+__all__ += [
+    "KEY_SPEC_PROCESS_KEYRING", "KEY_SPEC_SESSION_KEYRING", "KEY_SPEC_THREAD_KEYRING",
+    "KEY_SPEC_USER_KEYRING", "KEY_SPEC_USER_SESSION_KEYRING", "keyctl_container_intercept",
+    "keyctl_set_container_keyring",
+]

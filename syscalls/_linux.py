@@ -18,9 +18,13 @@ from typing import Any
 # mount API) share one number on every architecture, so only the old ones differ.
 _ARCH_NUMBERS: dict[str, dict[str, int]] = {
     "x86_64": {"setns": 308, "unshare": 272, "mount": 165, "umount2": 166, "pivot_root": 155,
-               "statx": 332, "renameat2": 316},
+               "statx": 332, "renameat2": 316,
+               "add_key": 248, "request_key": 249, "keyctl": 250, "seccomp": 317,
+               "setfsuid": 122, "setfsgid": 123},
     "aarch64": {"setns": 268, "unshare": 97, "mount": 40, "umount2": 39, "pivot_root": 41,
-                "statx": 291, "renameat2": 276},
+                "statx": 291, "renameat2": 276,
+                "add_key": 217, "request_key": 218, "keyctl": 219, "seccomp": 277,
+                "setfsuid": 151, "setfsgid": 152},
 }
 _COMMON_NUMBERS = {
     "pidfd_send_signal": 424,

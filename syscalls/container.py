@@ -10,7 +10,7 @@ import signal
 import stat
 from typing import Any
 
-from . import _linux, protocol, validate
+from . import _linux, keys, protocol, validate
 from ._client import Connection, call
 from .constants import CONTAINER_FD_CLOEXEC
 
@@ -152,6 +152,7 @@ def _fork_here(conn: Connection, reply: dict[str, Any], fds: list[int]) -> int:
             raise
         if pid == 0:
             in_child = True
+            keys.enter_container(conn, reply, join=True)
             _close(conn, fds)
             for _nstype, saved_fd in saved:
                 os.close(saved_fd)
@@ -219,8 +220,11 @@ def _via_intermediate(handle: int, conn: Connection | None, reply: dict[str, Any
             data += chunk
     finally:
         os.close(rfd)
-        os.waitpid(mid, 0)
+        _, status = os.waitpid(mid, 0)
     if not data:
+        if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL:
+            # Killed with the container (it stands in its cgroup while it works).
+            raise OSError(errno.ECANCELED, "fork_into_container: the container was killed")
         raise OSError(errno.EIO, "fork_into_container: the intermediate process died")
     result = json.loads(data)
     if "errno" in result:
@@ -291,6 +295,8 @@ def _intermediate(handle: int, wfd: int, conn: Connection | None, reply: dict[st
             conn = Connection()
             reply, fds = conn.call(protocol.Fork(), [handle])
         try:
+            # Keyring names are per user namespace: join before entering the container's.
+            keys.join_container_keyring(reply)
             cgroup_fd = _enter(reply, fds)
             # CLONE_PARENT makes the caller the parent; the kernel then wants exit_signal 0 and
             # gives the child the intermediate's own exit signal (SIGCHLD), so waitpid works.
@@ -299,6 +305,7 @@ def _intermediate(handle: int, wfd: int, conn: Connection | None, reply: dict[st
             conn.send(protocol.ForkFailed(errno=e.errno or errno.EIO))
             raise
         if pid == 0:
+            keys.enter_container(conn, reply, join=False)
             _close(conn, fds)
             os.close(wfd)
             _child_setup(reply)

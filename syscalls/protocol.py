@@ -116,10 +116,88 @@ class FsNamespaces(Request):
     nfds: ClassVar[int] = 1
 
 
+@dataclasses.dataclass(frozen=True)
+class Open(Request):
+    """A new handle for container `id` (its owner or root only: the command line's way in)."""
+    op: ClassVar[str] = "open"
+    id: int
+
+
 REQUESTS: dict[str, type[Request]] = {
     cls.op: cls for cls in (Create, Fork, Started, ForkFailed, Status, Kill, List, NetNs)
 }
-REQUESTS.update({cls.op: cls for cls in (Root, SetRoot, MountAt, FsNamespaces)})
+REQUESTS.update({cls.op: cls for cls in (Root, SetRoot, MountAt, FsNamespaces, Open)})
+# ---- keyrings (section 7) --------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class KeyListener(Request):
+    """A process forked into a container hands over its request_key() seccomp listener.
+    One way: sent beside a fork's own messages, so it must never get a reply."""
+    op: ClassVar[str] = "key_listener"
+    nfds: ClassVar[int] = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyringStage(Request):
+    """keyctl_set_container_keyring, step 1. Reply: `stage`, a keyring the caller may link
+    its keyring into (the link is made with the caller's own permissions)."""
+    op: ClassVar[str] = "keyring_stage"
+    nfds: ClassVar[int] = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyringAttach(Request):
+    """keyctl_set_container_keyring, step 2: attach `keyring`, linked into the stage."""
+    op: ClassVar[str] = "keyring_attach"
+    nfds: ClassVar[int] = 1
+    keyring: int
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyIntercept(Request):
+    """Add a trap for `type`. Reply: `record_keyring` (0 without `dest`). With `bind`, the
+    trap lives as long as this connection, which then carries {"event": "request"} messages
+    and nothing else."""
+    op: ClassVar[str] = "key_intercept"
+    nfds: ClassVar[int] = 1
+    type: str
+    dest: int = 0
+    timeout_ms: int = 10000
+    bind: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyUnintercept(Request):
+    """Remove the trap for `type` (every trap with `all`). Reply: `removed`."""
+    op: ClassVar[str] = "key_unintercept"
+    nfds: ClassVar[int] = 1
+    type: str = ""
+    all: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyListen(Request):
+    """Make this connection carry the requests of the container's unbound traps."""
+    op: ClassVar[str] = "key_listen"
+    nfds: ClassVar[int] = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyAnswer(Request):
+    """Answer request `rid`: `action` instantiate (base64 `payload`), negate or reject
+    (`errno`); `timeout_ms` caches a negation. Reply: `serial` for instantiate."""
+    op: ClassVar[str] = "key_answer"
+    nfds: ClassVar[int] = 1
+    rid: int
+    action: str
+    payload: str = ""
+    errno: int = 0
+    timeout_ms: int = 0
+
+
+KEY_REQUESTS = (KeyListener, KeyringStage, KeyringAttach, KeyIntercept, KeyUnintercept,
+                KeyListen, KeyAnswer)
+REQUESTS.update({cls.op: cls for cls in KEY_REQUESTS})
 _FIELD_TYPES: dict[str, type] = {"int": int, "str": str}
 
 

@@ -56,6 +56,7 @@ class ServiceUnderTest:
     cgroups: CgroupTree
     proc: subprocess.Popen[bytes]
     log: Path
+    view: str = ""  # where this service mounts its FUSE view
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -68,6 +69,21 @@ class ServiceUnderTest:
 
     def alive(self) -> bool:
         return self.proc.poll() is None
+
+    def unmount_view(self) -> None:
+        """Detach the view if it is still mounted (a killed service leaves it behind)."""
+        for _ in range(8):
+            if not self.view or not view_mounted(self.view):
+                return
+            subprocess.run(["umount", "-l", self.view], check=False)
+        raise AssertionError(f"could not unmount the view at {self.view}")
+
+    def cleanup(self) -> None:
+        """Stop the service and its keeper, unmount the view, kill and remove the cgroups."""
+        self.stop()
+        self.unmount_view()
+        self.stop_keeper()
+        self.cgroups.remove_all()
 
     def stop_keeper(self) -> None:
         """The keeper outlives the service on purpose; tests end it themselves."""
@@ -84,21 +100,31 @@ def start_service(tmp: Path, cgroup: str) -> ServiceUnderTest:
     log = tmp / "service.log"
     proc = subprocess.Popen(
         [sys.executable, "-m", "containerfs", "serve", "--socket", sock,
-         "--runtime-dir", str(tmp / "state"), "--cgroup", cgroup, "--log-level", "debug"],
+         "--runtime-dir", str(tmp / "state"), "--cgroup", cgroup, "--log-level", "debug",
+         "--mount", str(tmp / "view")],
         stdout=log.open("wb"), stderr=subprocess.STDOUT, cwd=ROOT)
+    svc = ServiceUnderTest(sock, str(tmp / "state"), CgroupTree(cgroup), proc, log,
+                           view=str(tmp / "view"))
     deadline = time.monotonic() + 10
     while True:
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             probe.connect(sock)
-            break
+            return svc
         except OSError:
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"service did not start: {log.read_text()}") from None
+                text = log.read_text()
+                svc.cleanup()  # a service that failed to start leaves nothing behind either
+                raise RuntimeError(f"service did not start: {text}") from None
             time.sleep(0.02)
         finally:
             probe.close()
-    return ServiceUnderTest(sock, str(tmp / "state"), CgroupTree(cgroup), proc, log)
+
+
+def view_mounted(path: str) -> bool:
+    """Whether anything is mounted at `path` (per /proc/self/mountinfo)."""
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split(" ")[4] == path for line in f)
 
 
 @pytest.fixture
@@ -119,9 +145,7 @@ def service(request: pytest.FixtureRequest,
         yield svc
         assert svc.alive(), f"the service died during the test:\n{svc.log.read_text()}"
     finally:
-        svc.stop()
-        svc.stop_keeper()
-        svc.cgroups.remove_all()
+        svc.cleanup()
         leftover = os.path.exists(svc.cgroups.base)
         assert not leftover, f"cgroup {svc.cgroups.base} was left behind"
 

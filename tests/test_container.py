@@ -496,3 +496,22 @@ def test_member_cannot_manage_its_container(service: Any) -> None:
     assert os.read(r, 16) == str(errno.EPERM).encode()
     assert child_result(init) == 0
     os.close(cfd)
+
+
+def test_unprivileged_inits_that_die_at_once(service: Any) -> None:
+    # The intermediate stands in the container's cgroup while it works: a container whose
+    # init dies at once must not take the intermediate with it (it once did, at random).
+    got = run_as(OTHER_UID, OTHER_GID, """
+        import syscalls
+        codes = []
+        for _ in range(30):
+            cfd = syscalls.container_create("brief", syscalls.CONTAINER_NEW_USER_NS
+                                            | syscalls.CONTAINER_NEW_PID_NS)
+            pid = syscalls.fork_into_container(cfd)
+            if pid == 0:
+                os._exit(7)
+            codes.append(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+            os.close(cfd)
+        return codes
+    """, timeout=60)
+    assert got == [7] * 30

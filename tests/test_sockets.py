@@ -11,7 +11,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Self
 
 import pytest
 
@@ -19,13 +19,12 @@ import syscalls
 from syscalls import (
     CONTAINER_NEW_NET_NS,
     CONTAINER_NEW_PID_NS,
-    CONTAINER_NEW_USER_NS,
     CONTAINER_NEW_UTS_NS,
+    _linux,
     container_create,
     container_socket,
     socketns,
 )
-from syscalls import _linux
 
 from .conftest import OTHER_GID, OTHER_UID, child_result, run_as
 
@@ -266,7 +265,7 @@ class NetnsSampler(threading.Thread):
             self.seen.add(os.stat(main).st_ino)
             self.samples += 1
 
-    def __enter__(self) -> NetnsSampler:
+    def __enter__(self) -> Self:
         self.start()
         while not self.samples:
             time.sleep(0.001)

@@ -1,0 +1,683 @@
+"""The service's half of per-container keyrings and request_key() interception.
+
+What the kernel proposal did in the kernel, done here with real keys:
+- each container gets a session keyring (made at container_create, owned by the creator so
+  it counts against the creator's key quota); fork_into_container makes it the new process's
+  session keyring (syscalls.keys.join_container_keyring);
+- keyctl_set_container_keyring links the creator's keyring, read-only, into that session
+  keyring, so the kernel's own search finds its keys after the process's own;
+- every process forked in traps its request_key() with a seccomp filter whose listener it
+  hands to the service; the service answers each trapped call: "carry on" (the kernel's own
+  path) unless the container has a trap for the type and the key is in none of the
+  container's keyrings; then the request waits for the creator's answer, or its timeout.
+
+Everything here runs in the service's trio loop and never blocks it: keyctl calls take
+microseconds, and a trapped request waits in a task of its own.
+"""
+
+from __future__ import annotations
+
+import base64
+import errno
+import json
+import logging
+import math
+import os
+import select
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from syscalls import keys, protocol
+from syscalls.fdpass import fds_from_ancdata
+from syscalls.keys import KEY_ALL, KEY_LINK, KEY_READ, KEY_SEARCH, KEY_VIEW, KEY_WRITE
+
+from ..states import State
+from .registry import Registry, destroy, perm
+
+if TYPE_CHECKING:
+    from ..control import Connection
+    from ..service import Container, Peer, Service
+
+log = logging.getLogger("containerfs")
+
+# A search that finds nothing, or only a negative, expired or revoked key: not found.
+_NOT_FOUND = (errno.ENOKEY, errno.EKEYEXPIRED, errno.EKEYREVOKED, errno.EKEYREJECTED)
+MAX_PENDING = 128  # requests waiting for an answer, per container (then EAGAIN)
+MAX_TRAPS = 64
+MAX_TIMEOUT_MS = 3600 * 1000
+
+# A container's session keyring: its possessors (members, and the service through the
+# registry) may do anything; its owner may only search it, which is what joining by name needs.
+SESSION_PERM = perm(pos=KEY_ALL, usr=KEY_SEARCH)
+# The slot that holds the attached keyring: members find keys through it, but cannot change it.
+SLOT_PERM = perm(pos=KEY_VIEW | KEY_READ | KEY_SEARCH | KEY_LINK)
+
+
+def _quota_error(e: OSError, uid: int, what: str) -> OSError:
+    if e.errno == errno.EDQUOT:
+        return OSError(errno.EAGAIN, f"uid {uid} has no key quota left for {what} "
+                                     "(kernel.keys.maxkeys / maxbytes)")
+    return e
+
+
+@dataclass(eq=False)
+class Listener:
+    """A seccomp listener handed over by a process forked into a container."""
+    key: str  # under which the keeper holds a copy
+    fd: int
+    closed: bool = False
+
+
+@dataclass(eq=False)
+class Waiter:
+    """One trapped request_key() call waiting for an answer."""
+    listener: Listener
+    notif_id: int
+    keep_key: str
+
+
+class Channel:
+    """A connection that carries trapped requests to a manager: events only, in order."""
+
+    def __init__(self, first: dict[str, Any]) -> None:
+        self._send, self._recv = trio.open_memory_channel[dict[str, Any]](math.inf)
+        self._send.send_nowait(first)
+        self.scope = trio.CancelScope()
+        self.closed = False
+
+    def push(self, event: dict[str, Any]) -> None:
+        if not self.closed:
+            self._send.send_nowait(event)
+
+    def close(self) -> None:
+        self.closed = True
+        self.scope.cancel()
+
+    async def serve(self, sock: trio.socket.SocketType) -> None:
+        """Send events until the manager hangs up (or close())."""
+        with self.scope:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._writer, sock, nursery.cancel_scope)
+                await self._until_hangup(sock)
+                nursery.cancel_scope.cancel()
+        self.closed = True
+
+    async def _writer(self, sock: trio.socket.SocketType, scope: trio.CancelScope) -> None:
+        try:
+            async for event in self._recv:
+                await sock.send(protocol.encode(event))
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+            scope.cancel()
+
+    @staticmethod
+    async def _until_hangup(sock: trio.socket.SocketType) -> None:
+        # A manager sends nothing on this connection: anything it sends ends it, like EOF.
+        try:
+            _data, anc, _flags, _ = await sock.recvmsg(
+                protocol.MAX_MESSAGE, socket.CMSG_SPACE(protocol.MAX_FDS * 4),
+                socket.MSG_CMSG_CLOEXEC)
+        except OSError:
+            return
+        for fd in fds_from_ancdata(anc):
+            os.close(fd)
+
+
+@dataclass(eq=False)
+class Trap:
+    type: str
+    timeout: float
+    owner: int  # who set it: the records are theirs
+    group: int
+    record_ring: int = 0  # the keyring the records go in (linked by the setter into its own)
+    records_locked: bool = False
+    channel: Channel | None = None  # bound: lives as long as this manager's connection
+
+
+@dataclass(eq=False)
+class Pending:
+    rid: int
+    trap: Trap
+    type: str
+    description: str
+    callout_info: str
+    uid: int
+    gid: int
+    pid: int
+    waiters: list[Waiter]
+    done: trio.Event = field(default_factory=trio.Event)
+    record: int = 0
+    finished: bool = False
+
+    @property
+    def what(self) -> tuple[str, str, int]:
+        return self.type, self.description, self.uid
+
+    def event(self, cid: int) -> dict[str, Any]:
+        return {"event": "request", "rid": self.rid, "container": cid, "operation": "create",
+                "type": self.type, "description": self.description,
+                "callout_info": self.callout_info, "uid": self.uid, "gid": self.gid,
+                "pid": self.pid}
+
+
+@dataclass(eq=False)
+class ContainerKeys:
+    cid: int
+    owner: int
+    group: int
+    session: int
+    name: str
+    slot: int = 0  # holds the attached keyring
+    attached: int = 0
+    stage: int = 0
+    stage_uid: int = -1
+    traps: dict[str, Trap] = field(default_factory=dict)
+    negative: dict[tuple[str, str], tuple[float, int]] = field(default_factory=dict)
+    pending: dict[int, Pending] = field(default_factory=dict)
+    waiting: dict[tuple[str, str, int], Pending] = field(default_factory=dict)
+    listeners: set[Channel] = field(default_factory=set)
+
+    def trap_for(self, key_type: str) -> Trap | None:
+        return self.traps.get(key_type) or self.traps.get("*")
+
+
+def _fs_ids(pid: int) -> tuple[int, int]:
+    """The fsuid and fsgid of `pid` (as the service sees them): what a key it asks for is
+    owned by when the kernel constructs one."""
+    uid = gid = -1
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("Uid:"):
+                uid = int(line.split()[4])
+            elif line.startswith("Gid:"):
+                gid = int(line.split()[4])
+                break
+    return uid, gid
+
+
+class KeyringService:
+    def __init__(self, service: Service) -> None:
+        self.svc = service
+        self.registry = Registry(os.path.dirname(service.fdstore.path))
+        self.containers: dict[int, ContainerKeys] = {}
+        self.listeners: dict[str, Listener] = {}
+        self._rid = 0
+        self._boot = f"{os.getpid()}.{time.monotonic_ns()}"
+        self._nlisteners = 0
+
+    # ---- the container's life ---------------------------------------------------------
+
+    def create_session(self, cid: int, owner: int, group: int) -> ContainerKeys:
+        """Make container `cid`'s session keyring, owned by (and counted against) `owner`."""
+        name = f"cfs.{cid}.s.{os.urandom(16).hex()}"
+        serial = keys.add_key("keyring", name, None, self.registry.serial)
+        try:
+            keys.setperm(serial, SESSION_PERM)
+            keys.chown(serial, owner, group)
+        except OSError as e:
+            destroy(serial)
+            raise _quota_error(e, owner, f"container {cid}'s session keyring") from None
+        ck = ContainerKeys(cid, owner, group, serial, name)
+        self.containers[cid] = ck
+        return ck
+
+    def discard(self, cid: int) -> None:
+        """The container was never made, or is dead: its keyrings go, its requests fail."""
+        ck = self.containers.pop(cid, None)
+        if ck is None:
+            return
+        for p in list(ck.pending.values()):
+            self._finish(ck, p, error=errno.ENOKEY)
+        for trap in list(ck.traps.values()):
+            self._drop_trap(ck, trap)
+        for channel in list(ck.listeners):
+            channel.close()
+        for serial in (ck.session, ck.slot, ck.stage):
+            if serial:
+                destroy(serial)
+
+    def container_died(self, c: Container) -> None:
+        self.discard(c.id)
+
+    def fork_info(self, c: Container) -> dict[str, Any]:
+        """What a process forking into `c` needs to join the container's session keyring."""
+        ck = self.containers.get(c.id) or self.create_session(c.id, c.owner, c.group)
+        return {"keyring": {"name": ck.name, "serial": ck.session, "owner": ck.owner}}
+
+    def _keys_of(self, c: Container) -> ContainerKeys:
+        ck = self.containers.get(c.id)
+        if ck is None:
+            raise OSError(errno.ECANCELED, f"container {c.id} is dead")
+        return ck
+
+    # ---- requests from clients --------------------------------------------------------
+
+    async def dispatch(self, conn: Connection, req: protocol.Request,
+                       fds: list[int]) -> tuple[dict[str, Any] | None, list[int]]:
+        """Serve one keyring request. A listener fd or a channel's handle is taken out of
+        `fds` (the connection closes what is left in it)."""
+        if isinstance(req, protocol.KeyListener):
+            self._take_listener(conn, fds)
+            return None, []
+        c = self.svc.lookup(fds[0])
+        peer = conn.peer
+        if isinstance(req, protocol.KeyringStage):
+            self.svc._check_manager(peer, c, "set the keyring of")
+            return {"stage": self._stage(self._keys_of(c), peer)}, []
+        if isinstance(req, protocol.KeyringAttach):
+            self.svc._check_manager(peer, c, "set the keyring of")
+            self._attach(self._keys_of(c), peer, req.keyring)
+            return {}, []
+        if isinstance(req, protocol.KeyIntercept):
+            self.svc._check_manager(peer, c, "intercept key requests of")
+            ck = self._keys_of(c)
+            trap = self._add_trap(ck, peer, req)
+            reply = {"record_keyring": trap.record_ring}
+            if not req.bind:
+                return reply, []
+            return await self._serve_channel(conn, fds, ck, reply, trap)
+        if isinstance(req, protocol.KeyUnintercept):
+            self.svc._check_manager(peer, c, "intercept key requests of")
+            ck = self._keys_of(c)
+            if req.all:
+                traps = list(ck.traps.values())
+            else:
+                keys.check_type(req.type)
+                traps = [ck.traps[req.type]] if req.type in ck.traps else []
+            for trap in traps:
+                self._drop_trap(ck, trap)
+            return {"removed": len(traps)}, []
+        if isinstance(req, protocol.KeyListen):
+            self.svc._check_manager(peer, c, "intercept key requests of")
+            return await self._serve_channel(conn, fds, self._keys_of(c), {}, None)
+        if isinstance(req, protocol.KeyAnswer):
+            self.svc._check_manager(peer, c, "answer key requests of")
+            return self._answer(self._keys_of(c), req), []
+        raise protocol.ProtocolError(f"unhandled op {req.op}")
+
+    async def _serve_channel(self, conn: Connection, fds: list[int], ck: ContainerKeys,
+                             reply: dict[str, Any], trap: Trap | None
+                             ) -> tuple[dict[str, Any] | None, list[int]]:
+        # The service must not hold the handle while the channel lasts: its last close
+        # (kill-on-close) is the manager's business, not ours.
+        for fd in fds:
+            os.close(fd)
+        fds.clear()
+        channel = Channel(reply)
+        if trap is not None:
+            trap.channel = channel
+        else:
+            ck.listeners.add(channel)
+            for p in ck.pending.values():
+                if p.trap.channel is None:
+                    channel.push(p.event(ck.cid))
+        try:
+            await channel.serve(conn.sock)
+        finally:
+            if trap is not None and ck.traps.get(trap.type) is trap:
+                self._drop_trap(ck, trap)
+            ck.listeners.discard(channel)
+            # Only now: a manager that waits for our end knows its trap is gone.
+            try:
+                conn.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        return None, []
+
+    # ---- keyctl_set_container_keyring ---------------------------------------------------
+
+    def _stage(self, ck: ContainerKeys, peer: Peer) -> int:
+        if ck.slot:
+            raise OSError(errno.EBUSY, f"container {ck.cid} has a keyring already")
+        if ck.stage and ck.stage_uid != peer.uid:
+            destroy(ck.stage)
+            ck.stage = 0
+        if not ck.stage:
+            stage = self.registry.make(ck.cid, "stage")
+            try:
+                keys.setperm(stage, perm(pos=KEY_ALL, usr=KEY_WRITE))
+                keys.chown(stage, peer.uid, peer.gid)
+            except OSError as e:
+                destroy(stage)
+                raise _quota_error(e, peer.uid, "a keyring link") from None
+            ck.stage, ck.stage_uid = stage, peer.uid
+        return ck.stage
+
+    def _attach(self, ck: ContainerKeys, peer: Peer, keyring: int) -> None:
+        if ck.slot:
+            raise OSError(errno.EBUSY, f"container {ck.cid} has a keyring already")
+        if not ck.stage or ck.stage_uid != peer.uid or keyring not in keys.keyring_contents(ck.stage):
+            raise OSError(errno.EINVAL, f"keyring {keyring} was not linked into the stage of "
+                                        f"container {ck.cid}")
+        if keys.describe(keyring)[0] != "keyring":
+            raise OSError(errno.ENOTDIR, f"key {keyring} is not a keyring")
+        slot = self.registry.make(ck.cid, "ck")
+        try:
+            keys.link(keyring, slot)  # we possess it through the stage the caller linked it in
+            keys.chown(slot, ck.owner, ck.group)
+            keys.setperm(slot, SLOT_PERM)
+            keys.link(slot, ck.session)
+        except OSError as e:
+            destroy(slot)
+            raise _quota_error(e, ck.owner, "the container keyring") from None
+        ck.slot, ck.attached = slot, keyring
+        destroy(ck.stage)
+        ck.stage, ck.stage_uid = 0, -1
+
+    # ---- traps -----------------------------------------------------------------------
+
+    def _add_trap(self, ck: ContainerKeys, peer: Peer, req: protocol.KeyIntercept) -> Trap:
+        keys.check_type(req.type)
+        if not 0 < req.timeout_ms <= MAX_TIMEOUT_MS:
+            raise OSError(errno.EINVAL, f"timeout of {req.timeout_ms} ms is out of range")
+        if req.type in ck.traps:
+            raise OSError(errno.EEXIST, f"container {ck.cid} traps {req.type!r} keys already")
+        if len(ck.traps) >= MAX_TRAPS:
+            raise OSError(errno.EAGAIN, f"container {ck.cid} has {MAX_TRAPS} traps, its limit")
+        trap = Trap(req.type, req.timeout_ms / 1000, peer.uid, peer.gid)
+        if req.dest:
+            ring = self.registry.make(ck.cid, "b" if req.bind else "t",
+                                      f"{req.timeout_ms}.{req.type}")
+            try:
+                # The setter links it into its own keyring (the kernel checks it may write
+                # that one); once records arrive, only possessors keep any right to it.
+                keys.setperm(ring, perm(pos=KEY_ALL, usr=KEY_VIEW | KEY_LINK))
+                keys.chown(ring, peer.uid, peer.gid)
+            except OSError as e:
+                destroy(ring)
+                raise _quota_error(e, peer.uid, "a trap's record keyring") from None
+            trap.record_ring = ring
+        ck.traps[req.type] = trap
+        return trap
+
+    def _drop_trap(self, ck: ContainerKeys, trap: Trap) -> None:
+        if ck.traps.get(trap.type) is trap:
+            del ck.traps[trap.type]
+        for p in list(ck.pending.values()):
+            if p.trap is trap:
+                self._finish(ck, p, error=errno.ENOKEY)
+        if trap.record_ring:
+            destroy(trap.record_ring)
+            trap.record_ring = 0
+        if trap.channel is not None:
+            trap.channel.close()
+
+    # ---- answers ---------------------------------------------------------------------
+
+    def _answer(self, ck: ContainerKeys, req: protocol.KeyAnswer) -> dict[str, Any]:
+        p = ck.pending.get(req.rid)
+        if p is None:
+            raise OSError(errno.ENOENT, f"no request {req.rid} waits in container {ck.cid} "
+                                        "(answered, timed out, or its caller died)")
+        if req.timeout_ms < 0:
+            raise OSError(errno.EINVAL, "negative timeout")
+        if req.action == "instantiate":
+            try:
+                payload = base64.b64decode(req.payload, validate=True)
+            except ValueError:
+                raise OSError(errno.EINVAL, "payload is not base64") from None
+            return {"serial": self._instantiate(ck, p, payload)}
+        if req.action == "negate":
+            err = errno.ENOKEY
+        elif req.action == "reject":
+            err = req.errno
+            if not 0 < err < 4096:
+                raise OSError(errno.EINVAL, f"invalid errno {err}")
+        else:
+            raise OSError(errno.EINVAL, f"unknown answer {req.action!r}")
+        if req.timeout_ms:
+            # The kernel would keep a negative key this long: later requests fail at once.
+            ck.negative[(p.type, p.description)] = (time.monotonic() + req.timeout_ms / 1000, err)
+        self._finish(ck, p, error=err)
+        return {}
+
+    def _instantiate(self, ck: ContainerKeys, p: Pending, payload: bytes) -> int:
+        """Make the key in the container's session keyring, owned by the requester (so it
+        counts against the requester's quota), and let the requester's call find it."""
+        try:
+            try:
+                serial = keys.search(ck.session, p.type, p.description)
+            except OSError as e:
+                if e.errno not in _NOT_FOUND:
+                    raise
+                serial = keys.add_key(p.type, p.description, payload, ck.session)
+                try:
+                    keys.chown(serial, p.uid, p.gid)
+                except OSError:
+                    destroy(serial)
+                    raise
+        except OSError as e:
+            self._finish(ck, p, error=e.errno or errno.EIO)
+            if e.errno == errno.EDQUOT:
+                raise OSError(errno.EDQUOT, f"uid {p.uid} has no key quota left for the key "
+                                            "(kernel.keys.maxkeys / maxbytes)") from None
+            raise
+        # The key is known to exist now: the kernel's own request_key finds it, links it where
+        # the caller asked and returns it, with every check made as the caller.
+        self._finish(ck, p, continue_=True)
+        return serial
+
+    def _finish(self, ck: ContainerKeys, p: Pending, *, error: int = 0,
+                continue_: bool = False) -> None:
+        if p.finished:
+            return
+        p.finished = True
+        for w in p.waiters:
+            if not w.listener.closed:
+                keys.notif_send(w.listener.fd, w.notif_id, error=error, continue_=continue_)
+            self.svc.fdstore.drop(w.keep_key)
+        ck.pending.pop(p.rid, None)
+        if ck.waiting.get(p.what) is p:
+            del ck.waiting[p.what]
+        if p.record:
+            destroy(p.record)
+        p.done.set()
+
+    async def _expire(self, ck: ContainerKeys, p: Pending) -> None:
+        with trio.move_on_after(p.trap.timeout):
+            await p.done.wait()
+        if not p.finished:
+            log.info("container %d: request for %s %r not answered in %.1fs", ck.cid, p.type,
+                     p.description, p.trap.timeout)
+            self._finish(ck, p, error=errno.ENOKEY)
+
+    # ---- seccomp listeners -------------------------------------------------------------
+
+    def _take_listener(self, conn: Connection, fds: list[int]) -> None:
+        # One way: this must never answer (the fork's caller reads that connection).
+        if conn.fork_container is None:
+            log.warning("pid %d sent a seccomp listener without a fork; ignored", conn.peer.pid)
+            return
+        fd = fds.pop()
+        self._nlisteners += 1
+        self.add_listener(f"kl.{self._boot}.{self._nlisteners}", fd)
+
+    def add_listener(self, key: str, fd: int, keep: bool = True) -> None:
+        listener = Listener(key, fd)
+        self.listeners[key] = listener
+        if keep:
+            self.svc.fdstore.put(key, {"l": fd})
+        self.svc.nursery.start_soon(self._serve_listener, listener)
+
+    async def _serve_listener(self, listener: Listener) -> None:
+        poller = select.poll()
+        poller.register(listener.fd, select.POLLIN)
+        try:
+            while True:
+                await trio.lowlevel.wait_readable(listener.fd)
+                events = dict(poller.poll(0)).get(listener.fd, 0)
+                if events & select.POLLIN:
+                    notif = keys.notif_recv(listener.fd)
+                    if notif is not None:
+                        self._on_notif(listener, notif)
+                elif events & (select.POLLHUP | select.POLLERR | select.POLLNVAL):
+                    return  # every process using this filter is gone
+        except Exception:  # a bug here must not take the service down
+            log.exception("seccomp listener %s failed; dropped", listener.key)
+        finally:
+            listener.closed = True
+            self.listeners.pop(listener.key, None)
+            trio.lowlevel.notify_closing(listener.fd)
+            os.close(listener.fd)
+            self.svc.fdstore.drop(listener.key)
+
+    def _on_notif(self, listener: Listener, n: keys.Notification) -> None:
+        """Answer a trapped request_key() now, or queue it for the container's manager."""
+        try:
+            answer = self._classify(listener, n)
+        except Exception:
+            log.exception("trapped request_key of pid %d", n.pid)
+            answer = errno.ENOKEY
+        if answer is None:
+            return  # queued, or its caller is gone
+        if answer == 0:
+            keys.notif_send(listener.fd, n.id, continue_=True)
+        else:
+            keys.notif_send(listener.fd, n.id, error=answer)
+
+    def _classify(self, listener: Listener, n: keys.Notification) -> int | None:
+        """0: let the kernel carry on; an errno: fail with it; None: queued (or gone)."""
+        cid = self.svc.cgroups.container_id_of(n.pid)
+        ck = self.containers.get(cid) if cid is not None else None
+        if ck is None or not ck.traps or not n.args[2]:
+            # Not in a container, nothing trapped, or no callout info: without it the kernel
+            # constructs nothing (ENOKEY), so there is nothing to intercept.
+            return 0
+        try:
+            mem = os.open(f"/proc/{n.pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return 0 if keys.notif_id_valid(listener.fd, n.id) else None
+        try:
+            raw_type = keys.read_cstring(mem, n.args[0], keys.KEY_TYPE_MAX)
+            key_type = raw_type.decode("utf-8", "surrogateescape") if raw_type else ""
+            trap = ck.trap_for(key_type) if key_type and not key_type.startswith(".") else None
+            if trap is None:
+                return 0
+            raw_desc = keys.read_cstring(mem, n.args[1], keys.KEY_DESC_MAX)
+            raw_callout = keys.read_cstring(mem, n.args[2], keys.CALLOUT_MAX)
+            if not raw_desc or raw_callout is None:
+                return 0  # the kernel's own EINVAL
+        except OSError:
+            return 0  # EFAULT: the kernel says so itself
+        finally:
+            os.close(mem)
+        try:
+            uid, gid = _fs_ids(n.pid)
+        except OSError:
+            return None  # gone
+        # Everything read belongs to the process that made the call only if the call is still
+        # waiting: then the pid cannot have been reused.
+        if not keys.notif_id_valid(listener.fd, n.id):
+            return None
+        desc = raw_desc.decode("utf-8", "surrogateescape")
+        callout = raw_callout.decode("utf-8", "surrogateescape")
+        negative = ck.negative.get((key_type, desc))
+        if negative is not None:
+            if negative[0] > time.monotonic():
+                return negative[1]
+            del ck.negative[(key_type, desc)]
+        try:
+            keys.search(ck.session, key_type, desc)
+            return 0  # found in the container's keyrings: the kernel finds it too
+        except OSError as e:
+            if e.errno not in _NOT_FOUND:
+                return 0  # an unknown type, say: the kernel's own answer
+        waiter = Waiter(listener, n.id, f"kn.{listener.key}.{n.id}")
+        # A copy of the listener under the request's cookie: a restarted service can still
+        # fail this call rather than leave it waiting forever.
+        self.svc.fdstore.put(waiter.keep_key, {"l": listener.fd})
+        same = ck.waiting.get((key_type, desc, uid))
+        if same is not None:
+            same.waiters.append(waiter)  # one construction at a time, as the kernel does
+            return None
+        if len(ck.pending) >= MAX_PENDING:
+            self.svc.fdstore.drop(waiter.keep_key)
+            return errno.EAGAIN
+        self._rid += 1
+        p = Pending(self._rid, trap, key_type, desc, callout, uid, gid, n.pid, [waiter])
+        ck.pending[p.rid] = p
+        ck.waiting[p.what] = p
+        self._record(ck, p)
+        event = p.event(ck.cid)
+        if trap.channel is not None:
+            trap.channel.push(event)
+        else:
+            for channel in ck.listeners:
+                channel.push(event)
+        self.svc.nursery.start_soon(self._expire, ck, p)
+        return None
+
+    def _record(self, ck: ContainerKeys, p: Pending) -> None:
+        """Link a record of the request into the trap's record keyring, owned by the trap's
+        setter: managers in the proposal's style find their work there."""
+        trap = p.trap
+        if not trap.record_ring:
+            return
+        try:
+            if not trap.records_locked:
+                keys.setperm(trap.record_ring, perm(pos=KEY_ALL))
+                trap.records_locked = True
+            payload = json.dumps({k: v for k, v in p.event(ck.cid).items() if k != "event"})
+            p.record = keys.add_key("user", f"containerfs:{ck.cid}:{p.rid}", payload.encode(),
+                                    trap.record_ring)
+            keys.chown(p.record, trap.owner, trap.group)
+        except OSError as e:
+            log.warning("container %d: no record of request %d: %s", ck.cid, p.rid, e)
+            if p.record:
+                destroy(p.record)
+                p.record = 0
+
+    # ---- restart ---------------------------------------------------------------------
+
+    def recover(self, held: dict[str, dict[str, int]]) -> None:
+        """Take back the keyrings of adopted containers and the listeners the keeper held;
+        fail the calls that were waiting when the previous service died."""
+        slots: dict[int, int] = {}
+        traps: list[tuple[int, Trap]] = []
+        for entry in self.registry.entries():
+            c = self.svc.containers.get(entry.cid)
+            if c is None or c.state == State.DEAD:
+                destroy(entry.serial)
+            elif entry.kind == "s" and entry.cid not in self.containers:
+                self.containers[entry.cid] = ContainerKeys(
+                    entry.cid, c.owner, c.group, entry.serial, f"cfs.{entry.cid}.s.{entry.rest}")
+            elif entry.kind == "ck":
+                slots[entry.cid] = entry.serial
+            elif entry.kind == "t":
+                timeout_ms, _, key_type = entry.rest.partition(".")
+                trap = Trap(key_type, int(timeout_ms) / 1000, entry.uid, entry.gid,
+                            record_ring=entry.serial, records_locked=True)
+                traps.append((entry.cid, trap))
+            else:  # a stage, or the records of a trap bound to a connection now gone
+                destroy(entry.serial)
+        for cid, slot in slots.items():
+            ck = self.containers.get(cid)
+            if ck is None:
+                destroy(slot)
+                continue
+            ck.slot = slot
+            contents = keys.keyring_contents(slot)
+            ck.attached = contents[0] if contents else 0
+        for cid, trap in traps:
+            ck = self.containers.get(cid)
+            if ck is None or trap.type in ck.traps:
+                destroy(trap.record_ring)
+            else:
+                ck.traps[trap.type] = trap
+        for key in [k for k in held if k.startswith("kl.")]:
+            fds = held.pop(key)
+            self.add_listener(key, fds["l"], keep=False)
+        for key in [k for k in held if k.startswith("kn.")]:
+            fds = held.pop(key)
+            notif_id = int(key.rsplit(".", 1)[1])
+            keys.notif_send(fds["l"], notif_id, error=errno.ENOKEY)
+            os.close(fds["l"])
+            self.svc.fdstore.drop(key)
+
+    def close(self) -> None:
+        """The service stops: with no container left, nothing of ours stays in the kernel."""
+        if not self.containers:
+            self.registry.remove()

@@ -1,0 +1,804 @@
+"""The /containers view as plain data: its inodes, who is reading, and the text of each file.
+
+Nothing here knows about FUSE: `containerfs.view.fuse` adapts this model to pyfuse3, and the unit
+tests drive it directly. Errors are raised as `OSError(errno, message)`; the adapter turns them
+into FUSE replies.
+
+Two promises shape the `containers` file (docs/view.md says more):
+- it is relative to the reader, so each viewpoint (reader's container, uid filter, id maps) gets
+  an inode of its own, and a page cache of its own;
+- repeated reads come from the kernel's page cache, yet every open sees a table from one instant
+  and the present one: an inode's cached text (its "published" text) changes only at an open,
+  when no open file still reads the old text, and only after the kernel has dropped the old
+  pages and size. Opens that cannot share the cache read their own copy with direct I/O.
+"""
+
+from __future__ import annotations
+
+import collections
+import enum
+import errno
+import fcntl
+import os
+import stat
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import trio
+
+from syscalls.constants import (
+    CONTAINER_FD_CLOEXEC,
+    CONTAINER_KILL_ON_CLOSE,
+    CONTAINER_NEW_CGROUP_NS,
+    CONTAINER_NEW_EMPTY_FS_NS,
+    CONTAINER_NEW_FS_NS,
+    CONTAINER_NEW_IPC_NS,
+    CONTAINER_NEW_NET_NS,
+    CONTAINER_NEW_PID_NS,
+    CONTAINER_NEW_USER_NS,
+    CONTAINER_NEW_UTS_NS,
+)
+
+from ..states import State
+
+HOST_ID = 1  # `.init`: the host itself, never a listed container
+OVERFLOW_ID = 65534  # what an id with no mapping in the reader's user namespace shows as
+
+# The proposal's /proc/containers format (docs/api.md section 6), byte for byte.
+HEADER = b"NAME                               ID USE FL OWNER GROUP\n"
+ROW = b"%-24s %12d %3d %02x %5d %5d\n"
+CURRENT = b"<current>"
+
+FL_INIT_STARTED = 0x01
+FL_DEAD = 0x02
+FL_KILL_ON_CLOSE = 0x04
+
+ROOT_INO = 1
+BYNAME_INO = 2
+
+# Timeouts the kernel is given. `containers` keeps its size and pages until this model says
+# otherwise (see `_open_table`); its directory entry is re-checked each second so that a reader
+# from another container soon gets its own inode. Everything else is looked up afresh.
+TABLE_ENTRY_TIMEOUT = 1.0
+TABLE_ATTR_TIMEOUT = 3600.0
+STATIC_TIMEOUT = 3600.0
+DIR_ATTR_TIMEOUT = 1.0
+
+# Members are counted from the cgroup, which changes without telling the service; a table is
+# re-rendered at most this long after its last rendering when nothing else changed.
+MEMBERS_TTL = 1.0
+
+_NS_GET_PARENT = 0xB702  # _IO(0xb7, 0x2): the parent of a PID (or user) namespace
+
+_FLAG_NAMES = (
+    (CONTAINER_NEW_FS_NS, "NEW_FS_NS"),
+    (CONTAINER_NEW_EMPTY_FS_NS, "NEW_EMPTY_FS_NS"),
+    (CONTAINER_NEW_CGROUP_NS, "NEW_CGROUP_NS"),
+    (CONTAINER_NEW_UTS_NS, "NEW_UTS_NS"),
+    (CONTAINER_NEW_IPC_NS, "NEW_IPC_NS"),
+    (CONTAINER_NEW_USER_NS, "NEW_USER_NS"),
+    (CONTAINER_NEW_PID_NS, "NEW_PID_NS"),
+    (CONTAINER_NEW_NET_NS, "NEW_NET_NS"),
+    (CONTAINER_KILL_ON_CLOSE, "KILL_ON_CLOSE"),
+    (CONTAINER_FD_CLOEXEC, "FD_CLOEXEC"),
+)
+
+# Namespace types in the order /proc/PID/ns lists them.
+_NS_ORDER = ("cgroup", "ipc", "mnt", "net", "pid", "user", "uts")
+
+# A user namespace's id map: (first id inside, first id outside, count) per line.
+IdMap = tuple[tuple[int, int, int], ...]
+# What a `containers` table depends on: the reader's container, whose containers it lists
+# (None: all, for root) and how it sees uids and gids (None: as the host does).
+ViewKey = tuple[int, int | None, IdMap | None, IdMap | None]
+
+
+# ---- what the model needs of the service ------------------------------------------------------
+
+class ContainerLike(Protocol):
+    id: int
+    name: bytes
+    flags: int
+    owner: int
+    group: int
+    parent: int
+    state: State
+    handle_open: bool
+    init_pid: int | None
+    exit_status: int | None
+    ns: dict[str, int]
+    new_ns: frozenset[str]
+
+
+class CgroupsLike(Protocol):
+    def procs(self, cid: int) -> list[int]: ...
+    def container_id_of(self, pid: int) -> int | None: ...
+
+
+class ServiceLike(Protocol):
+    @property
+    def containers(self) -> Mapping[int, ContainerLike]: ...
+    @property
+    def cgroups(self) -> CgroupsLike: ...
+    def kill(self, c: Any) -> None: ...  # one of `containers`
+
+
+# ---- readers ----------------------------------------------------------------------------------
+
+def map_id(host_id: int, idmap: IdMap | None) -> int:
+    """`host_id` as a process with `idmap` sees it; the overflow id if it has no mapping."""
+    if idmap is None:
+        return host_id
+    for inside, outside, count in idmap:
+        if outside <= host_id < outside + count:
+            return inside + host_id - outside
+    return OVERFLOW_ID
+
+
+def parse_id_map(text: str) -> IdMap:
+    """Parse /proc/PID/uid_map (or gid_map) as read from the service's user namespace."""
+    out = []
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) == 3:
+            out.append((int(fields[0]), int(fields[1]), int(fields[2])))
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class Reader:
+    """Who makes a request: the process (pid as the service sees it), its fs credentials as
+    the mount sees them (host ids), its container and how its user namespace maps ids."""
+    pid: int
+    uid: int
+    gid: int
+    cid: int = HOST_ID
+    uid_map: IdMap | None = None
+    gid_map: IdMap | None = None
+
+    @property
+    def is_root(self) -> bool:
+        return self.uid == 0
+
+    def key(self) -> ViewKey:
+        return (self.cid, None if self.is_root else self.uid, self.uid_map, self.gid_map)
+
+
+def _read_text(path: str) -> str:
+    with open(path) as f:
+        return f.read()
+
+
+def _nspid(pid: int) -> list[int] | None:
+    """The NSpid line of /proc/PID/status: the pid in each PID namespace, outermost first."""
+    try:
+        for line in _read_text(f"/proc/{pid}/status").splitlines():
+            if line.startswith("NSpid:"):
+                return [int(x) for x in line.split()[1:]]
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return None
+
+
+class PidView:
+    """Translates host pids into the PID namespace of one reader, as /proc would show them."""
+
+    def __init__(self, reader_pid: int) -> None:
+        self.level = 0
+        self.pidns = 0
+        if reader_pid > 0:
+            nspid = _nspid(reader_pid)
+            if nspid is None:
+                raise OSError(errno.ESRCH, f"reader {reader_pid} is gone")
+            self.level = len(nspid) - 1
+            if self.level:
+                self.pidns = os.stat(f"/proc/{reader_pid}/ns/pid").st_ino
+
+    def translate(self, pid: int) -> int | None:
+        """`pid` as the reader sees it, or None if it is not in the reader's PID namespace."""
+        if self.level == 0:
+            return pid
+        nspid = _nspid(pid)
+        if nspid is None or len(nspid) <= self.level:
+            return None
+        # The process is deep enough; check that the namespace at the reader's level is the
+        # reader's own, by walking up from the process's namespace.
+        try:
+            fd = os.open(f"/proc/{pid}/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+        except (FileNotFoundError, ProcessLookupError):
+            return None
+        try:
+            for _ in range(len(nspid) - 1 - self.level):
+                parent = fcntl.ioctl(fd, _NS_GET_PARENT)
+                os.close(fd)
+                fd = parent
+            return nspid[self.level] if os.fstat(fd).st_ino == self.pidns else None
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
+
+
+# ---- nodes and attributes ---------------------------------------------------------------------
+
+class Kind(enum.Enum):
+    ROOT = "root"
+    TABLE = "containers"  # a `containers` file: one inode per viewpoint
+    BYNAME = "by-name"
+    LINK = "link"  # by-name/<name>
+    CDIR = "cdir"  # <id>/
+    FILE = "file"  # <id>/<name>
+    NSDIR = "nsdir"  # <id>/ns/
+    NS = "ns"  # <id>/ns/<type>
+    KILL = "kill"  # <id>/kill
+
+
+@dataclass(frozen=True)
+class Node:
+    kind: Kind
+    cid: int = 0
+    name: bytes = b""
+    key: ViewKey | None = None
+
+
+@dataclass
+class Attr:
+    """The attributes of one node, with how long the kernel may keep them and its name."""
+    ino: int
+    mode: int
+    nlink: int = 1
+    uid: int = 0
+    gid: int = 0
+    size: int = 0
+    mtime_ns: int = 0
+    entry_timeout: float = 0.0
+    attr_timeout: float = 0.0
+
+
+@dataclass
+class Opened:
+    fh: int
+    direct_io: bool
+    keep_cache: bool
+
+
+@dataclass
+class _File:
+    ino: int
+    data: bytes
+    cached: bool  # reads share the inode's page cache (and its published text)
+    kill: int = 0  # a kill file opened for writing: the container's id
+
+
+@dataclass
+class _Published:
+    data: bytes
+    mtime_ns: int
+
+
+@dataclass
+class _Rendered:
+    generation: int
+    at: float
+    data: bytes
+
+
+# Per-container files in listing order; exit_status only once dead.
+CFILES = (b"name", b"state", b"init_pid", b"members", b"flags", b"owner", b"group",
+          b"exit_status")
+
+
+async def _no_invalidate(ino: int) -> None:
+    return None
+
+
+@dataclass
+class Model:
+    """The view's state: inode numbers, open files, published texts. Runs in the trio loop."""
+    service: ServiceLike
+    # Drops the kernel's cached pages and attributes of an inode (run in a worker thread by
+    # the FUSE adapter); a no-op for tests without a mount.
+    invalidate: Callable[[int], Awaitable[None]] = _no_invalidate
+    clock: Callable[[], float] = time.monotonic
+    generation: int = 0
+    started_ns: int = field(default_factory=time.time_ns)
+    _node_of: dict[int, Node] = field(default_factory=dict)
+    _ino_of: dict[Node, int] = field(default_factory=dict)
+    _by_cid: dict[int, list[Node]] = field(default_factory=dict)  # per-container nodes
+    _next_ino: int = 16
+    _next_fh: int = 1
+    _files: dict[int, _File] = field(default_factory=dict)
+    _dirs: dict[int, list[tuple[bytes, Attr]]] = field(default_factory=dict)
+    _published: dict[int, _Published] = field(default_factory=dict)
+    _rendered: dict[ViewKey, _Rendered] = field(default_factory=dict)
+    _cached_opens: collections.Counter[int] = field(default_factory=collections.Counter)
+    _switching: dict[int, trio.Event] = field(default_factory=dict)
+    _members: dict[int, int] = field(default_factory=dict)
+    _members_at: tuple[int, float] = (-1, 0.0)
+    _own_userns: int = field(default_factory=lambda: os.stat("/proc/self/ns/user").st_ino)
+    _cg_prefix: bytes | None = None
+
+    def __post_init__(self) -> None:
+        cg = self.service.cgroups
+        base, mount = getattr(cg, "base", None), getattr(cg, "mount", None)
+        # The cgroup path prefix of container groups ("/<base>/c"), to find a reader's
+        # container from /proc/PID/cgroup without the general helper's cost on every open.
+        self._cg_prefix = (b"\n0::/" + os.path.relpath(base, mount).encode() + b"/c"
+                           if isinstance(base, str) and isinstance(mount, str) else None)
+        self._node_of[ROOT_INO] = Node(Kind.ROOT)
+        self._node_of[BYNAME_INO] = Node(Kind.BYNAME)
+        self._ino_of[Node(Kind.ROOT)] = ROOT_INO
+        self._ino_of[Node(Kind.BYNAME)] = BYNAME_INO
+
+    # ---- the service's hook and readers -----------------------------------------------------
+
+    def changed(self) -> None:
+        """The service changed something a reader could see: tables are rendered afresh at
+        their next open (and the kernel's copy replaced then), removed containers forgotten."""
+        self.generation += 1
+        gone = self._by_cid.keys() - self.service.containers.keys()
+        if gone:
+            # Inode numbers are never reused: a kernel that still asks about one gets ENOENT.
+            # (Viewpoint inodes stay: one may still be open, and there are few.)
+            for cid in gone:
+                for node in self._by_cid.pop(cid):
+                    del self._node_of[self._ino_of.pop(node)]
+            for key in [k for k in self._rendered if k[0] in gone]:
+                del self._rendered[key]
+
+    def identify(self, pid: int, uid: int, gid: int) -> Reader:
+        """The reader making a request, from the pid and credentials FUSE gives."""
+        if pid <= 0:  # not in the service's PID namespace: it sees what the host sees
+            return Reader(pid, uid, gid)
+        cid = self._container_id_of(pid)
+        uid_map = gid_map = None
+        if os.stat(f"/proc/{pid}/ns/user").st_ino != self._own_userns:
+            uid_map = parse_id_map(_read_text(f"/proc/{pid}/uid_map"))
+            gid_map = parse_id_map(_read_text(f"/proc/{pid}/gid_map"))
+        return Reader(pid, uid, gid, HOST_ID if cid is None else cid, uid_map, gid_map)
+
+    def _container_id_of(self, pid: int) -> int | None:
+        if self._cg_prefix is None:
+            return self.service.cgroups.container_id_of(pid)
+        fd = os.open(f"/proc/{pid}/cgroup", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            data = b"\n" + os.read(fd, 65536)
+        finally:
+            os.close(fd)
+        at = data.find(self._cg_prefix)
+        if at < 0:
+            return None
+        at += len(self._cg_prefix)
+        end = at
+        while end < len(data) and data[end:end + 1].isdigit():
+            end += 1
+        if end == at or data[end:end + 1] not in (b"/", b"\n", b""):
+            return None
+        return int(data[at:end])
+
+    # ---- visibility -------------------------------------------------------------------------
+
+    def _in_world(self, reader: Reader, c: ContainerLike) -> bool:
+        """Whether `c` is the reader's container or below it (everything is, for the host)."""
+        if reader.cid == HOST_ID:
+            return True
+        containers = self.service.containers
+        seen = 0
+        cur: ContainerLike | None = c
+        while cur is not None and seen <= len(containers):
+            if cur.id == reader.cid:
+                return True
+            cur = containers.get(cur.parent) if cur.parent != HOST_ID else None
+            seen += 1
+        return False
+
+    def _listed(self, reader: Reader, c: ContainerLike) -> bool:
+        """Whether the reader sees `c` listed: in its world, and its own (root: all)."""
+        return (reader.is_root or c.owner == reader.uid) and self._in_world(reader, c)
+
+    def _container(self, cid: int, reader: Reader | None = None) -> ContainerLike:
+        c = self.service.containers.get(cid)
+        if c is None or (reader is not None and not self._in_world(reader, c)):
+            raise OSError(errno.ENOENT, f"no container {cid}")
+        return c
+
+    def _check_reader(self, reader: Reader, c: ContainerLike) -> None:
+        if not (reader.is_root or c.owner == reader.uid):
+            raise OSError(errno.EACCES, f"container {c.id} belongs to uid {c.owner}")
+
+    # ---- inodes and attributes --------------------------------------------------------------
+
+    def _ino(self, node: Node) -> int:
+        ino = self._ino_of.get(node)
+        if ino is None:
+            ino = self._next_ino
+            self._next_ino += 1
+            self._ino_of[node] = ino
+            self._node_of[ino] = node
+            if node.cid and node.kind is not Kind.TABLE:
+                self._by_cid.setdefault(node.cid, []).append(node)
+        return ino
+
+    def node(self, ino: int) -> Node:
+        node = self._node_of.get(ino)
+        if node is None:
+            raise OSError(errno.ENOENT, f"inode {ino} is gone")
+        return node
+
+    def table_ino(self, reader: Reader) -> int:
+        return self._ino(Node(Kind.TABLE, reader.cid, key=reader.key()))
+
+    def getattr(self, ino: int) -> Attr:
+        node = self.node(ino)
+        if node.kind is Kind.ROOT:
+            return Attr(ino, stat.S_IFDIR | 0o555, nlink=3, mtime_ns=self.started_ns,
+                        entry_timeout=STATIC_TIMEOUT, attr_timeout=DIR_ATTR_TIMEOUT)
+        if node.kind is Kind.BYNAME:
+            return Attr(ino, stat.S_IFDIR | 0o555, nlink=2, mtime_ns=self.started_ns,
+                        entry_timeout=STATIC_TIMEOUT, attr_timeout=DIR_ATTR_TIMEOUT)
+        if node.kind is Kind.TABLE:
+            pub = self._published.get(ino)
+            # The size is always that of the published text, the one the kernel may cache.
+            return Attr(ino, stat.S_IFREG | 0o444, size=len(pub.data) if pub else 0,
+                        mtime_ns=pub.mtime_ns if pub else self.started_ns,
+                        entry_timeout=TABLE_ENTRY_TIMEOUT, attr_timeout=TABLE_ATTR_TIMEOUT)
+        if node.kind is Kind.LINK:
+            target = self._link_target(node.name, None)
+            return Attr(ino, stat.S_IFLNK | 0o777, size=len(target), mtime_ns=self.started_ns)
+        c = self._container(node.cid)
+        base = Attr(ino, 0, uid=c.owner, gid=c.group, mtime_ns=self.started_ns)
+        if node.kind is Kind.CDIR:
+            base.mode, base.nlink = stat.S_IFDIR | 0o500, 3
+        elif node.kind is Kind.NSDIR:
+            base.mode, base.nlink = stat.S_IFDIR | 0o500, 2
+        elif node.kind is Kind.KILL:
+            base.mode = stat.S_IFREG | 0o200
+        else:
+            if node.kind is Kind.FILE and node.name == b"exit_status" and c.state != State.DEAD:
+                raise OSError(errno.ENOENT, f"container {c.id} is not dead")
+            base.mode = stat.S_IFREG | 0o400  # size 0, like /proc: read with direct I/O
+        return base
+
+    # ---- directories ------------------------------------------------------------------------
+
+    def _entries(self, ino: int, reader: Reader) -> list[tuple[bytes, Node]]:
+        node = self.node(ino)
+        containers = self.service.containers
+        if node.kind is Kind.ROOT:
+            out = [(b"containers", Node(Kind.TABLE, reader.cid, key=reader.key())),
+                   (b"by-name", Node(Kind.BYNAME))]
+            out += [(str(c.id).encode(), Node(Kind.CDIR, c.id)) for c in containers.values()
+                    if self._listed(reader, c)]
+            return out
+        if node.kind is Kind.BYNAME:
+            return [(name, Node(Kind.LINK, name=name)) for name in self._names(reader)]
+        if node.kind is Kind.CDIR:
+            c = self._container(node.cid, reader)
+            out = [(n, Node(Kind.FILE, c.id, n)) for n in CFILES
+                   if n != b"exit_status" or c.state == State.DEAD]
+            return out + [(b"ns", Node(Kind.NSDIR, c.id)), (b"kill", Node(Kind.KILL, c.id))]
+        if node.kind is Kind.NSDIR:
+            c = self._container(node.cid, reader)
+            return [(t.encode(), Node(Kind.NS, c.id, t.encode())) for t in _ns_types(c)]
+        raise OSError(errno.ENOTDIR, "not a directory")
+
+    def lookup(self, parent: int, name: bytes, reader: Reader) -> Attr:
+        pnode = self.node(parent)
+        if name == b".":
+            return self.getattr(parent)
+        if name == b"..":
+            if pnode.kind in (Kind.ROOT, Kind.BYNAME, Kind.CDIR):
+                return self.getattr(ROOT_INO)
+            return self.getattr(self._ino(Node(Kind.CDIR, pnode.cid)))
+        if pnode.kind is Kind.ROOT:
+            if name == b"containers":
+                return self.getattr(self.table_ino(reader))
+            if name == b"by-name":
+                return self.getattr(BYNAME_INO)
+            if not name.isdigit() or name.startswith(b"0"):
+                raise OSError(errno.ENOENT, f"no {name!r} in the view")
+            # An id is found by anyone whose world holds it; its contents are the owner's.
+            c = self._container(int(name), reader)
+            return self.getattr(self._ino(Node(Kind.CDIR, c.id)))
+        if pnode.kind is Kind.BYNAME:
+            self._link_target(name, reader)
+            return self.getattr(self._ino(Node(Kind.LINK, name=name)))
+        for entry, node in self._entries(parent, reader):
+            if entry == name:
+                return self.getattr(self._ino(node))
+        raise OSError(errno.ENOENT, f"no {name!r} in the view")
+
+    def opendir(self, ino: int, reader: Reader) -> int:
+        """Open a directory: its listing is taken now, so one listing is of one instant."""
+        node = self.node(ino)
+        if node.kind in (Kind.CDIR, Kind.NSDIR):
+            self._check_reader(reader, self._container(node.cid, reader))
+        entries = [(name, self.getattr(self._ino(n))) for name, n in self._entries(ino, reader)]
+        fh = self._fh()
+        self._dirs[fh] = entries
+        return fh
+
+    def readdir(self, fh: int, start: int) -> list[tuple[bytes, Attr]]:
+        return self._dirs[fh][start:]
+
+    def releasedir(self, fh: int) -> None:
+        self._dirs.pop(fh, None)
+
+    def _names(self, reader: Reader) -> dict[bytes, int]:
+        """by-name: each name the reader sees, to the newest container of that name."""
+        out: dict[bytes, int] = {}
+        for c in self.service.containers.values():
+            if c.name not in (b"", b".", b"..") and self._listed(reader, c):
+                out[c.name] = c.id
+        return out
+
+    def _link_target(self, name: bytes, reader: Reader | None) -> bytes:
+        if reader is None:  # getattr: any holder of the name (the size is informative only)
+            ids = [c.id for c in self.service.containers.values() if c.name == name]
+        else:
+            ids = [cid for n, cid in self._names(reader).items() if n == name]
+        if not ids:
+            raise OSError(errno.ENOENT, f"no container named {name!r}")
+        return b"../%d" % ids[-1]
+
+    def readlink(self, ino: int, reader: Reader) -> bytes:
+        node = self.node(ino)
+        if node.kind is not Kind.LINK:
+            raise OSError(errno.EINVAL, "not a symbolic link")
+        return self._link_target(node.name, reader)
+
+    # ---- access checks (access(2); opens check for themselves) ------------------------------
+
+    def access(self, ino: int, mode: int, reader: Reader) -> None:
+        node = self.node(ino)
+        if node.kind in (Kind.ROOT, Kind.BYNAME, Kind.TABLE, Kind.LINK):
+            if mode & os.W_OK and node.kind is not Kind.LINK:
+                raise OSError(errno.EACCES, "the view is read-only")
+            if node.kind is Kind.TABLE and mode & os.X_OK:
+                raise OSError(errno.EACCES, "not executable")
+            return
+        c = self._container(node.cid, reader)
+        if mode == os.F_OK:
+            return
+        self._check_reader(reader, c)
+        if node.kind is Kind.KILL:
+            if mode & (os.R_OK | os.X_OK):
+                raise OSError(errno.EACCES, "kill is write-only")
+        elif mode & os.W_OK or (mode & os.X_OK and node.kind in (Kind.FILE, Kind.NS)):
+            raise OSError(errno.EACCES, "read-only")
+
+    # ---- files ------------------------------------------------------------------------------
+
+    def _fh(self) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        return fh
+
+    def _open_file(self, ino: int, data: bytes, cached: bool, kill: int = 0) -> Opened:
+        fh = self._fh()
+        self._files[fh] = _File(ino, data, cached, kill)
+        if cached:
+            self._cached_opens[ino] += 1
+        return Opened(fh, direct_io=not cached, keep_cache=cached)
+
+    async def open(self, ino: int, flags: int, reader: Reader) -> Opened:
+        node = self.node(ino)
+        accmode = flags & os.O_ACCMODE
+        if node.kind in (Kind.ROOT, Kind.BYNAME, Kind.CDIR, Kind.NSDIR):
+            raise OSError(errno.EISDIR, "a directory")
+        if node.kind is Kind.KILL:
+            c = self._container(node.cid, reader)
+            if accmode != os.O_WRONLY:
+                raise OSError(errno.EACCES, f"{c.id}/kill is write-only")
+            self._check_reader(reader, c)
+            if reader.cid == c.id:
+                raise OSError(errno.EPERM, f"a member of container {c.id} may not kill it")
+            return self._open_file(ino, b"", cached=False, kill=c.id)
+        if accmode != os.O_RDONLY:
+            raise OSError(errno.EACCES, "the view is read-only")
+        if node.kind is Kind.TABLE:
+            return await self._open_table(ino, node, reader)
+        if node.kind is Kind.LINK:
+            raise OSError(errno.ELOOP, "a symbolic link")
+        c = self._container(node.cid, reader)
+        self._check_reader(reader, c)
+        return self._open_file(ino, self.render_file(c, node, reader), cached=False)
+
+    async def _open_table(self, ino: int, node: Node, reader: Reader) -> Opened:
+        if node.key != reader.key():
+            # The kernel kept another viewpoint's entry (a reader from elsewhere looked it up
+            # within the entry timeout): this reader gets its own table, uncached.
+            return self._open_file(ino, self.table(reader), cached=False)
+        while (switching := self._switching.get(ino)) is not None:
+            await switching.wait()
+        data = self.table(reader)
+        pub = self._published.get(ino)
+        if pub is None or pub.data != data:
+            if self._cached_opens[ino]:
+                # Open files still read the old text through the page cache: this one reads
+                # the new text on its own until they are closed.
+                return self._open_file(ino, data, cached=False)
+            # Nothing reads the old text: publish the new one, and make the kernel drop the
+            # old pages and size before anyone may use the cache again.
+            done = self._switching[ino] = trio.Event()
+            self._published[ino] = _Published(data, max(time.time_ns(),
+                                                         pub.mtime_ns + 1 if pub else 0))
+            try:
+                await self.invalidate(ino)
+            finally:
+                del self._switching[ino]
+                done.set()
+        return self._open_file(ino, self._published[ino].data, cached=True)
+
+    def read(self, fh: int, off: int, size: int) -> bytes:
+        f = self._files.get(fh)
+        if f is None:
+            raise OSError(errno.EBADF, "no such open file")
+        if f.kill:
+            raise OSError(errno.EBADF, "kill is write-only")
+        return f.data[off:off + size]
+
+    def write(self, fh: int, data: bytes) -> int:
+        f = self._files.get(fh)
+        if f is None or not f.kill:
+            raise OSError(errno.EBADF, "not open for writing")
+        if data.strip() != b"1":
+            raise OSError(errno.EINVAL, "write 1 to kill the container")
+        c = self.service.containers.get(f.kill)
+        if c is None:
+            raise OSError(errno.ESRCH, f"container {f.kill} is gone")
+        # Authorised at open, as the kernel does for its control files: the fd is the right.
+        self.service.kill(c)
+        return len(data)
+
+    def release(self, fh: int) -> None:
+        f = self._files.pop(fh, None)
+        if f is not None and f.cached:
+            self._cached_opens[f.ino] -= 1
+            if not self._cached_opens[f.ino]:
+                del self._cached_opens[f.ino]
+
+    def open_files(self) -> int:
+        return len(self._files) + len(self._dirs)
+
+    # ---- rendering --------------------------------------------------------------------------
+
+    def table(self, reader: Reader) -> bytes:
+        """The reader's `containers` text, as of now (rendered again only when needed)."""
+        key = reader.key()
+        now = self.clock()
+        got = self._rendered.get(key)
+        if got is not None and got.generation == self.generation and now - got.at < MEMBERS_TTL:
+            return got.data
+        data = self.render_table(reader)
+        self._rendered[key] = _Rendered(self.generation, now, data)
+        return data
+
+    def _member_count(self, c: ContainerLike) -> int:
+        if c.state not in (State.RUNNING, State.STARTING):
+            return 0
+        now = self.clock()
+        if self._members_at[0] != self.generation or now - self._members_at[1] >= MEMBERS_TTL:
+            self._members.clear()
+            self._members_at = (self.generation, now)
+        n = self._members.get(c.id)
+        if n is None:
+            n = self._members[c.id] = len(self.service.cgroups.procs(c.id))
+        return n
+
+    def use_count(self, c: ContainerLike, children: int) -> int:
+        """References that hold `c`: its open handle, its living members, its children."""
+        return int(c.handle_open) + self._member_count(c) + children
+
+    def render_table(self, reader: Reader) -> bytes:
+        containers = self.service.containers
+        children = collections.Counter(c.parent for c in containers.values())
+        cur = reader.cid
+        if cur == HOST_ID:
+            # `.init`: held by the host itself, started, owned by root.
+            use, fl, owner, group = 1 + children[HOST_ID], FL_INIT_STARTED, 0, 0
+        else:
+            c = self._container(cur)
+            use, fl, owner, group = self.use_count(c, children[c.id]), _fl(c), c.owner, c.group
+        rows = [HEADER, _row(CURRENT, cur, use, fl, map_id(owner, reader.uid_map),
+                             map_id(group, reader.gid_map))]
+        for c in containers.values():
+            if c.parent == cur and (reader.is_root or c.owner == reader.uid):
+                rows.append(_row(c.name, c.id, self.use_count(c, children[c.id]), _fl(c),
+                                 map_id(c.owner, reader.uid_map),
+                                 map_id(c.group, reader.gid_map)))
+        return b"".join(rows)
+
+    def render_file(self, c: ContainerLike, node: Node, reader: Reader) -> bytes:
+        if node.kind is Kind.NS:
+            nstype = node.name.decode()
+            if nstype not in _ns_types(c):
+                raise OSError(errno.ENOENT, f"container {c.id} has no {nstype} namespace now")
+            return b"%s:[%d]\n" % (node.name, os.fstat(c.ns[nstype]).st_ino)
+        name = node.name
+        if name == b"name":
+            return c.name + b"\n"
+        if name == b"state":
+            return c.state.value.encode() + b"\n"
+        if name == b"owner":
+            return b"%d\n" % map_id(c.owner, reader.uid_map)
+        if name == b"group":
+            return b"%d\n" % map_id(c.group, reader.gid_map)
+        if name == b"flags":
+            names = [n for bit, n in _FLAG_NAMES if c.flags & bit]
+            return (b"%#x" % c.flags) + b"".join(b" " + n.encode() for n in names) + b"\n"
+        if name == b"exit_status":
+            if c.state != State.DEAD:
+                raise OSError(errno.ENOENT, f"container {c.id} is not dead")
+            return b"" if c.exit_status is None else b"%d\n" % c.exit_status
+        pids = PidView(reader.pid)
+        if name == b"init_pid":
+            if c.init_pid is None:
+                return b"0\n"
+            seen = pids.translate(c.init_pid) if c.state != State.DEAD else (
+                c.init_pid if pids.level == 0 else None)
+            return b"%d\n" % (seen or 0)
+        if name == b"members":
+            procs = self.service.cgroups.procs(c.id) if c.state != State.DEAD else []
+            seen_pids = (pids.translate(p) for p in procs)
+            return b"".join(b"%d\n" % p for p in seen_pids if p)
+        raise OSError(errno.ENOENT, f"no {name!r} in container {c.id}")
+
+
+def _ns_types(c: ContainerLike) -> list[str]:
+    """The namespaces a container's processes are in, while it has them."""
+    out = []
+    for t in _NS_ORDER:
+        if t not in c.ns:
+            continue
+        if t == "pid" and "pid" in c.new_ns and c.init_pid is None:
+            continue  # born with init: what is held until then is the creator's
+        out.append(t)
+    return out
+
+
+def _fl(c: ContainerLike) -> int:
+    fl = 0
+    if c.init_pid is not None:
+        fl |= FL_INIT_STARTED
+    if c.state == State.DEAD:
+        fl |= FL_DEAD
+    if c.flags & CONTAINER_KILL_ON_CLOSE:
+        fl |= FL_KILL_ON_CLOSE
+    return fl
+
+
+def _c_int(v: int) -> int:
+    """An id as C's %d prints a uid_t: as a signed 32-bit int."""
+    v &= 0xFFFFFFFF
+    return v - (1 << 32) if v >= 1 << 31 else v
+
+
+def _row(name: bytes, cid: int, use: int, fl: int, owner: int, group: int) -> bytes:
+    return ROW % (name, cid, use, fl, _c_int(owner), _c_int(group))
+
+
+def parse_table(text: bytes) -> list[tuple[bytes, int, int, int, int, int]]:
+    """Parse a `containers` text (for tests and tools); ValueError if it is not well formed."""
+    lines = text.split(b"\n")
+    if not text.endswith(b"\n") or lines[0] + b"\n" != HEADER or len(lines) < 3:
+        raise ValueError(f"not a containers table: {text[:80]!r}")
+    rows = []
+    for line in lines[1:-1]:
+        if len(line) < 55 or line[24:25] != b" ":
+            raise ValueError(f"bad row {line!r}")
+        name = line[:24].rstrip(b" ")
+        fields = line[25:].split()
+        if len(fields) != 5:
+            raise ValueError(f"bad row {line!r}")
+        row = (name, int(fields[0]), int(fields[1]), int(fields[2], 16), int(fields[3]),
+               int(fields[4]))
+        if _row(*row) != line + b"\n":
+            raise ValueError(f"row not in the table's format: {line!r}")
+        rows.append(row)
+    if rows[0][0] != CURRENT:
+        raise ValueError("the first row is not <current>")
+    return rows
+
