@@ -32,6 +32,7 @@ from syscalls import CONTAINER_NEW_NET_NS, CONTAINER_NEW_USER_NS, _linux, contai
 
 ROOT = Path(__file__).resolve().parent.parent
 SIOCGSKNS = 0x894C
+NS_GET_USERNS = 0xB701
 NOBODY = 65534
 
 
@@ -80,13 +81,18 @@ def _listening(path: str) -> bool:
             return False
 
 
-def fork_setns_socket(netfd: int) -> int:
-    """The `ip netns exec`/pyroute2 way: a forked child enters, makes the socket, sends it."""
+def fork_setns_socket(netfd: int, userfd: int = -1) -> int:
+    """The `ip netns exec`/pyroute2 way: a forked child enters, makes the socket, sends it.
+
+    With `userfd`, the child enters that user namespace first (as `nsenter --user --net`).
+    """
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     with ours, theirs:
         pid = os.fork()
         if pid == 0:
             try:
+                if userfd >= 0:
+                    _linux.setns(userfd, _linux.CLONE_NEWUSER)
                 _linux.setns(netfd, _linux.CLONE_NEWNET)
                 s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
                 socket.send_fds(theirs, [b"\0"], [s.fileno()])
@@ -107,8 +113,9 @@ def timed(fn: Callable[[], int], n: int) -> list[float]:
     return out
 
 
-def unprivileged(n: int) -> list[float]:
-    """container_socket timings of a non-root owner (fork path), measured in a child as nobody."""
+def unprivileged(n: int) -> dict[str, list[float]]:
+    """A non-root owner's container_socket (the forked-helper path) against a fork that enters
+    the user and network namespaces itself, interleaved, in a child running as nobody."""
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:
@@ -117,17 +124,35 @@ def unprivileged(n: int) -> list[float]:
             os.setgroups([])
             os.setgid(NOBODY)
             os.setuid(NOBODY)
-            cfd = syscalls.container_create("bench-user", CONTAINER_NEW_USER_NS | CONTAINER_NEW_NET_NS)
-            one = lambda: container_socket(cfd, socket.AF_INET, socket.SOCK_STREAM, 0)
-            timed(one, 20)
-            os.write(w, json.dumps(timed(one, n)).encode())
+            cfd = syscalls.container_create("bench-user",
+                                            CONTAINER_NEW_USER_NS | CONTAINER_NEW_NET_NS)
+            holder = container_socket(cfd, socket.AF_INET, socket.SOCK_DGRAM, 0)
+            netfd = fcntl.ioctl(holder, SIOCGSKNS)  # the owner may: CAP_NET_ADMIN in its userns
+            userfd = fcntl.ioctl(netfd, NS_GET_USERNS)
+            ways: dict[str, Callable[[], int]] = {
+                "container_socket (non-root, userns)": lambda: container_socket(
+                    cfd, socket.AF_INET, socket.SOCK_STREAM, 0),
+                "fork+setns user,net+socket (non-root)": lambda: fork_setns_socket(netfd, userfd),
+            }
+            os.write(w, json.dumps(interleaved(ways, n)).encode())
         finally:
             os._exit(0)
     os.close(w)
     with os.fdopen(r) as f:
         data = f.read()
     os.waitpid(pid, 0)
-    return json.loads(data) if data else []
+    return json.loads(data) if data else {}
+
+
+def interleaved(ways: dict[str, Callable[[], int]], n: int) -> dict[str, list[float]]:
+    """Time each way n times, in four interleaved rounds so drift hits every way alike."""
+    times: dict[str, list[float]] = {name: [] for name in ways}
+    for fn in ways.values():
+        timed(fn, 20)  # warm up
+    for _ in range(4):
+        for name, fn in ways.items():
+            times[name] += timed(fn, n // 4)
+    return times
 
 
 def main() -> None:
@@ -145,24 +170,21 @@ def main() -> None:
             "socketns (root)": lambda: socketns(netfd, socket.AF_INET, socket.SOCK_STREAM, 0),
             "plain socket() in own netns": lambda: socket.socket().detach(),
         }
-        times: dict[str, list[float]] = {name: [] for name in ways}
-        for fn in ways.values():
-            timed(fn, 50)  # warm up
-        for _ in range(4):  # interleave, so drift in the machine hits every way alike
-            for name, fn in ways.items():
-                times[name] += timed(fn, args.n // 4)
-        user = unprivileged(args.n // 4)
+        times = interleaved(ways, args.n)
+        user = unprivileged(args.n // 2)
         os.close(netfd)
         os.close(holder)
         os.close(cfd)
     med = {name: statistics.median(t) for name, t in times.items()}
-    for name, m in med.items():
-        print(f"{name:36s} median {m * 1e6:8.1f} us")
-    if user:
-        print(f"{'container_socket (non-root, userns)':36s} median "
-              f"{statistics.median(user) * 1e6:8.1f} us")
+    umed = {name: statistics.median(t) for name, t in user.items()}
+    for name, m in {**med, **umed}.items():
+        print(f"{name:40s} median {m * 1e6:8.1f} us")
     ratio = med["container_socket (root)"] / med["fork+setns+socket+SCM_RIGHTS"]
-    print(f"ratio container_socket/fork+setns: {ratio:.2f}x")
+    print(f"ratio container_socket/fork+setns (root):     {ratio:.2f}x")
+    if umed:
+        ratio = (umed["container_socket (non-root, userns)"]
+                 / umed["fork+setns user,net+socket (non-root)"])
+        print(f"ratio container_socket/fork+setns (non-root): {ratio:.2f}x")
 
 
 if __name__ == "__main__":

@@ -31,9 +31,13 @@ class FdStore:
 
     def _spawn(self) -> socket.socket:
         # A session of its own: a signal to the service's process group must not reach it.
-        proc = subprocess.Popen([sys.executable, "-m", "containerfs.keeper", "--socket", self.path],
-                                start_new_session=True, stdin=subprocess.DEVNULL,
-                                stdout=subprocess.DEVNULL, close_fds=True)
+        # Its output goes to a file of its own: one that held the service's stdout or stderr
+        # open would keep a pipe from `containerfs serve | ...` open long after the service.
+        with open(os.path.join(os.path.dirname(self.path), "keeper.log"), "ab") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "containerfs.keeper", "--socket", self.path],
+                start_new_session=True, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                close_fds=True)
         with open(self.pidfile, "w") as f:
             f.write(f"{proc.pid}\n")
         deadline = time.monotonic() + 10

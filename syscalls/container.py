@@ -135,9 +135,8 @@ def _close(conn: Connection, fds: list[int]) -> None:
 
 def _fork_here(conn: Connection, reply: dict[str, Any], fds: list[int]) -> int:
     """Enter, fork once, and restore the caller's namespaces, root and cwd."""
-    all_signals = signal.valid_signals()
     # No Python signal handler may run while this thread stands in the container.
-    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, all_signals)
+    old_mask = _linux.block_signals()
     saved: list[tuple[str, int]] = []
     cwd = os.open(".", os.O_PATH | os.O_CLOEXEC)
     root = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -163,7 +162,7 @@ def _fork_here(conn: Connection, reply: dict[str, Any], fds: list[int]) -> int:
     finally:
         if not in_child:
             _restore(saved, cwd, root)
-        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        _linux.restore_signals(old_mask)
     try:
         # Wait for the service to have it: a service that died before reading it would never
         # learn of this process, its death or its exit status.

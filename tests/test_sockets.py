@@ -406,6 +406,9 @@ def test_unprivileged_owner_gets_sockets_inside(service: Any) -> None:
         port = listener.getsockname()[1]
         # Root inside its own user namespace: a raw socket, as entering would give.
         raw = syscalls.container_socket(cfd, socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+        # socketns on the namespace's fd: enters its owning user namespace the same way.
+        nsfd = fcntl.ioctl(nl, 0x894C)  # SIOCGSKNS: the owner holds CAP_NET_ADMIN over it
+        via_ns = syscalls.socketns(nsfd, socket.AF_PACKET, socket.SOCK_RAW, 0)
         r, w = os.pipe()
         pid = syscalls.fork_into_container(cfd)
         if pid == 0:
@@ -422,29 +425,35 @@ def test_unprivileged_owner_gets_sockets_inside(service: Any) -> None:
         os.waitpid(pid, 0)
         host = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
         return {"links": sorted(links), "data": data.decode(), "flags": flags,
-                "same_ns": [netns_of(x) == inside for x in (nl, listener.fileno(), raw)],
+                "same_ns": [netns_of(x) == inside for x in (nl, listener.fileno(), raw, via_ns)],
                 "host_links": len(rtnl_links(host.fileno())),
                 "own_ns": os.stat("/proc/self/ns/net").st_ino != inside}
     """)
     assert got["links"] == ["lo"]
     assert got["data"] == "hi"
     assert got["flags"] == [False, True]
-    assert got["same_ns"] == [True, True, True]
+    assert got["same_ns"] == [True, True, True, True]
     assert got["host_links"] > 1 and got["own_ns"]
 
 
 def test_other_users_handle_is_eperm(service: Any) -> None:
     cfd = container_create("root-owned", CONTAINER_NEW_NET_NS)
+    holder = container_socket(cfd, socket.AF_INET, socket.SOCK_DGRAM, 0)
+    nsfd = fcntl.ioctl(holder, SIOCGSKNS)
     got = run_as(OTHER_UID, OTHER_GID, f"""
         import socket, syscalls
-        try:
-            syscalls.container_socket({cfd}, socket.AF_INET, socket.SOCK_STREAM, 0)
-            return "made"
-        except OSError as e:
-            return e.errno
-    """, pass_fds=(cfd,))
-    assert got == errno.EPERM
-    os.close(cfd)
+        out = []
+        for call, fd in [(syscalls.container_socket, {cfd}), (syscalls.socketns, {nsfd})]:
+            try:
+                os.close(call(fd, socket.AF_INET, socket.SOCK_STREAM, 0))
+                out.append("made")
+            except OSError as e:
+                out.append(e.errno)
+        return out
+    """, pass_fds=(cfd, nsfd))
+    assert got == [errno.EPERM, errno.EPERM]  # the service's check; then setns(2)'s own
+    for fd in (nsfd, holder, cfd):
+        os.close(fd)
 
 
 def test_no_raw_sockets_without_own_user_namespace(service: Any) -> None:

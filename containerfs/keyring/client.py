@@ -19,7 +19,7 @@ import socket
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Self
 
 from syscalls import keys, protocol
 from syscalls._client import Connection
@@ -146,7 +146,7 @@ class Requests:
             self._answers.close()
             self._answers = None
 
-    def __enter__(self) -> Requests:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -539,17 +539,21 @@ class KeyringService:
             keys.notif_send(listener.fd, n.id, error=answer)
 
     def _classify(self, listener: Listener, n: keys.Notification) -> int | None:
-        """0: let the kernel carry on; an errno: fail with it; None: queued (or gone)."""
+        """0: let the kernel carry on; an errno: fail with it; None: queued (or gone).
+
+        Cheapest checks first: most calls are let through. A reply to a call that is no
+        longer waiting is harmless (the kernel refuses it), so only queueing needs the proof
+        that what was read belongs to the caller."""
+        if not n.args[2]:
+            return 0  # no callout info: the kernel constructs nothing (ENOKEY); nothing to trap
         cid = self.svc.cgroups.container_id_of(n.pid)
         ck = self.containers.get(cid) if cid is not None else None
-        if ck is None or not ck.traps or not n.args[2]:
-            # Not in a container, nothing trapped, or no callout info: without it the kernel
-            # constructs nothing (ENOKEY), so there is nothing to intercept.
-            return 0
+        if ck is None or not ck.traps:
+            return 0  # not in a container, or nothing trapped: untouched
         try:
             mem = os.open(f"/proc/{n.pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
-            return 0 if keys.notif_id_valid(listener.fd, n.id) else None
+            return 0  # gone
         try:
             raw_type = keys.read_cstring(mem, n.args[0], keys.KEY_TYPE_MAX)
             key_type = raw_type.decode("utf-8", "surrogateescape") if raw_type else ""
@@ -564,16 +568,7 @@ class KeyringService:
             return 0  # EFAULT: the kernel says so itself
         finally:
             os.close(mem)
-        try:
-            uid, gid = _fs_ids(n.pid)
-        except OSError:
-            return None  # gone
-        # Everything read belongs to the process that made the call only if the call is still
-        # waiting: then the pid cannot have been reused.
-        if not keys.notif_id_valid(listener.fd, n.id):
-            return None
         desc = raw_desc.decode("utf-8", "surrogateescape")
-        callout = raw_callout.decode("utf-8", "surrogateescape")
         negative = ck.negative.get((key_type, desc))
         if negative is not None:
             if negative[0] > time.monotonic():
@@ -585,17 +580,30 @@ class KeyringService:
         except OSError as e:
             if e.errno not in _NOT_FOUND:
                 return 0  # an unknown type, say: the kernel's own answer
-        waiter = Waiter(listener, n.id, f"kn.{listener.key}.{n.id}")
-        # A copy of the listener under the request's cookie: a restarted service can still
-        # fail this call rather than leave it waiting forever.
-        self.svc.fdstore.put(waiter.keep_key, {"l": listener.fd})
+        try:
+            uid, gid = _fs_ids(n.pid)
+        except OSError:
+            return None  # gone
+        # What was read belongs to the process that made the call only if the call is still
+        # waiting: then its pid cannot have been reused.
+        if not keys.notif_id_valid(listener.fd, n.id):
+            return None
+        return self._queue(ck, trap, listener, n, key_type, desc,
+                           raw_callout.decode("utf-8", "surrogateescape"), uid, gid)
+
+    def _queue(self, ck: ContainerKeys, trap: Trap, listener: Listener, n: keys.Notification,
+               key_type: str, desc: str, callout: str, uid: int, gid: int) -> int | None:
+        """Make the call wait for the creator's answer (or join one that waits already)."""
         same = ck.waiting.get((key_type, desc, uid))
+        if same is None and len(ck.pending) >= MAX_PENDING:
+            return errno.EAGAIN
+        waiter = Waiter(listener, n.id, f"kn.{listener.key}.{n.id}")
+        # A copy of the listener under the call's cookie: a restarted service can still fail
+        # the call rather than leave it waiting forever.
+        self.svc.fdstore.put(waiter.keep_key, {"l": listener.fd})
         if same is not None:
             same.waiters.append(waiter)  # one construction at a time, as the kernel does
             return None
-        if len(ck.pending) >= MAX_PENDING:
-            self.svc.fdstore.drop(waiter.keep_key)
-            return errno.EAGAIN
         self._rid += 1
         p = Pending(self._rid, trap, key_type, desc, callout, uid, gid, n.pid, [waiter])
         ck.pending[p.rid] = p
