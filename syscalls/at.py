@@ -17,6 +17,7 @@ import os
 import stat
 import struct
 from collections.abc import Iterator
+from typing import Any
 from contextlib import contextmanager
 
 from . import _linux, protocol
@@ -295,13 +296,21 @@ def faccessat(dirfd: int, path: str, mode: int, flags: int = 0) -> bool:
         return False
 
 
+def _utime(path: str, ns: tuple[int, int] | None, **kw: Any) -> None:
+    if ns is None:
+        os.utime(path, **kw)
+    else:
+        os.utime(path, ns=ns, **kw)
+
+
 def utimensat(dirfd: int, path: str, ns: tuple[int, int] | None = None, flags: int = 0) -> None:
+    """Set atime and mtime (ns since the epoch); None sets both to now."""
     nofollow = bool(flags & AT_SYMLINK_NOFOLLOW)
     root = _root_for(dirfd, path)
     if root is None:
-        return os.utime(path, ns=ns, dir_fd=_dir(dirfd), follow_symlinks=not nofollow)
+        return _utime(path, ns, dir_fd=_dir(dirfd), follow_symlinks=not nofollow)
     with _parent(root, path) as (parent, name):
         if nofollow and not _dots(name):
-            return os.utime(name, ns=ns, dir_fd=parent, follow_symlinks=False)
+            return _utime(name, ns, dir_fd=parent, follow_symlinks=False)
     with _resolved(root, path) as fd:
-        os.utime(_proc(fd), ns=ns)
+        _utime(_proc(fd), ns)

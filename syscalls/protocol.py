@@ -226,7 +226,7 @@ def _load(data: bytes) -> dict[str, Any]:
 def decode_request(data: bytes) -> Request:
     """Decode and check one request datagram; raise ProtocolError if it is not one."""
     body = _load(data)
-    cls = REQUESTS.get(body.pop("op", None))  # type: ignore[arg-type]
+    cls = REQUESTS.get(body.pop("op", None))
     if cls is None:
         raise ProtocolError("unknown or missing op")
     kwargs: dict[str, Any] = {}

@@ -219,6 +219,8 @@ def test_metadata_calls(hostile: int) -> None:
     assert (st["uid"], st["gid"], st["size"]) == (123, 456, 6)
     S.utimensat(cfd, "dir/file", (1_000_000_000, 2_000_000_000))
     assert S.fstatat(cfd, "dir/file").st_mtime_ns == 2_000_000_000
+    S.utimensat(cfd, "dir/file")  # no times: now
+    assert S.fstatat(cfd, "dir/file").st_mtime_ns > 2_000_000_000
     assert S.faccessat(cfd, "dir/file", os.R_OK)
     assert not S.faccessat(cfd, "nothing", os.R_OK)
     S.linkat(cfd, "dir/file", cfd, "hard")
