@@ -214,26 +214,17 @@ def mount_inside(mfd: int, mnt: int, root: int, unsafe_path: str, creds: Credent
                  userns: int | None) -> None:
     """Attach mount `mfd` at `unsafe_path`, resolved from `root` and never outside it."""
 
-    def attach() -> None:
-        target = _linux.openat2(root, unsafe_path, os.O_PATH | os.O_CLOEXEC,
-                                resolve=_linux.RESOLVE_IN_ROOT | _linux.RESOLVE_NO_MAGICLINKS)
-        try:
-            _linux.move_mount(mfd, "", target, "",
-                              _linux.MOVE_MOUNT_F_EMPTY_PATH | _linux.MOVE_MOUNT_T_EMPTY_PATH)
-        finally:
-            os.close(target)
-
     if userns is None:
         with _thread_elsewhere(["mnt"]):
             _linux.setns(mnt, _linux.CLONE_NEWNS)
-            attach()
+            _linux.attach_in_root(mfd, root, unsafe_path)
         return
 
     def helper(_parent: socket.socket) -> list[int]:
         _take_credentials(creds)
         _linux.setns(userns, _linux.CLONE_NEWUSER)
         _linux.setns(mnt, _linux.CLONE_NEWNS)
-        attach()
+        _linux.attach_in_root(mfd, root, unsafe_path)
         return []
 
     _in_helper(helper, 0)

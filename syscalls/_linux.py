@@ -228,6 +228,17 @@ def openat2(dirfd: int, path: str | bytes, flags: int, mode: int = 0, resolve: i
                    ctypes.c_size_t(ctypes.sizeof(how)))
 
 
+def attach_in_root(mfd: int, root: int, unsafe_path: str) -> None:
+    """move_mount the detached mount `mfd` onto `unsafe_path`, resolved in `root` and never
+    outside it (RESOLVE_IN_ROOT, no magic links)."""
+    target = openat2(root, unsafe_path, os.O_PATH | os.O_CLOEXEC,
+                     resolve=RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)
+    try:
+        move_mount(mfd, "", target, "", MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH)
+    finally:
+        os.close(target)
+
+
 def fsopen(fstype: str | bytes, flags: int = 0) -> int:
     return syscall("fsopen", _path(fstype), ctypes.c_uint(flags))
 

@@ -107,13 +107,7 @@ def _mount_proc(unsafe_path: str) -> None:
         os.close(fs)
     root = os.open("/", os.O_PATH | os.O_CLOEXEC)
     try:
-        target = _linux.openat2(root, unsafe_path, os.O_PATH | os.O_CLOEXEC,
-                                resolve=_linux.RESOLVE_IN_ROOT | _linux.RESOLVE_NO_MAGICLINKS)
-        try:
-            _linux.move_mount(mnt, "", target, "",
-                              _linux.MOVE_MOUNT_F_EMPTY_PATH | _linux.MOVE_MOUNT_T_EMPTY_PATH)
-        finally:
-            os.close(target)
+        _linux.attach_in_root(mnt, root, unsafe_path)
     finally:
         os.close(root)
         os.close(mnt)
