@@ -18,7 +18,7 @@ from typing import Any
 
 from . import _linux, protocol
 from . import container as _container  # a cycle: used at call time only
-from ._client import Connection
+from ._client import Connection, call
 
 # Special keyring ids (linux/keyctl.h).
 KEY_SPEC_THREAD_KEYRING = -1
@@ -68,8 +68,7 @@ def keyctl(op: int, *args: Any) -> int:
 
 def add_key(key_type: str, description: str, payload: bytes | None, keyring: int) -> int:
     """add_key(2): create or update a key in `keyring`; return its serial."""
-    data = payload if payload is not None else None
-    return _linux.syscall("add_key", key_type.encode(), _encode(description), data,
+    return _linux.syscall("add_key", key_type.encode(), _encode(description), payload,
                           ctypes.c_size_t(len(payload) if payload is not None else 0),
                           ctypes.c_int(keyring))
 
@@ -479,7 +478,7 @@ def keyctl_container_intercept(cfd: int, key_type: str | None, ns_id: int, dest_
     if dest_keyring == 0:
         if key_type is not None:
             check_type(key_type)
-        reply, _ = Connection().call(protocol.KeyUnintercept(
+        reply, _ = call(protocol.KeyUnintercept(
             type=key_type if key_type is not None else "", all=int(key_type is None)), [cfd])
         return int(reply["removed"])
     if key_type is None:

@@ -96,10 +96,13 @@ class Registry:
             pass
         destroy(serial)
 
+    @staticmethod
+    def name_of(cid: int, kind: str, rest: str = "") -> str:
+        return f"cfs.{cid}.{kind}" + (f".{rest}" if rest else "")
+
     def make(self, cid: int, kind: str, rest: str = "") -> int:
         """A new keyring named for container `cid`, linked in the registry, owned by root."""
-        name = f"cfs.{cid}.{kind}" + (f".{rest}" if rest else "")
-        return keys.add_key("keyring", name, None, self.serial)
+        return keys.add_key("keyring", self.name_of(cid, kind, rest), None, self.serial)
 
     def entries(self) -> list[Entry]:
         out = []

@@ -4,8 +4,9 @@ What the kernel proposal did in the kernel, done here with real keys:
 - each container gets a session keyring (made at container_create, owned by the creator so
   it counts against the creator's key quota); fork_into_container makes it the new process's
   session keyring (syscalls.keys.join_container_keyring);
-- keyctl_set_container_keyring links the creator's keyring, read-only, into that session
-  keyring, so the kernel's own search finds its keys after the process's own;
+- keyctl_set_container_keyring links the creator's keyring into that session keyring, by a
+  slot that members cannot change, so the kernel's own search finds its keys after the
+  process's own;
 - every process forked in traps its request_key() with a seccomp filter whose listener it
   hands to the service; the service answers each trapped call: "carry on" (the kernel's own
   path) unless the container has a trap for the type and the key is in none of the
@@ -81,7 +82,8 @@ class Waiter:
 
 
 class Channel:
-    """A connection that carries trapped requests to a manager: events only, in order."""
+    """A connection that carries trapped requests to a manager, in order: after the reply
+    that opened it, events only."""
 
     def __init__(self, first: dict[str, Any]) -> None:
         self._send, self._recv = trio.open_memory_channel[dict[str, Any]](math.inf)
@@ -171,7 +173,6 @@ class ContainerKeys:
     session: int
     name: str
     slot: int = 0  # holds the attached keyring
-    attached: int = 0
     stage: int = 0
     stage_uid: int = -1
     traps: dict[str, Trap] = field(default_factory=dict)
@@ -203,7 +204,6 @@ class KeyringService:
         self.svc = service
         self.registry = Registry(os.path.dirname(service.fdstore.path))
         self.containers: dict[int, ContainerKeys] = {}
-        self.listeners: dict[str, Listener] = {}
         self._rid = 0
         self._boot = f"{os.getpid()}.{time.monotonic_ns()}"
         self._nlisteners = 0
@@ -212,15 +212,15 @@ class KeyringService:
 
     def create_session(self, cid: int, owner: int, group: int) -> ContainerKeys:
         """Make container `cid`'s session keyring, owned by (and counted against) `owner`."""
-        name = f"cfs.{cid}.s.{os.urandom(16).hex()}"
-        serial = keys.add_key("keyring", name, None, self.registry.serial)
+        secret = os.urandom(16).hex()  # the name is what a process joins it by
+        serial = self.registry.make(cid, "s", secret)
         try:
             keys.setperm(serial, SESSION_PERM)
             keys.chown(serial, owner, group)
         except OSError as e:
             destroy(serial)
             raise _quota_error(e, owner, f"container {cid}'s session keyring") from None
-        ck = ContainerKeys(cid, owner, group, serial, name)
+        ck = ContainerKeys(cid, owner, group, serial, Registry.name_of(cid, "s", secret))
         self.containers[cid] = ck
         return ck
 
@@ -363,7 +363,7 @@ class KeyringService:
         except OSError as e:
             destroy(slot)
             raise _quota_error(e, ck.owner, "the container keyring") from None
-        ck.slot, ck.attached = slot, keyring
+        ck.slot = slot
         destroy(ck.stage)
         ck.stage, ck.stage_uid = 0, -1
 
@@ -497,7 +497,6 @@ class KeyringService:
 
     def add_listener(self, key: str, fd: int, keep: bool = True) -> None:
         listener = Listener(key, fd)
-        self.listeners[key] = listener
         if keep:
             self.svc.fdstore.put(key, {"l": fd})
         self.svc.nursery.start_soon(self._serve_listener, listener)
@@ -519,7 +518,6 @@ class KeyringService:
             log.exception("seccomp listener %s failed; dropped", listener.key)
         finally:
             listener.closed = True
-            self.listeners.pop(listener.key, None)
             trio.lowlevel.notify_closing(listener.fd)
             os.close(listener.fd)
             self.svc.fdstore.drop(listener.key)
@@ -651,7 +649,8 @@ class KeyringService:
                 destroy(entry.serial)
             elif entry.kind == "s" and entry.cid not in self.containers:
                 self.containers[entry.cid] = ContainerKeys(
-                    entry.cid, c.owner, c.group, entry.serial, f"cfs.{entry.cid}.s.{entry.rest}")
+                    entry.cid, c.owner, c.group, entry.serial,
+                    Registry.name_of(entry.cid, "s", entry.rest))
             elif entry.kind == "ck":
                 slots[entry.cid] = entry.serial
             elif entry.kind == "t":
@@ -667,8 +666,6 @@ class KeyringService:
                 destroy(slot)
                 continue
             ck.slot = slot
-            contents = keys.keyring_contents(slot)
-            ck.attached = contents[0] if contents else 0
         for cid, trap in traps:
             ck = self.containers.get(cid)
             if ck is None or trap.type in ck.traps:
