@@ -53,6 +53,9 @@ def _run(args: argparse.Namespace) -> int:
     if not args.command:
         print("containerfs run: no command given", file=sys.stderr)
         return 2
+    if not flags & syscalls.CONTAINER_NEW_USER_NS:
+        print("containerfs run: warning: without --user the container shares the host's uids, "
+              "and so the per-uid user keyring (@u) and uid limits", file=sys.stderr)
     cfd = syscalls.container_create(args.name, flags)
     if args.keep:
         print(f"container {syscalls.container_status(cfd)['id']}", file=sys.stderr)
@@ -127,6 +130,38 @@ def _exec(args: argparse.Namespace) -> int:
     return _exec_in(_open(args.id), args.command, args.tty, "exec")
 
 
+def _keys(args: argparse.Namespace) -> int:
+    """The container keyring this command line attaches (one per container, kept in @u)."""
+    from syscalls import keys
+
+    name = f"containerfs.cli.{args.id}"
+    try:
+        ring = keys.search(keys.KEY_SPEC_USER_KEYRING, "keyring", name)
+    except OSError:
+        ring = 0
+    if args.action == "add":
+        if not ring:
+            cfd = _open(args.id)
+            try:
+                ring = keys.add_key("keyring", name, None, keys.KEY_SPEC_USER_KEYRING)
+                try:
+                    keys.keyctl_set_container_keyring(cfd, ring)
+                except OSError:
+                    keys.unlink(ring, keys.KEY_SPEC_USER_KEYRING)
+                    raise
+            finally:
+                os.close(cfd)
+        serial = keys.add_key(args.type, args.description, args.data.encode(), ring)
+        print(serial)
+        return 0
+    if not ring:
+        return 0  # nothing attached by this command line: no keys to show
+    for key in keys.keyring_contents(ring):
+        ktype, uid, gid, perm, desc = keys.describe(key)
+        print(f"{key:>10} {ktype:<10} {uid:>5} {gid:>5} {perm:08x} {desc}")
+    return 0
+
+
 def _ls(args: argparse.Namespace) -> int:
     reply, _ = _client.call(protocol.List())
     print(f"{'ID':>6} {'NAME':<24} {'STATE':<8} {'INIT':>7} {'OWNER':>5} FLAGS")
@@ -182,6 +217,15 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("command", nargs=argparse.REMAINDER)
     e.set_defaults(func=_exec)
     sub.add_parser("ls", help="list your containers").set_defaults(func=_ls)
+    ks = sub.add_parser("keys", help="keys given to a container (its container keyring)")
+    ks.add_argument("id", type=int)
+    kss = ks.add_subparsers(dest="action", required=True)
+    kss.add_parser("list", help="keys given to it by `keys ID add`")
+    ka = kss.add_parser("add", help="give it a key, found by request_key() inside")
+    ka.add_argument("type")
+    ka.add_argument("description")
+    ka.add_argument("data")
+    ks.set_defaults(func=_keys)
     k = sub.add_parser("kill", help="kill a container by id")
     k.add_argument("id", type=int)
     k.set_defaults(func=_kill)

@@ -23,7 +23,7 @@ def cli(*args: str, input: str | None = None, env: dict[str, str] | None = None,
                           user=user, group=user, extra_groups=[] if user else None, cwd="/")
 
 
-@pytest.mark.parametrize("sub", ["serve", "run", "exec", "ls", "kill", "status"])
+@pytest.mark.parametrize("sub", ["serve", "run", "exec", "ls", "kill", "status", "keys"])
 def test_help(sub: str) -> None:
     res = cli(sub, "--help")
     assert res.returncode == 0 and "usage: containerfs" in res.stdout
@@ -112,3 +112,30 @@ def test_kill(running: Any) -> None:
     assert not pid_alive(init)
     assert syscalls.container_status(cfd)["state"] == "dead"
     assert cli("exec", str(cid), "--", "true").returncode == 1
+
+
+def test_keys_add_and_list(running: Any) -> None:
+    from syscalls import keys
+    cid, _init, _cfd = running
+    assert cli("keys", str(cid), "list").stdout == ""
+    try:
+        res = cli("keys", str(cid), "add", "user", "cli-test-key", "sesame")
+        assert res.returncode == 0 and int(res.stdout) > 0
+        listing = cli("keys", str(cid), "list").stdout.split()
+        assert "cli-test-key" in listing and "user" in listing
+        # request_key() inside the container finds it (keyutils' own command line)
+        res = cli("exec", str(cid), "--", "sh", "-c",
+                  "keyctl print $(keyctl request user cli-test-key)")
+        assert (res.returncode, res.stdout.strip()) == (0, "sesame"), res.stderr
+        assert cli("keys", "999999", "add", "user", "x", "y").returncode == 1
+    finally:
+        try:
+            ring = keys.search(keys.KEY_SPEC_USER_KEYRING, "keyring", f"containerfs.cli.{cid}")
+            keys.unlink(ring, keys.KEY_SPEC_USER_KEYRING)
+        except OSError:
+            pass
+
+
+def test_run_warns_when_sharing_host_uids(service: Any) -> None:
+    assert "shares the host's uids" in cli("run", "--pid", "--", "true").stderr
+    assert "shares" not in cli("run", "--user", "--pid", "--", "true").stderr
