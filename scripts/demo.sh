@@ -4,8 +4,9 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/setup.sh
 export CONTAINERFS_SOCKET=${CONTAINERFS_SOCKET:-/run/containerfs-demo.sock}
+export CONTAINERFS_VIEW=/run/containerfs-demo-view
 .venv/bin/containerfs serve --socket "$CONTAINERFS_SOCKET" --runtime-dir /run/containerfs-demo.d \
-    --cgroup containerfs-demo &
+    --cgroup containerfs-demo --mount "$CONTAINERFS_VIEW" &
 service=$!
 # The keeper outlives the service on purpose (restarts keep containers); the demo ends both.
 trap 'kill -TERM $service 2>/dev/null; wait $service 2>/dev/null || true
