@@ -13,7 +13,7 @@ import pytest
 import syscalls
 from syscalls import CONTAINER_NEW_PID_NS
 
-from .conftest import OTHER_GID, OTHER_UID, child_result, pid_alive
+from .conftest import OTHER_UID, child_result, pid_alive
 
 
 def cli(*args: str, input: str | None = None, env: dict[str, str] | None = None,
