@@ -64,12 +64,15 @@ class Connection:
                 if not data and not fds:
                     return  # the client hung up
                 out: list[int] = []
+                req: protocol.Request | None = None
                 try:
                     if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
                         raise protocol.ProtocolError("message or its fds were truncated")
                     req = protocol.decode_request(data)
-                    if len(fds) != req.nfds and not (isinstance(req, protocol.Kill) and len(fds) == 1):
-                        raise protocol.ProtocolError(f"{req.op} takes {req.nfds} fd(s), got {len(fds)}")
+                    one_or_none = isinstance(req, protocol.Kill) and len(fds) == 1
+                    if len(fds) != req.nfds and not one_or_none:
+                        raise protocol.ProtocolError(
+                            f"{req.op} takes {req.nfds} fd(s), got {len(fds)}")
                     reply, out = await self.dispatch(req, fds)
                 except protocol.ProtocolError as e:
                     await _send(self.sock, protocol.error_reply(errno.EINVAL, f"bad request: {e}"), [])
@@ -82,8 +85,11 @@ class Connection:
                 finally:
                     for fd in fds:
                         os.close(fd)
-                if reply is None:
-                    continue  # a one-way message
+                if reply is None or req is not None and req.one_way:
+                    if reply is not None:  # an error nobody would read: say it here instead
+                        log.info("one-way %s from pid %d failed: %s", req.op if req else "?",
+                                 self.peer.pid, reply.get("message"))
+                    continue
                 try:
                     await _send(self.sock, reply, out)
                 finally:

@@ -24,6 +24,8 @@ class Request:
     op: ClassVar[str] = ""
     # How many fds must come with the request.
     nfds: ClassVar[int] = 0
+    # Sent without waiting: the service never replies, not even with an error.
+    one_way: ClassVar[bool] = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +55,7 @@ class Started(Request):
 class ForkFailed(Request):
     """The process could not be made; `errno` says why. One way: no reply."""
     op: ClassVar[str] = "fork_failed"
+    one_way: ClassVar[bool] = True
     errno: int
 
 
@@ -135,6 +138,7 @@ class KeyListener(Request):
     One way: sent beside a fork's own messages, so it must never get a reply."""
     op: ClassVar[str] = "key_listener"
     nfds: ClassVar[int] = 1
+    one_way: ClassVar[bool] = True
 
 
 @dataclasses.dataclass(frozen=True)

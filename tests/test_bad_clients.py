@@ -96,3 +96,23 @@ def test_client_gone_before_reply(service: Any) -> None:
         s.send(protocol.encode(protocol.Create(name="gone", flags=CONTAINER_NEW_PID_NS)))
         s.close()
     still_serves()
+
+
+def test_one_way_messages_never_get_replies(service: Any) -> None:
+    cfd = syscalls.container_create("oneway", CONTAINER_NEW_PID_NS)
+    s = raw(service)
+    socket.send_fds(s, [protocol.encode(protocol.Fork())], [cfd])
+    _data, fds, _ = fdpass.recv_fds(s, 65536, protocol.MAX_FDS)
+    for fd in fds:
+        os.close(fd)
+    s.send(protocol.encode(protocol.ForkFailed(errno=errno.EPERM)))
+    r, w = os.pipe()  # not a seccomp listener: refused, silently
+    socket.send_fds(s, [protocol.encode(protocol.KeyListener())], [r])
+    os.close(r)
+    os.close(w)
+    s.send(protocol.encode(protocol.Status()))  # wrong: no fd; this one is answered
+    reply = protocol.decode_reply(s.recv(65536))
+    assert reply["errno"] == errno.EINVAL and "status takes 1 fd" in reply["message"]
+    s.close()
+    assert syscalls.container_status(cfd)["state"] == "created"
+    os.close(cfd)
