@@ -175,3 +175,27 @@ def pid_alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def users_handle(service: ServiceUnderTest, uid: int, gid: int) -> int:
+    """A handle of a user-namespace (and PID namespace) container that `uid` made and sent us
+    over SCM_RIGHTS: another user's container, in our hands."""
+    path = str(Path(service.socket).parent / f"handle-{uid}.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        listener.bind(path)
+        os.chmod(path, 0o777)
+        run_as(uid, gid, f"""
+            import socket, syscalls
+            cfd = syscalls.container_create("u", syscalls.CONTAINER_NEW_USER_NS
+                                            | syscalls.CONTAINER_NEW_PID_NS)
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            s.sendmsg([b"h"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                cfd.to_bytes(4, "little"))], 0, {path!r})
+            return 0
+        """)
+        _, fds, _, _ = socket.recv_fds(listener, 16, 1)
+    finally:
+        listener.close()
+        os.unlink(path)
+    return fds[0]

@@ -30,7 +30,15 @@ from syscalls import (
     CONTAINER_NEW_UTS_NS,
 )
 
-from .conftest import OTHER_GID, OTHER_UID, THIRD_UID, child_result, pid_alive, run_as
+from .conftest import (
+    OTHER_GID,
+    OTHER_UID,
+    THIRD_UID,
+    child_result,
+    pid_alive,
+    run_as,
+    users_handle,
+)
 
 ALL_NS = (CONTAINER_NEW_FS_NS | CONTAINER_NEW_CGROUP_NS | CONTAINER_NEW_UTS_NS
           | CONTAINER_NEW_IPC_NS | CONTAINER_NEW_NET_NS | CONTAINER_NEW_PID_NS)
@@ -449,23 +457,8 @@ def test_other_user_cannot_fork_into_passed_handle(service: Any) -> None:
 
 
 def test_user_handle_refused_to_third_user(service: Any) -> None:
-    path = str(Path(service.socket).parent / "h.sock")
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    listener.bind(path)
-    os.chmod(path, 0o777)
     # The owner makes a user-namespace container and sends its handle to us...
-    run_as(OTHER_UID, OTHER_GID, f"""
-        import socket, syscalls
-        cfd = syscalls.container_create("u", syscalls.CONTAINER_NEW_USER_NS
-                                        | syscalls.CONTAINER_NEW_PID_NS)
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        s.sendmsg([b"h"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, cfd.to_bytes(4, "little"))],
-                  0, {path!r})
-        return 0
-    """)
-    _, fds, _, _ = socket.recv_fds(listener, 16, 1)
-    listener.close()
-    cfd = fds[0]
+    cfd = users_handle(service, OTHER_UID, OTHER_GID)
     # ...and a third user who holds it still cannot enter.
     got = run_as(THIRD_UID, THIRD_UID, f"""
         import syscalls

@@ -10,7 +10,6 @@ import mmap
 import os
 import platform
 import select
-import socket
 import subprocess
 import sys
 import time
@@ -38,7 +37,7 @@ from syscalls import (
     keys,
 )
 
-from .conftest import OTHER_GID, OTHER_UID, ROOT, child_result, run_as
+from .conftest import OTHER_GID, OTHER_UID, ROOT, child_result, run_as, users_handle
 from .test_restart import restart
 
 # A uid of its own: the quota tests fill its key quota (kernel.keys.maxkeys, 200 by default),
@@ -223,22 +222,7 @@ def test_each_container_has_its_own_session_keyring(service: Any, host_keys: lis
 
 
 def test_root_joins_another_users_container_keyring(service: Any) -> None:
-    path = str(Path(service.socket).parent / "k.sock")
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    listener.bind(path)
-    os.chmod(path, 0o777)
-    run_as(OTHER_UID, OTHER_GID, f"""
-        import socket, syscalls
-        cfd = syscalls.container_create("u", syscalls.CONTAINER_NEW_USER_NS
-                                        | syscalls.CONTAINER_NEW_PID_NS)
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        s.sendmsg([b"h"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, cfd.to_bytes(4, "little"))],
-                  0, {path!r})
-        return 0
-    """)
-    _, fds, _, _ = socket.recv_fds(listener, 16, 1)
-    listener.close()
-    cfd = fds[0]
+    cfd = users_handle(service, OTHER_UID, OTHER_GID)
     cid = syscalls.container_status(cfd)["id"]
     got = Inside(cfd, session_info).result()
     assert got["desc"].startswith(f"cfs.{cid}.s.")
