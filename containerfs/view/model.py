@@ -761,7 +761,9 @@ def _ns_types(c: ContainerLike) -> list[str]:
 
 def _fl(c: ContainerLike) -> int:
     fl = 0
-    if c.init_pid is not None:
+    # STARTING counts: a process made by fork_into_container may run (and read this) before
+    # the service has its pid, but never before the service granted the fork.
+    if c.init_pid is not None or c.state == State.STARTING:
         fl |= FL_INIT_STARTED
     if c.state == State.DEAD:
         fl |= FL_DEAD
