@@ -89,6 +89,12 @@ def _raise(err: int, *context: Any) -> None:
     raise exc
 
 
+def same_file(a: int | str, b: int | str) -> bool:
+    """Whether two fds or paths name the same file (namespaces compare this way too)."""
+    sa, sb = os.stat(a), os.stat(b)
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+
+
 def syscall(name: str, *args: Any) -> int:
     """Call system call `name` with ctypes-ready arguments; return its result or raise OSError.
 
@@ -207,6 +213,9 @@ RESOLVE_IN_ROOT = 0x10
 MOVE_MOUNT_F_EMPTY_PATH = 0x04
 MOVE_MOUNT_T_EMPTY_PATH = 0x40
 MNT_DETACH = 2
+FSOPEN_CLOEXEC = 0x1
+FSMOUNT_CLOEXEC = 0x1
+FSCONFIG_CMD_CREATE = 6
 MS_REC = 0x4000
 MS_PRIVATE = 1 << 18
 

@@ -77,7 +77,7 @@ def fork_into_container(fd: int) -> int:
         except BaseException:
             conn.close()
             raise
-        if "ns:user" not in reply["fds"] or _same_file(
+        if "ns:user" not in reply["fds"] or _linux.same_file(
                 fds[reply["fds"].index("ns:user")], "/proc/self/ns/user"):
             return _fork_here(conn, reply, fds)
         return _via_intermediate(fd, conn, reply, fds)
@@ -99,10 +99,10 @@ def _child_setup(reply: dict[str, Any]) -> None:
 
 def _mount_proc(unsafe_path: str) -> None:
     """Mount a proc of our own (new) PID namespace at `unsafe_path`, inside our root."""
-    fs = _linux.fsopen("proc", 1)  # FSOPEN_CLOEXEC
+    fs = _linux.fsopen("proc", _linux.FSOPEN_CLOEXEC)
     try:
-        _linux.fsconfig(fs, 6, None, None, 0)  # FSCONFIG_CMD_CREATE
-        mnt = _linux.fsmount(fs, 1)  # FSMOUNT_CLOEXEC
+        _linux.fsconfig(fs, _linux.FSCONFIG_CMD_CREATE, None, None, 0)
+        mnt = _linux.fsmount(fs, _linux.FSMOUNT_CLOEXEC)
     finally:
         os.close(fs)
     root = os.open("/", os.O_PATH | os.O_CLOEXEC)
@@ -178,7 +178,7 @@ def _restore(saved: list[tuple[str, int]], cwd: int, root: int) -> None:
             _linux.setns(fd, _linux.NS_FLAGS[nstype])
             os.close(fd)
         saved.clear()
-        if not _same_file(root, "/"):
+        if not _linux.same_file(root, "/"):
             os.fchdir(root)
             os.chroot(".")
         os.fchdir(cwd)
@@ -227,18 +227,8 @@ def _via_intermediate(handle: int, conn: Connection | None, reply: dict[str, Any
     return int(result["pid"])
 
 
-def _same_file(fd: int, path: str) -> bool:
-    a, b = os.fstat(fd), os.stat(path)
-    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
-
-
 _OWN_NS_FILES = {"user": "user", "mnt": "mnt", "uts": "uts", "ipc": "ipc", "net": "net",
                  "cgroup": "cgroup", "pid": "pid_for_children"}
-
-
-def _same(a: int, b: int) -> bool:
-    sa, sb = os.fstat(a), os.fstat(b)
-    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
 
 
 def _enter(reply: dict[str, Any], fds: list[int],
@@ -256,12 +246,12 @@ def _enter(reply: dict[str, Any], fds: list[int],
         for name, fd in zip(reply["fds"], fds):
             kind, _, nstype = name.partition(":")
             if kind == "ns":
-                if not _same(fd, own[nstype]):
+                if not _linux.same_file(fd, own[nstype]):
                     if saved is not None:
                         saved.append((nstype, own.pop(nstype)))
                     _linux.setns(fd, _linux.NS_FLAGS[nstype])
             elif kind == "root":
-                if not _same(fd, own_root):
+                if not _linux.same_file(fd, own_root):
                     os.fchdir(fd)
                     os.chroot(".")
                 os.chdir("/")

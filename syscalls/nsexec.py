@@ -36,15 +36,12 @@ def fd_in(namespaces: Sequence[tuple[str, int]], make: Callable[[], int]) -> int
     """
     # Skip the ones we stand in already: entering them is a no-op at best, and at worst
     # (a namespace of the host's, from inside a user namespace) refused.
-    namespaces = [(t, fd) for t, fd in namespaces if not _current(t, fd)]
+    namespaces = [(t, fd) for t, fd in namespaces
+                  if not _linux.same_file(fd, f"/proc/thread-self/ns/{t}")]
     if any(nstype == "user" for nstype, _ in namespaces):
         return _in_child(namespaces, make)
     return _in_thread(namespaces, make)
 
-
-def _current(nstype: str, fd: int) -> bool:
-    a, b = os.fstat(fd), os.stat(f"/proc/thread-self/ns/{nstype}")
-    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
 def _in_thread(namespaces: Sequence[tuple[str, int]], make: Callable[[], int]) -> int:

@@ -69,7 +69,7 @@ def socketns(netns_fd: int, domain: int, type: int, protocol: int) -> int:
         raise OSError(errno.EINVAL, f"fd {netns_fd} is not a network namespace")
     _check_args(domain, type, protocol)
     user = -1
-    if os.geteuid() != 0 and not _same_file(netns_fd, "/proc/thread-self/ns/net"):
+    if os.geteuid() != 0 and not _linux.same_file(netns_fd, "/proc/thread-self/ns/net"):
         try:
             user = fcntl.ioctl(netns_fd, _NS_GET_USERNS)
         except OSError:
@@ -87,11 +87,6 @@ def _check_args(*args: int) -> None:
             raise TypeError(f"socket arguments are ints, not {value.__class__.__name__}")
         if not -(2**31) <= value < 2**31:
             raise OverflowError(f"socket argument {value} does not fit a C int")
-
-
-def _same_file(fd: int, path: str) -> bool:
-    a, b = os.fstat(fd), os.stat(path)
-    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
 def _socket(domain: int, type: int, protocol: int) -> int:
