@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import shutil
 import signal
 import socket
@@ -16,12 +17,14 @@ import sys
 import tempfile
 import textwrap
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+import syscalls
 
 from containerfs.cgroups import CgroupTree, cgroup2_mount
 
@@ -199,3 +202,28 @@ def users_handle(service: ServiceUnderTest, uid: int, gid: int) -> int:
         listener.close()
         os.unlink(path)
     return fds[0]
+
+
+def in_container(cfd: int, fn: Callable[[], Any]) -> tuple[int, Any]:
+    """Fork into the container, run `fn` there; return (pid, what fn returned)."""
+    r, w = os.pipe()
+    pid = syscalls.fork_into_container(cfd)
+    if pid == 0:
+        try:
+            os.close(r)
+            os.write(w, json.dumps(fn()).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r) as f:
+        data = f.read()
+    return pid, json.loads(data) if data else None
+
+
+def hung_up(fd: int, timeout: float = 0) -> bool:
+    """Whether the handle reports POLLHUP within `timeout` s; anything else it reports fails."""
+    p = select.poll()
+    p.register(fd, select.POLLIN | select.POLLHUP)
+    events = p.poll(timeout * 1000)
+    assert all(ev & ~(select.POLLHUP) == 0 for _, ev in events), f"unexpected events {events}"
+    return bool(events)

@@ -5,13 +5,10 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
-import json
 import os
-import select
 import socket
 import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -35,6 +32,8 @@ from .conftest import (
     OTHER_UID,
     THIRD_UID,
     child_result,
+    hung_up,
+    in_container,
     pid_alive,
     run_as,
     users_handle,
@@ -42,30 +41,6 @@ from .conftest import (
 
 ALL_NS = (CONTAINER_NEW_FS_NS | CONTAINER_NEW_CGROUP_NS | CONTAINER_NEW_UTS_NS
           | CONTAINER_NEW_IPC_NS | CONTAINER_NEW_NET_NS | CONTAINER_NEW_PID_NS)
-
-
-def in_container(cfd: int, fn: Callable[[], Any]) -> tuple[int, Any]:
-    """Fork into the container, run `fn` there; return (pid, what fn returned)."""
-    r, w = os.pipe()
-    pid = syscalls.fork_into_container(cfd)
-    if pid == 0:
-        try:
-            os.close(r)
-            os.write(w, json.dumps(fn()).encode())
-        finally:
-            os._exit(0)
-    os.close(w)
-    with os.fdopen(r) as f:
-        data = f.read()
-    return pid, json.loads(data) if data else None
-
-
-def hung_up(fd: int, timeout: float = 0) -> bool:
-    p = select.poll()
-    p.register(fd, select.POLLIN | select.POLLHUP)
-    events = p.poll(timeout * 1000)
-    assert all(ev & ~(select.POLLHUP) == 0 for _, ev in events), f"unexpected events {events}"
-    return bool(events)
 
 
 def ns_ids() -> dict[str, int]:

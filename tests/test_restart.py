@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import select
 import signal
 import time
 from pathlib import Path
@@ -12,13 +11,7 @@ from typing import Any
 import syscalls
 from syscalls import CONTAINER_KILL_ON_CLOSE, CONTAINER_NEW_NET_NS, CONTAINER_NEW_PID_NS
 
-from .conftest import child_result, pid_alive, start_service
-
-
-def hung_up(fd: int, timeout: float) -> bool:
-    p = select.poll()
-    p.register(fd, select.POLLHUP)
-    return bool(p.poll(timeout * 1000))
+from .conftest import child_result, hung_up, pid_alive, start_service
 
 
 def restart(service: Any, hard: bool) -> None:

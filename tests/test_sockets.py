@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import json
 import os
 import socket
 import struct
@@ -26,7 +25,7 @@ from syscalls import (
     socketns,
 )
 
-from .conftest import OTHER_GID, OTHER_UID, child_result, run_as
+from .conftest import OTHER_GID, OTHER_UID, child_result, in_container, run_as
 
 # ---- minimal rtnetlink, written out with struct ---------------------------------------------
 
@@ -119,21 +118,11 @@ def own_netns() -> int:
     return os.stat("/proc/thread-self/ns/net").st_ino
 
 
-def in_container(cfd: int, fn: Callable[[], Any]) -> Any:
-    """Fork into the container, run `fn` there, wait for it; return what fn returned."""
-    r, w = os.pipe()
-    pid = syscalls.fork_into_container(cfd)
-    if pid == 0:
-        try:
-            os.close(r)
-            os.write(w, json.dumps(fn()).encode())
-        finally:
-            os._exit(0)
-    os.close(w)
-    with os.fdopen(r) as f:
-        data = f.read()
+def run_inside(cfd: int, fn: Callable[[], Any]) -> Any:
+    """Run `fn` in a process forked into the container; it must exit 0."""
+    pid, got = in_container(cfd, fn)
     assert child_result(pid) == 0
-    return json.loads(data) if data else None
+    return got
 
 
 # ---- the socket lives in the container ------------------------------------------------------
@@ -154,7 +143,7 @@ def test_tcp_listener_reached_from_inside_only(service: Any) -> None:
                 s.sendall(b"from inside")
                 return [own_netns(), s.getsockname()[1]]
 
-        inside_ns, inside_port = in_container(cfd, connect)
+        inside_ns, inside_port = run_inside(cfd, connect)
         conn, peer = listener.accept()
         with conn:
             assert conn.recv(64) == b"from inside"
@@ -179,7 +168,7 @@ def test_netlink_lists_links_and_brings_lo_up(service: Any) -> None:
         with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as s:
             return rtnl_links(s.fileno())
 
-    inside = in_container(cfd, seen_inside)
+    inside = run_inside(cfd, seen_inside)
     assert list(inside) == ["lo"] and inside["lo"][1] & IFF_UP
     with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as host:
         assert rtnl_links(host.fileno()) == host_before
