@@ -465,15 +465,17 @@ class KeyringService:
         if p.finished:
             return
         p.finished = True
-        for w in p.waiters:
-            if not w.listener.closed:
-                keys.notif_send(w.listener.fd, w.notif_id, error=error, continue_=continue_)
-            self.svc.fdstore.drop(w.keep_key)
+        # Forget the request (and its record) before answering: a requester woken by the
+        # answer must find no trace of a request that is over.
         ck.pending.pop(p.rid, None)
         if ck.waiting.get(p.what) is p:
             del ck.waiting[p.what]
         if p.record:
             destroy(p.record)
+        for w in p.waiters:
+            if not w.listener.closed:
+                keys.notif_send(w.listener.fd, w.notif_id, error=error, continue_=continue_)
+            self.svc.fdstore.drop(w.keep_key)
         p.done.set()
 
     async def _expire(self, ck: ContainerKeys, p: Pending) -> None:
