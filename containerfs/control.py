@@ -20,6 +20,7 @@ import trio
 from syscalls import fdpass, protocol
 
 from .service import Container, Peer, Service
+from .states import State
 
 log = logging.getLogger("containerfs")
 
@@ -42,25 +43,34 @@ async def _send(sock: trio.socket.SocketType, reply: dict[str, Any], fds: list[i
     await sock.sendmsg([protocol.encode(reply)], anc)
 
 
+# How long a request about a container waits for a fork in progress elsewhere to report its
+# process (the report is normally already queued: the forking caller does not wait for it).
+SETTLE_TIMEOUT = 2.0
+
+
 class Connection:
     """One client connection and what it has in progress (a fork between Fork and Started)."""
 
-    def __init__(self, service: Service, sock: trio.socket.SocketType) -> None:
+    def __init__(self, service: Service, sock: trio.socket.SocketType,
+                 forking: tuple[Container, str] | None = None, keep_key: str = "") -> None:
         self.service = service
         self.sock = sock
         self.peer = _peer(sock)
-        self.forking: tuple[Container, str] | None = None
+        self.forking = forking
         # The container this connection forked into: its processes may hand over seccomp
         # listeners here (KeyListener), even after Started.
-        self.fork_container: Container | None = None
+        self.fork_container: Container | None = forking[0] if forking else None
+        # Under this key the keeper holds our socket while a fork is reported on it.
+        self.keep_key = keep_key
 
     async def run(self) -> None:
         try:
             while True:
-                data, anc, flags, _ = await self.sock.recvmsg(
-                    protocol.MAX_MESSAGE, socket.CMSG_SPACE(protocol.MAX_FDS * 4),
-                    socket.MSG_CMSG_CLOEXEC)
-                fds = fdpass.fds_from_ancdata(anc)
+                # While the keeper holds this socket, a report of a fork (Started) is only
+                # peeked at, and taken off the socket once recorded: a crash in between
+                # leaves it there for the next service.
+                peeking = bool(self.keep_key)
+                data, fds, flags = await self._receive(socket.MSG_PEEK if peeking else 0)
                 if not data and not fds:
                     return  # the client hung up
                 out: list[int] = []
@@ -69,6 +79,9 @@ class Connection:
                     if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
                         raise protocol.ProtocolError("message or its fds were truncated")
                     req = protocol.decode_request(data)
+                    if peeking and not isinstance(req, protocol.Started):
+                        await self._consume()
+                        peeking = False
                     one_or_none = isinstance(req, protocol.Kill) and len(fds) == 1
                     if len(fds) != req.nfds and not one_or_none:
                         raise protocol.ProtocolError(
@@ -85,8 +98,10 @@ class Connection:
                 finally:
                     for fd in fds:
                         os.close(fd)
+                    if peeking:
+                        await self._consume()
                 if reply is None or req is not None and req.one_way:
-                    if reply is not None:  # an error nobody would read: say it here instead
+                    if reply is not None and "errno" in reply:  # an error nobody would read
                         log.info("one-way %s from pid %d failed: %s", req.op if req else "?",
                                  self.peer.pid, reply.get("message"))
                     continue
@@ -100,7 +115,29 @@ class Connection:
             if self.forking:
                 self.service.abort_fork(*self.forking)
                 self.service.return_intermediate(self.peer)
+            if self.keep_key:
+                self.service.fdstore.drop(self.keep_key)
             self.sock.close()
+
+    async def _receive(self, flags: int) -> tuple[bytes, list[int], int]:
+        data, anc, msg_flags, _ = await self.sock.recvmsg(
+            protocol.MAX_MESSAGE, socket.CMSG_SPACE(protocol.MAX_FDS * 4),
+            socket.MSG_CMSG_CLOEXEC | flags)
+        return data, fdpass.fds_from_ancdata(anc), msg_flags
+
+    async def _consume(self) -> None:
+        """Take the message peeked at off the socket (its fds were received with the peek)."""
+        _data, fds, _flags = await self._receive(0)
+        for fd in fds:
+            os.close(fd)
+
+    async def _container(self, fd: int) -> Container:
+        """The container behind handle `fd`, once a fork into it elsewhere has reported."""
+        c = self.service.lookup(fd)
+        if c.state == State.STARTING and (self.forking is None or self.forking[0] is not c):
+            with trio.move_on_after(SETTLE_TIMEOUT):
+                await c.started.wait()
+        return c
 
     def after_send(self, out: list[int]) -> None:
         """Close what was only lent to the reply; a new handle's reader now lives elsewhere."""
@@ -129,6 +166,10 @@ class Connection:
             reply, ns_fds = await svc.begin_fork(self.peer, c)
             self.forking = (c, reply["role"])
             self.fork_container = c
+            if not self.keep_key:
+                # Before the reply: whatever the caller reports from now on outlives a crash.
+                self.keep_key = svc.fork_key(c, reply["role"])
+                svc.fdstore.put(self.keep_key, {"s": self.sock.fileno()})
             return reply, ns_fds
         if isinstance(req, (protocol.Started, protocol.ForkFailed)):
             if not self.forking:
@@ -143,10 +184,10 @@ class Connection:
                 svc.return_intermediate(self.peer)
             return {"pid": pid}, []
         if isinstance(req, protocol.Status):
-            return svc.describe(svc.lookup(fds[0])), []
+            return svc.describe(await self._container(fds[0])), []
         if isinstance(req, protocol.Kill):
             if fds:
-                c = svc.lookup(fds[0])
+                c = svc.lookup(fds[0])  # a kill during a fork waits for its report itself
             elif (found := svc.containers.get(req.id)) is not None:
                 c = found
             else:
@@ -154,7 +195,7 @@ class Connection:
             svc.kill_by(self.peer, c)
             return {}, []
         if isinstance(req, protocol.NetNs):
-            return svc.netns_fds(self.peer, svc.lookup(fds[0]))
+            return svc.netns_fds(self.peer, await self._container(fds[0]))
         if isinstance(req, protocol.List):
             rows = [svc.describe(c) for c in svc.containers.values()
                     if self.peer.uid == 0 or c.owner == self.peer.uid]
@@ -162,13 +203,14 @@ class Connection:
         if isinstance(req, protocol.Root):
             return {}, svc.root_fd(svc.lookup(fds[0]))
         if isinstance(req, protocol.SetRoot):
-            await svc.set_root(self.peer, svc.lookup(fds[0]), fds[1])
+            await svc.set_root(self.peer, await self._container(fds[0]), fds[1])
             return {}, []
         if isinstance(req, protocol.MountAt):
-            await svc.mount_at(self.peer, svc.lookup(fds[0]), fds[1], req.path, bool(req.proc))
+            c = await self._container(fds[0])
+            await svc.mount_at(self.peer, c, fds[1], req.path, bool(req.proc))
             return {}, []
         if isinstance(req, protocol.FsNamespaces):
-            return svc.fs_namespaces(self.peer, svc.lookup(fds[0]))
+            return svc.fs_namespaces(self.peer, await self._container(fds[0]))
         if isinstance(req, protocol.Open):
             return {}, [svc.open_handle(self.peer, req.id)]
         if isinstance(req, protocol.KEY_REQUESTS):
@@ -195,6 +237,12 @@ async def serve_control(service: Service, path: str,
     task_status.started()
     try:
         async with trio.open_nursery() as nursery:
+            for key, fd, c, role in service.take_pending_forks():
+                # A fork that was being reported when the last service stopped: read on.
+                nursery.start_soon(Connection(
+                    service, trio.socket.fromfd(fd, socket.AF_UNIX, socket.SOCK_SEQPACKET),
+                    (c, role), key).run)
+                os.close(fd)
             while True:
                 conn, _ = await sock.accept()
                 try:

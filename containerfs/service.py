@@ -134,6 +134,10 @@ class Service:
         # Called after any change a reader of the FUSE view could see (a container made,
         # started, dead, removed, its last handle closed); the view sets it.
         self.on_change: Callable[[], None] | None = None
+        # Forks whose connections the keeper held across a restart (see _recover_forks).
+        self._pending_forks: list[tuple[str, int, Container, str]] = []
+        self._boot = os.urandom(4).hex()  # keeper keys of this run never meet an older one's
+        self._forks = 0
 
     # ---- lookups and checks -------------------------------------------------------------
 
@@ -179,11 +183,38 @@ class Service:
                 self.fdstore.drop(f"c{row['id']}")
                 continue
             self._adopt(row, fds)
+        self._recover_forks(held)
         self.keyrings.recover(held)  # takes its own keys out of `held`
         for key, fds in held.items():
             for fd in fds.values():
                 os.close(fd)
             self.fdstore.drop(key)
+
+    def _recover_forks(self, held: dict[str, dict[str, int]]) -> None:
+        """Take the connections of forks in progress out of `held`: what their callers
+        reported (Started, listeners) may still wait in them, unread."""
+        for key in [k for k in held if k.startswith("fork.")]:
+            fd = held.pop(key)["s"]
+            _, cid, role, _ = key.split(".", 3)
+            c = self.containers.get(int(cid))
+            if c is None or c.state == State.DEAD:
+                os.close(fd)
+                self.fdstore.drop(key)
+                continue
+            if role == "init" and c.state == State.CREATED:
+                c.state = State.STARTING  # until its report is read, or its caller is gone
+                c.started = trio.Event()
+            self._pending_forks.append((key, fd, c, role))
+
+    def take_pending_forks(self) -> list[tuple[str, int, Container, str]]:
+        """(keeper key, socket fd, container, role) of each fork to read on; once."""
+        out, self._pending_forks = self._pending_forks, []
+        return out
+
+    def fork_key(self, c: Container, role: str) -> str:
+        """A new keeper key for the connection of a fork into `c` as `role`."""
+        self._forks += 1
+        return f"fork.{c.id}.{role}.{self._boot}.{self._forks}"
 
     def _adopt(self, row: dict[str, Any], fds: dict[str, int]) -> None:
         wfd = fds.pop("w")
@@ -395,11 +426,18 @@ class Service:
 
     def finish_fork(self, c: Container, role: str, pidfd: int) -> int:
         """Record the process the intermediate made; return its pid. Takes `pidfd`."""
+        if role == "init" and c.state == State.RUNNING and c.init_pid is not None:
+            # Recorded already: a report read again after a restart (control.Connection).
+            os.close(pidfd)
+            return c.init_pid
         try:
             pid = _pidfd_pid(pidfd)
+            placed = pid > 0 and self.cgroups.contains(c.id, pid)
             fields = _stat_fields(pid) if pid > 0 else None
-            # Trust the pidfd only if its process is where the container's processes are.
-            if fields is not None and not self.cgroups.contains(c.id, pid):
+            # Trust the pidfd only if its process is where the container's processes are. A
+            # process reaped meanwhile (the caller does not wait for us) cannot be looked at
+            # any more, and its pidfd still reports its exit: take it.
+            if not placed and _pidfd_pid(pidfd) > 0:
                 raise OSError(errno.EINVAL, "reported process is not in the container's cgroup")
         except BaseException:
             os.close(pidfd)

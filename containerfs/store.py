@@ -35,6 +35,8 @@ COLUMNS = ("id", "name", "flags", "owner", "grp", "parent", "state", "pipe_dev",
 
 # Records of removed containers kept for container_wait on a handle still held; oldest go first.
 KEEP_REMOVED = 10000
+# Trimming them walks that many rows: do it once per this many removals, not at each one.
+TRIM_EVERY = 256
 
 
 class Store:
@@ -45,6 +47,7 @@ class Store:
         # runtime directory is a tmpfs (/run) by default anyway.
         self.db.execute("PRAGMA synchronous=OFF")
         self.db.executescript(_SCHEMA)
+        self._removals = 0
 
     def next_id(self) -> int:
         """A new container id, never handed out before (the first is 2; 1 is the host)."""
@@ -66,6 +69,9 @@ class Store:
 
     def mark_removed(self, cid: int) -> None:
         self.db.execute("UPDATE containers SET removed=1 WHERE id=?", (cid,))
+        self._removals += 1
+        if self._removals % TRIM_EVERY:
+            return
         self.db.execute(
             "DELETE FROM containers WHERE removed=1 AND id <= "
             "(SELECT id FROM containers WHERE removed=1 ORDER BY id DESC LIMIT 1 OFFSET ?)",

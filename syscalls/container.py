@@ -158,9 +158,9 @@ def _fork_here(conn: Connection, reply: dict[str, Any], fds: list[int]) -> int:
             _restore(saved, cwd, root)
         _linux.restore_signals(old_mask)
     try:
-        # Wait for the service to have it: a service that died before reading it would never
-        # learn of this process, its death or its exit status.
-        conn.call(protocol.Started(pid=pid), [pidfd])
+        # No need to wait: the keeper holds the service's end of this connection during a
+        # fork, so the report outlives a crash of the service and a new one reads it.
+        conn.send(protocol.StartedNoReply(pid=pid), [pidfd])
     except BaseException:
         _linux.pidfd_send_signal(pidfd, signal.SIGKILL)  # no half-made process is left
         os.waitpid(pid, 0)

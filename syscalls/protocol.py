@@ -52,6 +52,15 @@ class Started(Request):
 
 
 @dataclasses.dataclass(frozen=True)
+class StartedNoReply(Started):
+    """Started, one way: the caller goes on at once. Safe against a crash of the service
+    because the service hands the fork's connection to the keeper before it replies to Fork,
+    so this message waits in that socket for a restarted service."""
+    op: ClassVar[str] = "started_noreply"
+    one_way: ClassVar[bool] = True
+
+
+@dataclasses.dataclass(frozen=True)
 class ForkFailed(Request):
     """The process could not be made; `errno` says why. One way: no reply."""
     op: ClassVar[str] = "fork_failed"
@@ -127,7 +136,8 @@ class Open(Request):
 
 
 REQUESTS: dict[str, type[Request]] = {
-    cls.op: cls for cls in (Create, Fork, Started, ForkFailed, Status, Kill, List, NetNs)
+    cls.op: cls for cls in (Create, Fork, Started, StartedNoReply, ForkFailed, Status, Kill,
+                             List, NetNs)
 }
 REQUESTS.update({cls.op: cls for cls in (Root, SetRoot, MountAt, FsNamespaces, Open)})
 # ---- keyrings (section 7) --------------------------------------------------------------
