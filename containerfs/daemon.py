@@ -36,6 +36,8 @@ async def serve(config: Config) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
             service = Service(store, cgroups, nursery, fdstore, max_per_user=config.max_per_user)
+            # Named in the request-key.d rule: where the kernel's key requests find us.
+            service.keyrings.rules.socket = os.path.abspath(config.socket)
             service.recover()
             nursery.start_soon(service.watch_last_close)
             nursery.start_soon(service.fill_pool)

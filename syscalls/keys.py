@@ -26,6 +26,7 @@ KEY_SPEC_PROCESS_KEYRING = -2
 KEY_SPEC_SESSION_KEYRING = -3
 KEY_SPEC_USER_KEYRING = -4
 KEY_SPEC_USER_SESSION_KEYRING = -5
+KEY_SPEC_REQKEY_AUTH_KEY = -7  # the authorisation key of the key under construction
 
 KEYCTL_GET_KEYRING_ID = 0
 KEYCTL_JOIN_SESSION_KEYRING = 1
@@ -38,6 +39,10 @@ KEYCTL_LINK = 8
 KEYCTL_UNLINK = 9
 KEYCTL_SEARCH = 10
 KEYCTL_READ = 11
+KEYCTL_INSTANTIATE = 12
+KEYCTL_NEGATE = 13
+KEYCTL_ASSUME_AUTHORITY = 16
+KEYCTL_REJECT = 19
 KEYCTL_INVALIDATE = 21
 
 # Permission bits: one byte each for possessor, user, group and other.
@@ -142,6 +147,31 @@ def chown(key: int, uid: int, gid: int) -> None:
 
 def invalidate(key: int) -> None:
     keyctl(KEYCTL_INVALIDATE, key)
+
+
+# ---- constructing a key (what a request-key handler does) -------------------------------
+
+def assume_authority(key: int) -> None:
+    """KEYCTL_ASSUME_AUTHORITY: act for the kernel on key `key` under construction (the
+    calling thread must possess its authorisation key; 0 gives the authority up)."""
+    keyctl(KEYCTL_ASSUME_AUTHORITY, key)
+
+
+def instantiate(key: int, payload: bytes, keyring: int = 0) -> None:
+    """KEYCTL_INSTANTIATE: give the key under construction its payload (and link it into
+    `keyring` too, unless 0); its requester's request_key() then returns it."""
+    keyctl(KEYCTL_INSTANTIATE, key, payload, len(payload), keyring)
+
+
+def negate(key: int, timeout_s: int, keyring: int = 0) -> None:
+    """KEYCTL_NEGATE: the key under construction becomes a negative key (ENOKEY) for
+    `timeout_s` seconds."""
+    keyctl(KEYCTL_NEGATE, key, timeout_s, keyring)
+
+
+def reject(key: int, timeout_s: int, error: int, keyring: int = 0) -> None:
+    """KEYCTL_REJECT: like negate, but requesters get `error`."""
+    keyctl(KEYCTL_REJECT, key, timeout_s, error, keyring)
 
 
 def setfsuid(uid: int) -> int:

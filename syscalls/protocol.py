@@ -209,8 +209,8 @@ class KeyAnswer(Request):
     timeout_ms: int = 0
 
 
-KEY_REQUESTS = (KeyListener, KeyringStage, KeyringAttach, KeyIntercept, KeyUnintercept,
-                KeyListen, KeyAnswer)
+KEY_REQUESTS: tuple[type[Request], ...] = (
+    KeyListener, KeyringStage, KeyringAttach, KeyIntercept, KeyUnintercept, KeyListen, KeyAnswer)
 REQUESTS.update({cls.op: cls for cls in KEY_REQUESTS})
 _FIELD_TYPES: dict[str, type] = {"int": int, "str": str}
 
@@ -266,3 +266,36 @@ def decode_reply(data: bytes) -> dict[str, Any]:
 
 def error_reply(err: int, message: str) -> dict[str, Any]:
     return {"errno": err, "message": message}
+
+
+# ---- the kernel's own key requests (the request-key.d rule's handler) --------------------
+
+@dataclasses.dataclass(frozen=True)
+class KeyUpcall(Request):
+    """From the handler our request-key.d rule names (root, in no container): the kernel
+    constructs key `key` for a process whose session keyring is `session`.
+
+    Reply: {"host": 1} (not a container's trapped request: the host's rules answer it), an
+    answer at once, or {"queued": timeout_ms} and, later on the same connection, the answer:
+    {"action": "instantiate", "payload": base64} or {"action": "reject", "errno": n,
+    "timeout_ms": t}. After an instantiate the handler sends KeyUpcallDone."""
+    op: ClassVar[str] = "key_upcall"
+    key: int
+    type: str
+    description: str
+    callout_info: str
+    uid: int
+    gid: int
+    session: int
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyUpcallDone(Request):
+    """The handler instantiated the key (`errno` 0) or could not (the kernel's errno).
+    Only valid on a KeyUpcall's connection, after its instantiate answer."""
+    op: ClassVar[str] = "key_upcall_done"
+    errno: int
+
+
+KEY_REQUESTS = KEY_REQUESTS + (KeyUpcall, KeyUpcallDone)
+REQUESTS.update({cls.op: cls for cls in (KeyUpcall, KeyUpcallDone)})

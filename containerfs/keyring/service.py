@@ -10,7 +10,11 @@ What the kernel proposal did in the kernel, done here with real keys:
 - every process forked in traps its request_key() with a seccomp filter whose listener it
   hands to the service; the service answers each trapped call: "carry on" (the kernel's own
   path) unless the container has a trap for the type and the key is in none of the
-  container's keyrings; then the request waits for the creator's answer, or its timeout.
+  container's keyrings; then the request waits for the creator's answer, or its timeout;
+- requests the kernel makes itself (never a system call of the process) reach the service
+  through a request-key.d rule per trapped type (upcall.Rules) whose handler
+  (upcall_handler.py) names the requester's session keyring: a container's, with a trap for
+  the type, and the request waits for the creator just the same.
 
 Everything here runs in the service's trio loop and never blocks it: keyctl calls take
 microseconds, and a trapped request waits in a task of its own.
@@ -38,6 +42,7 @@ from syscalls.keys import KEY_ALL, KEY_LINK, KEY_READ, KEY_SEARCH, KEY_VIEW, KEY
 
 from ..states import State
 from .registry import Registry, destroy, perm
+from .upcall import Rules, probe_upcall
 
 if TYPE_CHECKING:
     from ..control import Connection
@@ -50,6 +55,7 @@ _NOT_FOUND = (errno.ENOKEY, errno.EKEYEXPIRED, errno.EKEYREVOKED, errno.EKEYREJE
 MAX_PENDING = 128  # requests waiting for an answer, per container (then EAGAIN)
 MAX_TRAPS = 64
 MAX_TIMEOUT_MS = 3600 * 1000
+UPCALL_REPORT_S = 10.0  # how long an instantiate waits for the handler to say it made the key
 
 # A container's session keyring: its possessors (members, and the service through the
 # registry) may do anything; its owner may only search it, which is what joining by name needs.
@@ -140,6 +146,23 @@ class Trap:
 
 
 @dataclass(eq=False)
+class Upcall:
+    """A request the kernel made: our request-key.d rule's handler waits on its connection
+    to be told what to do with the key under construction."""
+    key: int
+    answer: dict[str, Any] | None = None
+    told: trio.Event = field(default_factory=trio.Event)
+    gone: bool = False  # the handler hung up before it was told
+    result: int | None = None  # after an instantiate: the handler's errno (0: made)
+    reported: trio.Event = field(default_factory=trio.Event)
+
+    def tell(self, answer: dict[str, Any]) -> None:
+        if self.answer is None:
+            self.answer = answer
+            self.told.set()
+
+
+@dataclass(eq=False)
 class Pending:
     rid: int
     trap: Trap
@@ -153,6 +176,7 @@ class Pending:
     done: trio.Event = field(default_factory=trio.Event)
     record: int = 0
     finished: bool = False
+    upcall: Upcall | None = None  # made by the kernel (pid 0: the requester is not known)
 
     @property
     def what(self) -> tuple[str, str, int]:
@@ -207,6 +231,9 @@ class KeyringService:
         self._rid = 0
         self._boot = f"{os.getpid()}.{time.monotonic_ns()}"
         self._nlisteners = 0
+        self.rules = Rules(os.path.dirname(service.fdstore.path))
+        self._upcall_ok: bool | None = None  # probed when the first rule is to be written
+        self._probed: trio.Event | None = None
 
     # ---- the container's life ---------------------------------------------------------
 
@@ -262,6 +289,10 @@ class KeyringService:
         if isinstance(req, protocol.KeyListener):
             self._take_listener(conn, fds)
             return None, []
+        if isinstance(req, protocol.KeyUpcall):
+            return await self._serve_upcall(conn, req)
+        if isinstance(req, protocol.KeyUpcallDone):
+            raise protocol.ProtocolError("key_upcall_done outside an upcall")
         c = self.svc.lookup(fds[0])
         peer = conn.peer
         if isinstance(req, protocol.KeyringStage):
@@ -275,6 +306,7 @@ class KeyringService:
             self.svc._check_manager(peer, c, "intercept key requests of")
             ck = self._keys_of(c)
             trap = self._add_trap(ck, peer, req)
+            await self._install_rules()  # "from now on" holds for the kernel's requests too
             reply = {"record_keyring": trap.record_ring}
             if not req.bind:
                 return reply, []
@@ -295,7 +327,7 @@ class KeyringService:
             return await self._serve_channel(conn, fds, self._keys_of(c), {}, None)
         if isinstance(req, protocol.KeyAnswer):
             self.svc._check_manager(peer, c, "answer key requests of")
-            return self._answer(self._keys_of(c), req), []
+            return await self._answer(self._keys_of(c), req), []
         raise protocol.ProtocolError(f"unhandled op {req.op}")
 
     async def _serve_channel(self, conn: Connection, fds: list[int], ck: ContainerKeys,
@@ -404,10 +436,11 @@ class KeyringService:
             trap.record_ring = 0
         if trap.channel is not None:
             trap.channel.close()
+        self._sync_rules()
 
     # ---- answers ---------------------------------------------------------------------
 
-    def _answer(self, ck: ContainerKeys, req: protocol.KeyAnswer) -> dict[str, Any]:
+    async def _answer(self, ck: ContainerKeys, req: protocol.KeyAnswer) -> dict[str, Any]:
         p = ck.pending.get(req.rid)
         if p is None:
             raise OSError(errno.ENOENT, f"no request {req.rid} waits in container {ck.cid} "
@@ -419,6 +452,8 @@ class KeyringService:
                 payload = base64.b64decode(req.payload, validate=True)
             except ValueError:
                 raise OSError(errno.EINVAL, "payload is not base64") from None
+            if p.upcall is not None:
+                return {"serial": await self._instantiate_upcall(ck, p, req.payload)}
             return {"serial": self._instantiate(ck, p, payload)}
         if req.action == "negate":
             err = errno.ENOKEY
@@ -431,7 +466,7 @@ class KeyringService:
         if req.timeout_ms:
             # The kernel would keep a negative key this long: later requests fail at once.
             ck.negative[(p.type, p.description)] = (time.monotonic() + req.timeout_ms / 1000, err)
-        self._finish(ck, p, error=err)
+        self._finish(ck, p, error=err, timeout_ms=req.timeout_ms)
         return {}
 
     def _instantiate(self, ck: ContainerKeys, p: Pending, payload: bytes) -> int:
@@ -460,8 +495,29 @@ class KeyringService:
         self._finish(ck, p, continue_=True)
         return serial
 
+    async def _instantiate_upcall(self, ck: ContainerKeys, p: Pending, payload: str) -> int:
+        """The handler instantiates the key under construction; its errno is the answer's."""
+        assert p.upcall is not None
+        up = p.upcall
+        self._finish(ck, p, payload=payload)
+        with trio.move_on_after(UPCALL_REPORT_S):
+            await up.reported.wait()
+        if up.result is None:
+            raise OSError(errno.EIO, f"the request-key handler of key {up.key} went away "
+                                     "before it said whether it made the key")
+        if up.result == errno.EDQUOT:
+            raise OSError(errno.EDQUOT, f"uid {p.uid} has no key quota left for the key "
+                                        "(kernel.keys.maxkeys / maxbytes)")
+        if up.result:
+            raise OSError(up.result, f"the kernel refused key {up.key}: "
+                                     f"{os.strerror(up.result)}")
+        return up.key
+
     def _finish(self, ck: ContainerKeys, p: Pending, *, error: int = 0,
-                continue_: bool = False) -> None:
+                continue_: bool = False, timeout_ms: int = 0,
+                payload: str | None = None) -> None:
+        """Answer every waiter of `p`: fail with `error`, carry on, or (for a request the
+        kernel made) instantiate with `payload` / reject with `error` for `timeout_ms`."""
         if p.finished:
             return
         p.finished = True
@@ -476,6 +532,10 @@ class KeyringService:
             if not w.listener.closed:
                 keys.notif_send(w.listener.fd, w.notif_id, error=error, continue_=continue_)
             self.svc.fdstore.drop(w.keep_key)
+        if p.upcall is not None:
+            p.upcall.tell({"action": "instantiate", "payload": payload} if payload is not None
+                          else {"action": "reject", "errno": error or errno.ENOKEY,
+                                "timeout_ms": timeout_ms})
         p.done.set()
 
     async def _expire(self, ck: ContainerKeys, p: Pending) -> None:
@@ -606,17 +666,21 @@ class KeyringService:
             return None
         self._rid += 1
         p = Pending(self._rid, trap, key_type, desc, callout, uid, gid, n.pid, [waiter])
-        ck.pending[p.rid] = p
         ck.waiting[p.what] = p
+        self._open(ck, p)
+        return None
+
+    def _open(self, ck: ContainerKeys, p: Pending) -> None:
+        """Make `p` wait: recorded, sent to its trap's manager, failed after its timeout."""
+        ck.pending[p.rid] = p
         self._record(ck, p)
         event = p.event(ck.cid)
-        if trap.channel is not None:
-            trap.channel.push(event)
+        if p.trap.channel is not None:
+            p.trap.channel.push(event)
         else:
             for channel in ck.listeners:
                 channel.push(event)
         self.svc.nursery.start_soon(self._expire, ck, p)
-        return None
 
     def _record(self, ck: ContainerKeys, p: Pending) -> None:
         """Link a record of the request into the trap's record keyring, owned by the trap's
@@ -637,6 +701,100 @@ class KeyringService:
             if p.record:
                 destroy(p.record)
                 p.record = 0
+
+    # ---- requests the kernel makes (the request-key.d rule) -----------------------------
+
+    def _sync_rules(self) -> None:
+        """The rule file names the types trapped now; none while the upcall is not known to
+        work (a write waits for _install_rules' probe), none without traps."""
+        types = [t for ck in self.containers.values() for t in ck.traps]
+        if types and not self._upcall_ok:
+            if self._upcall_ok is None:
+                return
+            types = []
+        try:
+            self.rules.write(types)
+        except OSError as e:
+            log.warning("could not write the request-key rule %s: %s", self.rules.path, e)
+
+    async def _install_rules(self) -> None:
+        """Probe the upcall once (in a thread: the probe forks and waits for the kernel),
+        then write the rule file."""
+        if self._upcall_ok is None:
+            if self._probed is None:
+                self._probed = trio.Event()
+                try:
+                    reason = await trio.to_thread.run_sync(probe_upcall)
+                except Exception as e:  # a probe that cannot run says "no upcall" too
+                    reason = f"the upcall probe failed: {e!r}"
+                self._upcall_ok = reason is None
+                if reason is not None:
+                    log.info("no request-key.d rule for the kernel's own requests: %s", reason)
+                self._probed.set()
+            else:
+                await self._probed.wait()
+        self._sync_rules()
+
+    async def _serve_upcall(self, conn: Connection, req: protocol.KeyUpcall
+                            ) -> tuple[dict[str, Any] | None, list[int]]:
+        """A key the kernel constructs, from our rule's handler: the host's business (the
+        handler hands it to the host's rules), or a container's request for its creator."""
+        peer = conn.peer
+        if peer.uid != 0 or self.svc.cgroups.container_id_of(peer.pid) is not None:
+            raise OSError(errno.EPERM, "only the kernel's request-key handler (root, in no "
+                                       "container) may hand over key requests")
+        ck = next((k for k in self.containers.values() if k.session == req.session), None)
+        trap = (ck.trap_for(req.type) if ck is not None and req.type
+                and not req.type.startswith(".") else None)
+        if ck is None or trap is None:
+            return {"host": 1}, []
+        negative = ck.negative.get((req.type, req.description))
+        if negative is not None:
+            left = negative[0] - time.monotonic()
+            if left > 0:
+                return {"action": "reject", "errno": negative[1],
+                        "timeout_ms": math.ceil(left * 1000)}, []
+            del ck.negative[(req.type, req.description)]
+        if len(ck.pending) >= MAX_PENDING:
+            return {"action": "reject", "errno": errno.EAGAIN, "timeout_ms": 0}, []
+        self._rid += 1
+        up = Upcall(req.key)
+        # Not in ck.waiting: the kernel already makes one construction of a key at a time.
+        p = Pending(self._rid, trap, req.type, req.description, req.callout_info, req.uid,
+                    req.gid, 0, [], upcall=up)
+        self._open(ck, p)
+        sock = conn.sock
+        try:
+            await sock.send(protocol.encode({"queued": round(trap.timeout * 1000)}))
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._until_handler_gone, ck, p, sock)
+                await up.told.wait()
+                nursery.cancel_scope.cancel()
+            if not up.gone and up.answer is not None:
+                await sock.send(protocol.encode(up.answer))
+                if up.answer["action"] == "instantiate":
+                    with trio.move_on_after(UPCALL_REPORT_S):
+                        data = await sock.recv(protocol.MAX_MESSAGE)
+                        done = protocol.decode_request(data) if data else None
+                        if isinstance(done, protocol.KeyUpcallDone):
+                            up.result = done.errno
+        except (OSError, protocol.ProtocolError) as e:
+            log.info("container %d: request-key handler of key %d: %s", ck.cid, req.key, e)
+        finally:
+            self._finish(ck, p, error=errno.ENOKEY)  # if nobody answered it yet
+            up.reported.set()
+        return None, []
+
+    async def _until_handler_gone(self, ck: ContainerKeys, p: Pending,
+                                  sock: trio.socket.SocketType) -> None:
+        # The handler says nothing until it is told: anything it sends, like EOF, ends it.
+        try:
+            await sock.recv(protocol.MAX_MESSAGE)
+        except OSError:
+            pass
+        if p.upcall is not None:
+            p.upcall.gone = True
+        self._finish(ck, p, error=errno.ENOKEY)
 
     # ---- restart ---------------------------------------------------------------------
 
@@ -683,8 +841,14 @@ class KeyringService:
             keys.notif_send(fds["l"], notif_id, error=errno.ENOKEY)
             os.close(fds["l"])
             self.svc.fdstore.drop(key)
+        # A rule file left by the previous service says what its traps were; now it says ours.
+        self._sync_rules()
+        if any(ck.traps for ck in self.containers.values()):
+            self.svc.nursery.start_soon(self._install_rules)
 
     def close(self) -> None:
-        """The service stops: with no container left, nothing of ours stays in the kernel."""
+        """The service stops: its request-key rule goes; with no container left, nothing of
+        ours stays in the kernel."""
+        self.rules.remove()
         if not self.containers:
             self.registry.remove()
