@@ -132,11 +132,14 @@ class Connection:
             os.close(fd)
 
     async def _container(self, fd: int) -> Container:
-        """The container behind handle `fd`, once a fork into it elsewhere has reported."""
+        """The container behind handle `fd`, once a fork into it elsewhere has reported and
+        an exit of its init has been dealt with."""
         c = self.service.lookup(fd)
         if c.state == State.STARTING and (self.forking is None or self.forking[0] is not c):
             with trio.move_on_after(SETTLE_TIMEOUT):
                 await c.started.wait()
+        if self.service.init_gone(c):
+            await self.service.init_exited(c)
         return c
 
     def after_send(self, out: list[int]) -> None:
@@ -162,7 +165,7 @@ class Connection:
         if isinstance(req, protocol.Fork):
             if self.forking:
                 raise protocol.ProtocolError("fork while a fork is in progress")
-            c = svc.lookup(fds[0])
+            c = await self._container(fds[0])
             reply, ns_fds = await svc.begin_fork(self.peer, c)
             self.forking = (c, reply["role"])
             self.fork_container = c
@@ -214,6 +217,8 @@ class Connection:
         if isinstance(req, protocol.Open):
             return {}, [svc.open_handle(self.peer, req.id)]
         if isinstance(req, protocol.KEY_REQUESTS):
+            if req.nfds and not isinstance(req, protocol.KeyListener):
+                await self._container(fds[0])  # its first fd is the handle: settle it
             return await svc.keyrings.dispatch(self, req, fds)
         raise protocol.ProtocolError(f"unhandled op {req.op}")
 

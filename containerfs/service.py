@@ -72,6 +72,7 @@ class Container:
     init_starttime: int = 0
     exit_status: int | None = None
     kill_pending: bool = False
+    death_seen: trio.Event | None = None  # set once init's exit has been dealt with
     # Where proc mounts made before init wait for its PID namespace (relative to the root).
     proc_paths: list[str] = field(default_factory=list)
     started: trio.Event = field(default_factory=trio.Event)
@@ -471,10 +472,28 @@ class Service:
     async def _watch_init(self, c: Container) -> None:
         try:
             await trio.lowlevel.wait_readable(c.init_pidfd)
-            c.exit_status = await self._exit_status(c)
         except Exception:  # a bug here must not take the whole service down
             log.exception("container %d: watching init failed; killing it", c.id)
+        await self.init_exited(c)
+
+    def init_gone(self, c: Container) -> bool:
+        """Whether init has exited though its death may not have been dealt with yet."""
+        return c.state == State.RUNNING and c.init_pidfd >= 0 and bool(
+            select.select([c.init_pidfd], [], [], 0)[0])
+
+    async def init_exited(self, c: Container) -> None:
+        """Deal with init's exit once, whoever notices it first: the watcher, or a request
+        that must not see a container alive whose init is gone (the kernel never would)."""
+        if c.death_seen is not None:
+            await c.death_seen.wait()
+            return
+        c.death_seen = trio.Event()
+        try:
+            c.exit_status = await self._exit_status(c)
+        except Exception:
+            log.exception("container %d: reading init's exit status failed", c.id)
         self._die(c)
+        c.death_seen.set()
 
     async def _exit_status(self, c: Container) -> int | None:
         """Init's wait status, whether or not its parent has reaped it yet."""

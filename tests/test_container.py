@@ -233,6 +233,24 @@ def test_wait_before_and_after_reap(service: Any) -> None:
     os.close(cfd)
 
 
+
+def test_dead_at_once_after_init_is_reaped(service: Any) -> None:
+    """Once waitpid() has returned init's status, no call may find the container alive, as
+    no call of the kernel would: not even one made before the service's own watcher ran."""
+    for flags in (CONTAINER_NEW_PID_NS, 0) * 5:
+        cfd = syscalls.container_create("reaped", flags)
+        pid = syscalls.fork_into_container(cfd)
+        if pid == 0:
+            os._exit(7)
+        assert child_result(pid) == 7
+        with pytest.raises(OSError) as info:
+            syscalls.fork_into_container(cfd)
+        assert info.value.errno == errno.ECANCELED
+        status = syscalls.container_status(cfd)
+        assert (status["state"], status["exit_status"]) == ("dead", 7 << 8)
+        assert hung_up(cfd, 5)
+        os.close(cfd)
+
 def test_fork_from_threaded_caller(service: Any) -> None:
     cfd = syscalls.container_create("t", CONTAINER_NEW_PID_NS | CONTAINER_NEW_NET_NS)
     stop = threading.Event()
