@@ -114,11 +114,8 @@ def _mount_proc(unsafe_path: str) -> None:
 
 
 def _single_threaded() -> bool:
-    with open("/proc/self/status", "rb") as f:
-        for line in f:
-            if line.startswith(b"Threads:"):
-                return int(line.split()[1]) == 1
-    return False
+    # One entry per thread, C threads included; a quarter of the cost of /proc/self/status.
+    return len(os.listdir("/proc/self/task")) == 1
 
 
 def _close(conn: Connection, fds: list[int]) -> None:
