@@ -111,6 +111,12 @@ class Connection:
                     self.after_send(out)
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as e:
             log.debug("connection from pid %d dropped: %s", self.peer.pid, e)
+        except trio.Cancelled:
+            # The service is stopping: a report still unread stays with the keeper, for the
+            # next service (see Service.take_pending_forks); nothing is given up here.
+            if self.keep_key:
+                self.forking, self.keep_key = None, ""
+            raise
         finally:
             if self.forking:
                 self.service.abort_fork(*self.forking)
@@ -163,13 +169,14 @@ class Connection:
                 os.close(pidfd)
             return {"id": c.id}, [rfd]
         if isinstance(req, protocol.Fork):
-            if self.forking:
-                raise protocol.ProtocolError("fork while a fork is in progress")
+            if self.fork_container is not None:
+                # One fork per connection: the keeper's record of it names that fork.
+                raise protocol.ProtocolError("a connection forks once")
             c = await self._container(fds[0])
             reply, ns_fds = await svc.begin_fork(self.peer, c)
             self.forking = (c, reply["role"])
             self.fork_container = c
-            if not self.keep_key:
+            if req.keep:
                 # Before the reply: whatever the caller reports from now on outlives a crash.
                 self.keep_key = svc.fork_key(c, reply["role"])
                 svc.fdstore.put(self.keep_key, {"s": self.sock.fileno()})
@@ -182,7 +189,9 @@ class Connection:
                 if isinstance(req, protocol.ForkFailed):
                     svc.abort_fork(*forking)
                     return None, []
-                pid = svc.finish_fork(forking[0], forking[1], os.dup(fds[0]))
+                root_report = isinstance(req, protocol.StartedNoReply) and self.peer.uid == 0
+                pid = svc.finish_fork(forking[0], forking[1], os.dup(fds[0]),
+                                      req.pid if root_report else 0)
             finally:
                 svc.return_intermediate(self.peer)
             return {"pid": pid}, []

@@ -425,21 +425,30 @@ class Service:
             if c.kill_pending:
                 self.kill(c)
 
-    def finish_fork(self, c: Container, role: str, pidfd: int) -> int:
-        """Record the process the intermediate made; return its pid. Takes `pidfd`."""
-        if role == "init" and c.state == State.RUNNING and c.init_pid is not None:
-            # Recorded already: a report read again after a restart (control.Connection).
+    def finish_fork(self, c: Container, role: str, pidfd: int, reported_pid: int = 0) -> int:
+        """Record the process the intermediate made; return its pid. Takes `pidfd`.
+
+        `reported_pid` (non-zero only for root's one-way report) is trusted for a process
+        already reaped: its caller reaps without waiting for us.
+        """
+        if role == "init" and c.state != State.STARTING:
+            # Recorded already (a report read again after a restart, control.Connection), or
+            # the container is dead meanwhile: nothing to record.
             os.close(pidfd)
-            return c.init_pid
+            return c.init_pid if c.init_pid is not None else reported_pid
         try:
             pid = _pidfd_pid(pidfd)
             placed = pid > 0 and self.cgroups.contains(c.id, pid)
             fields = _stat_fields(pid) if pid > 0 else None
             # Trust the pidfd only if its process is where the container's processes are. A
-            # process reaped meanwhile (the caller does not wait for us) cannot be looked at
-            # any more, and its pidfd still reports its exit: take it.
-            if not placed and _pidfd_pid(pidfd) > 0:
-                raise OSError(errno.EINVAL, "reported process is not in the container's cgroup")
+            # process reaped meanwhile cannot be looked at any more: only root's own report
+            # of it is believed (anyone else could pass off some other dead process as init
+            # and choose the container's exit status).
+            if not placed:
+                if _pidfd_pid(pidfd) > 0 or reported_pid <= 0:
+                    raise OSError(errno.EINVAL,
+                                  "reported process is not in the container's cgroup")
+                pid, fields = reported_pid, None
         except BaseException:
             os.close(pidfd)
             self.abort_fork(c, role)
@@ -470,16 +479,20 @@ class Service:
     # ---- death, kill and last close -----------------------------------------------------
 
     async def _watch_init(self, c: Container) -> None:
-        try:
-            await trio.lowlevel.wait_readable(c.init_pidfd)
-        except Exception:  # a bug here must not take the whole service down
-            log.exception("container %d: watching init failed; killing it", c.id)
+        if c.death_seen is None:  # a request may have dealt with the death already
+            try:
+                await trio.lowlevel.wait_readable(c.init_pidfd)
+            except Exception:  # a bug here must not take the whole service down
+                log.exception("container %d: watching init failed; killing it", c.id)
         await self.init_exited(c)
 
     def init_gone(self, c: Container) -> bool:
         """Whether init has exited though its death may not have been dealt with yet."""
-        return c.state == State.RUNNING and c.init_pidfd >= 0 and bool(
-            select.select([c.init_pidfd], [], [], 0)[0])
+        if c.state != State.RUNNING or c.init_pidfd < 0:
+            return False
+        poller = select.poll()  # any fd number (select() stops at 1024)
+        poller.register(c.init_pidfd, select.POLLIN)
+        return bool(poller.poll(0))
 
     async def init_exited(self, c: Container) -> None:
         """Deal with init's exit once, whoever notices it first: the watcher, or a request

@@ -48,6 +48,7 @@ class Store:
         self.db.execute("PRAGMA synchronous=OFF")
         self.db.executescript(_SCHEMA)
         self._removals = 0
+        self._trim()  # a service that never lives for TRIM_EVERY removals still trims
 
     def next_id(self) -> int:
         """A new container id, never handed out before (the first is 2; 1 is the host)."""
@@ -70,8 +71,10 @@ class Store:
     def mark_removed(self, cid: int) -> None:
         self.db.execute("UPDATE containers SET removed=1 WHERE id=?", (cid,))
         self._removals += 1
-        if self._removals % TRIM_EVERY:
-            return
+        if self._removals % TRIM_EVERY == 0:
+            self._trim()
+
+    def _trim(self) -> None:
         self.db.execute(
             "DELETE FROM containers WHERE removed=1 AND id <= "
             "(SELECT id FROM containers WHERE removed=1 ORDER BY id DESC LIMIT 1 OFFSET ?)",

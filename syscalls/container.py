@@ -73,7 +73,7 @@ def fork_into_container(fd: int) -> int:
         # intermediate process.
         conn = Connection()
         try:
-            reply, fds = conn.call(protocol.Fork(), [fd])
+            reply, fds = conn.call(protocol.Fork(keep=1), [fd])
         except BaseException:
             conn.close()
             raise
@@ -270,6 +270,10 @@ def _intermediate(handle: int, wfd: int, conn: Connection | None, reply: dict[st
     """Run in the short-lived intermediate; True only in the new process, which must return 0."""
     result: dict[str, Any]
     reap = 0
+    # Root's fork asked the service to keep its connection (Fork(keep=1)): the report can be
+    # one way. Others wait for it to be recorded: the service must first move this
+    # intermediate out of the container's cgroup, or a fast-dying init would take it along.
+    one_way = conn is not None
     try:
         if conn is None:
             conn = Connection()
@@ -291,7 +295,10 @@ def _intermediate(handle: int, wfd: int, conn: Connection | None, reply: dict[st
             _child_setup(reply)
             return True
         try:
-            conn.call(protocol.Started(pid=pid), [pidfd])
+            if one_way:
+                conn.send(protocol.StartedNoReply(pid=pid), [pidfd])
+            else:
+                conn.call(protocol.Started(pid=pid), [pidfd])
         except OSError:
             # No half-made process is left: kill it; the caller, its parent, reaps it.
             _linux.pidfd_send_signal(pidfd, signal.SIGKILL)

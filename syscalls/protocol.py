@@ -38,9 +38,12 @@ class Create(Request):
 
 @dataclasses.dataclass(frozen=True)
 class Fork(Request):
-    """Sent by fork_into_container's intermediate with the handle. Reply: role, ns fds."""
+    """Sent by fork_into_container's intermediate with the handle. Reply: role, ns fds.
+    `keep`: the report will be one way (StartedNoReply), so the service must keep this
+    connection where a crash cannot lose it."""
     op: ClassVar[str] = "fork"
     nfds: ClassVar[int] = 1
+    keep: int = 0
 
 
 @dataclasses.dataclass(frozen=True)

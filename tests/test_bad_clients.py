@@ -116,3 +116,53 @@ def test_one_way_messages_never_get_replies(service: Any) -> None:
     s.close()
     assert syscalls.container_status(cfd)["state"] == "created"
     os.close(cfd)
+
+
+def _fork_request(service: Any, cfd: int) -> tuple[socket.socket, list[int]]:
+    """Send Fork for `cfd` on a raw connection, as an intermediate would; return it and the
+    fds the reply carried (closed by the caller)."""
+    s = raw(service)
+    socket.send_fds(s, [protocol.encode(protocol.Fork())], [cfd])
+    data, fds, _ = fdpass.recv_fds(s, 65536, protocol.MAX_FDS)
+    assert "errno" not in protocol.decode_reply(data)
+    return s, fds
+
+
+def test_reaped_process_is_not_taken_as_init(service: Any) -> None:
+    """A report naming a process that is already gone is believed only from root's one-way
+    fast path; anyone else could pass off a stranger's death as init's and its status."""
+    cfd = syscalls.container_create("fake-init", CONTAINER_NEW_PID_NS)
+    s, fds = _fork_request(service, cfd)
+    stranger = os.fork()
+    if stranger == 0:
+        os._exit(42)
+    pidfd = os.pidfd_open(stranger)
+    assert child_result(stranger) == 42  # reaped: its pidfd no longer names a live pid
+    socket.send_fds(s, [protocol.encode(protocol.Started(pid=stranger))], [pidfd])
+    reply = protocol.decode_reply(s.recv(65536))
+    assert reply["errno"] == errno.EINVAL, reply
+    s.close()
+    for fd in (pidfd, *fds):
+        os.close(fd)
+    status = syscalls.container_status(cfd)
+    assert (status["state"], status["exit_status"]) == ("created", None)
+    os.close(cfd)
+
+
+def test_a_connection_forks_once(service: Any) -> None:
+    """The keeper's record of a fork names one fork: a second Fork on the same connection is
+    refused, and the first one is undone as if its caller had gone."""
+    cfd = syscalls.container_create("twice", 0)
+    s, fds = _fork_request(service, cfd)
+    socket.send_fds(s, [protocol.encode(protocol.Fork())], [cfd])
+    assert protocol.decode_reply(s.recv(65536))["errno"] == errno.EINVAL
+    assert s.recv(65536) == b""  # dropped
+    s.close()
+    for fd in fds:
+        os.close(fd)
+    deadline = time.monotonic() + 5
+    while syscalls.container_status(cfd)["state"] != "created":
+        assert time.monotonic() < deadline, "the abandoned fork was never undone"
+        time.sleep(0.01)
+    os.close(cfd)
+    still_serves()

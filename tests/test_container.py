@@ -500,3 +500,28 @@ def test_unprivileged_inits_that_die_at_once(service: Any) -> None:
         return codes
     """, timeout=60)
     assert got == [7] * 30
+
+
+def test_many_running_containers_all_answer(service: Any) -> None:
+    """Past 1024 fds in the service (its namespace fds, write ends, init pidfds), every
+    request still gets its answer: nothing in it may use select() on an fd."""
+    r, w = os.pipe()
+    held = []
+    try:
+        for _ in range(150):
+            cfd = syscalls.container_create("many", CONTAINER_NEW_PID_NS)
+            pid = syscalls.fork_into_container(cfd)
+            if pid == 0:
+                os.close(w)
+                os.read(r, 1)
+                os._exit(0)
+            held.append((cfd, pid))
+        assert len(os.listdir(f"/proc/{service.proc.pid}/fd")) > 1024
+        assert all(syscalls.container_status(cfd)["state"] == "running" for cfd, _ in held)
+    finally:
+        os.close(w)
+        os.close(r)
+        for cfd, pid in held:
+            assert child_result(pid) == 0
+            assert hung_up(cfd, 5)
+            os.close(cfd)
