@@ -1,10 +1,11 @@
-"""One request/response exchange with the service over its control socket."""
+"""Request/response exchanges with the service over its control socket."""
 
 from __future__ import annotations
 
 import errno
 import os
 import socket
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,10 +19,12 @@ def socket_path() -> str:
 
 
 class Connection:
-    """A connection to the service; one per call, so sharers of a handle never mix replies."""
+    """A connection to the service, used by one caller at a time, so that sharers of a handle
+    never mix replies."""
 
     def __init__(self) -> None:
         path = socket_path()
+        self.path = path
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         try:
             self.sock.connect(path)
@@ -31,6 +34,9 @@ class Connection:
                           f"no containerfs service at {path} ({e.strerror}); start one with "
                           f"`containerfs serve` (as root) or point CONTAINERFS_SOCKET at it")
             raise exc from None
+        # Who the service takes us for: the kernel recorded these at connect().
+        self.identity = (os.getpid(), os.geteuid(), os.getegid(), path)
+        self.hung_up = False
 
     def call(self, req: protocol.Request, fds: Sequence[int] = ()) -> tuple[dict[str, Any], list[int]]:
         """Send `req` with `fds`; return the reply and the fds it carried, or raise its OSError."""
@@ -49,6 +55,7 @@ class Connection:
         if not data:
             for fd in fds:
                 os.close(fd)
+            self.hung_up = True
             raise OSError(errno.EIO, "the containerfs service closed the connection")
         reply = protocol.decode_reply(data)
         if "errno" in reply:
@@ -67,7 +74,79 @@ class Connection:
         self.close()
 
 
+# Idle connections of this process, reused by call(): a connection costs the service about as
+# much as the request itself (accept, a task, epoll registrations). The service knows a peer
+# by the credentials and pid the kernel recorded at connect, so a connection is reused only by
+# the process, with the credentials, that made it; a forked child never uses its parent's.
+_idle: list[Connection] = []
+_idle_lock = threading.Lock()
+_IDLE_MAX = 4
+
+
+def _identity() -> tuple[int, int, int, str]:
+    return os.getpid(), os.geteuid(), os.getegid(), socket_path()
+
+
+def _take() -> tuple[Connection, bool]:
+    """A connection for one call, and whether it was idle (and so may have gone stale)."""
+    me = _identity()
+    with _idle_lock:
+        while _idle:
+            conn = _idle.pop()
+            if conn.identity == me:
+                return conn, True
+            conn.close()
+    return Connection(), False
+
+
+def _give_back(conn: Connection) -> None:
+    with _idle_lock:
+        if len(_idle) < _IDLE_MAX and conn.identity == _identity():
+            _idle.append(conn)
+            return
+    conn.close()
+
+
+def _forget_after_fork() -> None:
+    """In a new child: close the parent's idle connections (it must never speak to the service
+    with the identity its parent connected with). No lock: another thread of the parent may
+    have held it at the fork, and that thread does not exist here."""
+    global _idle_lock
+    _idle_lock = threading.Lock()
+    while _idle:
+        _idle.pop().close()
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)
+
+
 def call(req: protocol.Request, fds: Sequence[int] = ()) -> tuple[dict[str, Any], list[int]]:
-    """One request on a fresh connection."""
-    with Connection() as conn:
-        return conn.call(req, fds)
+    """One request and its reply, on an idle connection of this process or a new one."""
+    conn, reused = _take()
+    try:
+        try:
+            conn.send(req, fds)
+        except (BrokenPipeError, ConnectionResetError):
+            if not reused:
+                raise
+            # The service that accepted this idle connection is gone (restarted): nothing was
+            # delivered, so the request goes again, to the one that answers now.
+            conn.close()
+            conn = Connection()
+            conn.send(req, fds)
+    except BaseException:
+        conn.close()
+        raise
+    try:
+        reply = conn.receive()
+    except OSError:
+        if conn.hung_up:
+            conn.close()
+        else:
+            _give_back(conn)  # an error reply: the exchange is complete
+        raise
+    except BaseException:  # interrupted before the reply: it must not reach the next call
+        conn.close()
+        raise
+    _give_back(conn)
+    return reply
