@@ -41,6 +41,7 @@ async def serve(config: Config) -> None:
             service.recover()
             nursery.start_soon(service.watch_last_close)
             nursery.start_soon(service.fill_pool)
+            nursery.start_soon(service.flush_store)
             if config.mount:
                 from .view.fuse import serve_view  # pyfuse3 only when there is a view
                 await nursery.start(serve_view, service, config.mount)

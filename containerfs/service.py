@@ -43,6 +43,9 @@ log = logging.getLogger("containerfs")
 # come first, while the process still has its host privileges; then the new user namespace,
 # whose capabilities it needs to enter the others the container owns.
 _ENTRY_ORDER = ("mnt", "uts", "ipc", "net", "cgroup")
+# How long a record may wait to be written (rows a crash could lose without harm: an init's
+# start, a death, a removal); writes within it share one transaction.
+STORE_DELAY = 0.05
 
 
 @dataclass(frozen=True)
@@ -139,6 +142,7 @@ class Service:
         self._pending_forks: list[tuple[str, int, Container, str]] = []
         self._boot = os.urandom(4).hex()  # keeper keys of this run never meet an older one's
         self._forks = 0
+        self._store_dirty = trio.Event()
 
     # ---- lookups and checks -------------------------------------------------------------
 
@@ -179,8 +183,7 @@ class Service:
                 self.cgroups.kill(row["id"])
                 self.nursery.start_soon(self._remove_cgroup, row["id"])
                 row["state"] = State.DEAD.value
-                self.store.save(row)
-                self.store.mark_removed(row["id"])
+                self.store.save({**row, "removed": 1})
                 self.fdstore.drop(f"c{row['id']}")
                 continue
             self._adopt(row, fds)
@@ -207,6 +210,19 @@ class Service:
                 c.started = trio.Event()
             self._pending_forks.append((key, fd, c, role))
 
+    def _save_later(self, row: dict[str, Any]) -> None:
+        """Record `row` within STORE_DELAY (with the next immediate write, if sooner)."""
+        self.store.save_later(row)
+        self._store_dirty.set()
+
+    async def flush_store(self) -> None:
+        """Forever: write the rows saved for later, a batch at a time, off any request."""
+        while True:
+            await self._store_dirty.wait()
+            await trio.sleep(STORE_DELAY)
+            self._store_dirty = trio.Event()
+            self.store.flush()
+
     def take_pending_forks(self) -> list[tuple[str, int, Container, str]]:
         """(keeper key, socket fd, container, role) of each fork to read on; once."""
         out, self._pending_forks = self._pending_forks, []
@@ -228,6 +244,9 @@ class Service:
         if init_pidfd >= 0:
             c.init_pidfd = init_pidfd
             c.state = State.RUNNING
+            pid = _pidfd_pid(init_pidfd)
+            if pid > 0:  # the row's init_pid may not have been written before a crash
+                c.init_pid = pid
             fields = _stat_fields(c.init_pid) if c.init_pid else None
             c.init_starttime = int(fields[19]) if fields else 0
             self.nursery.start_soon(self._watch_init, c)
@@ -235,7 +254,7 @@ class Service:
         self.containers[c.id] = c
         self.by_pipe[c.pipe] = c
         self.by_wfd[wfd] = c
-        self.store.save(c.row())
+        self._save_later(c.row())
         self.watch_handle(c)  # if every handle closed while we were down, this fires at once
         log.info("container %d adopted (%s)", c.id, c.state.value)
         self._changed()
@@ -297,8 +316,7 @@ class Service:
         c = Container(id=cid, name=raw_name, flags=flags, owner=peer.uid, group=peer.gid,
                       parent=parent.id if parent else 1, pipe=(st.st_dev, st.st_ino), wfd=wfd,
                       ns=ns, new_ns=requested_namespaces(flags))
-        self.store.forget_pipe(*c.pipe)
-        self.store.save(c.row())
+        self.store.save(c.row(), new_pipe=True)
         self._keep(c)
         self.containers[cid] = c
         self.by_pipe[c.pipe] = c
@@ -469,7 +487,7 @@ class Service:
         c.state = State.RUNNING
         c.started.set()
         self._changed()
-        self.store.save(c.row())
+        self._save_later(c.row())
         self._keep(c)
         self.nursery.start_soon(self._watch_init, c)
         if c.kill_pending:
@@ -542,7 +560,7 @@ class Service:
         namespaces.close_all(c.ns)
         if root is not None:
             c.ns["root"] = root  # *at() calls on a held handle still work once it is dead
-        self.store.save(c.row())
+        self._save_later(c.row())
         self.nursery.start_soon(self._remove_cgroup, c.id)
         if not c.handle_open:
             self._remove(c)
@@ -597,7 +615,7 @@ class Service:
         self.gone[c.pipe] = c
         while len(self.gone) > 4096:
             self.gone.popitem(last=False)
-        self.store.mark_removed(c.id)
+        self._save_later({**c.row(), "removed": 1})
         self._changed()
 
     async def watch_last_close(self) -> None:

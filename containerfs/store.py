@@ -37,6 +37,9 @@ COLUMNS = ("id", "name", "flags", "owner", "grp", "parent", "state", "pipe_dev",
 KEEP_REMOVED = 10000
 # Trimming them walks that many rows: do it once per this many removals, not at each one.
 TRIM_EVERY = 256
+# Ids are reserved this many at a time (one write per block, not per container); a crash
+# skips what was left of the block, so ids stay unique, only not dense.
+ID_BLOCK = 64
 
 
 class Store:
@@ -47,31 +50,76 @@ class Store:
         # runtime directory is a tmpfs (/run) by default anyway.
         self.db.execute("PRAGMA synchronous=OFF")
         self.db.executescript(_SCHEMA)
+        (last,) = self.db.execute(
+            "SELECT value FROM counter WHERE name = 'container_id'").fetchone()
+        self._next = self._reserved = int(last)
+        self._next += 1
+        # Rows whose writing may wait (save_later): written with the next write, or flush().
+        self._later: dict[int, dict[str, Any]] = {}
         self._removals = 0
         self._trim()  # a service that never lives for TRIM_EVERY removals still trims
 
     def next_id(self) -> int:
         """A new container id, never handed out before (the first is 2; 1 is the host)."""
-        (value,) = self.db.execute(
-            "UPDATE counter SET value = value + 1 WHERE name = 'container_id' RETURNING value"
-        ).fetchone()
-        return int(value)
+        if self._next > self._reserved:
+            self._reserved = self._next + ID_BLOCK - 1
+            self._set_counter(self._reserved)
+        cid = self._next
+        self._next += 1
+        return cid
 
-    def save(self, row: dict[str, Any]) -> None:
+    def _set_counter(self, value: int) -> None:
+        self.db.execute("UPDATE counter SET value = ? WHERE name = 'container_id'", (value,))
+
+    def _write(self, row: dict[str, Any]) -> None:
         cols = ",".join(COLUMNS)
         marks = ",".join("?" * len(COLUMNS))
         self.db.execute(f"INSERT OR REPLACE INTO containers ({cols}) VALUES ({marks})",
                         [row.get(c, 0 if c == "removed" else None) for c in COLUMNS])
 
-    def forget_pipe(self, dev: int, ino: int) -> None:
-        """A new handle got this pipe inode: any record still naming it is stale."""
-        self.db.execute("DELETE FROM containers WHERE pipe_dev=? AND pipe_ino=? AND removed=1",
-                        (dev, ino))
+    def save(self, row: dict[str, Any], new_pipe: bool = False) -> None:
+        """Write `row` now, with every row saved for later, in one transaction. `new_pipe`:
+        the row's handle is new, so a removed record still naming its pipe inode is stale."""
+        self.db.execute("BEGIN")
+        try:
+            self._write_later()
+            if new_pipe:
+                self.db.execute("DELETE FROM containers WHERE pipe_dev=? AND pipe_ino=? "
+                                "AND removed=1", (row["pipe_dev"], row["pipe_ino"]))
+            self._write(row)
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
 
-    def mark_removed(self, cid: int) -> None:
-        self.db.execute("UPDATE containers SET removed=1 WHERE id=?", (cid,))
-        self._removals += 1
-        if self._removals % TRIM_EVERY == 0:
+    def save_later(self, row: dict[str, Any]) -> None:
+        """Write `row` with the next write or flush(): for what a crash a moment later could
+        lose without harm (the keeper's fds say what is alive; see Service._adopt)."""
+        self._later[row["id"]] = row
+        if row.get("removed"):
+            self._removals += 1
+
+    @property
+    def pending(self) -> bool:
+        return bool(self._later)
+
+    def _write_later(self) -> None:
+        rows, self._later = self._later, {}
+        for row in rows.values():
+            self._write(row)
+
+    def flush(self) -> None:
+        """Write the rows saved for later, in one transaction; trim now and then."""
+        if self._later:
+            self.db.execute("BEGIN")
+            try:
+                self._write_later()
+                self.db.execute("COMMIT")
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+        if self._removals >= TRIM_EVERY:
+            self._removals = 0
             self._trim()
 
     def _trim(self) -> None:
@@ -81,6 +129,7 @@ class Store:
             (KEEP_REMOVED,))
 
     def by_pipe(self, dev: int, ino: int) -> dict[str, Any] | None:
+        self.flush()
         cur = self.db.execute(
             f"SELECT {','.join(COLUMNS)} FROM containers WHERE pipe_dev=? AND pipe_ino=? "
             "ORDER BY id DESC LIMIT 1", (dev, ino))
@@ -94,4 +143,7 @@ class Store:
         return [dict(zip(COLUMNS, row)) for row in cur.fetchall()]
 
     def close(self) -> None:
+        """Write what waits, give back the ids reserved but not handed out, and close."""
+        self.flush()
+        self._set_counter(self._next - 1)
         self.db.close()
