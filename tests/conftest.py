@@ -227,3 +227,18 @@ def hung_up(fd: int, timeout: float = 0) -> bool:
     events = p.poll(timeout * 1000)
     assert all(ev & ~(select.POLLHUP) == 0 for _, ev in events), f"unexpected events {events}"
     return bool(events)
+
+
+def child_json(pid: int, r: int, timeout: float, what: str) -> Any:
+    """The JSON that child `pid` wrote to pipe `r` before exiting 0; kill it and fail if it
+    wrote nothing within `timeout` s (a test fails instead of hanging)."""
+    poller = select.poll()
+    poller.register(r, select.POLLIN)
+    if not poller.poll(timeout * 1000):
+        os.kill(pid, 9)
+        child_result(pid)
+        raise AssertionError(f"{what} {pid} hung")
+    with os.fdopen(r, "rb") as f:
+        data = f.read()
+    assert child_result(pid) == 0, data
+    return json.loads(data)

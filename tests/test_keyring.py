@@ -37,7 +37,7 @@ from syscalls import (
     keys,
 )
 
-from .conftest import OTHER_GID, OTHER_UID, ROOT, child_result, run_as, users_handle
+from .conftest import OTHER_GID, OTHER_UID, ROOT, child_json, child_result, run_as, users_handle
 from .test_restart import restart
 
 # A uid of its own: the quota tests fill its key quota (kernel.keys.maxkeys, 200 by default),
@@ -81,16 +81,7 @@ class Inside:
         os.close(self.go_w)
 
     def result(self, timeout: float = 15) -> Any:
-        poller = select.poll()
-        poller.register(self.r, select.POLLIN)
-        if not poller.poll(timeout * 1000):
-            os.kill(self.pid, 9)
-            child_result(self.pid)
-            raise AssertionError(f"process {self.pid} in the container hung")
-        with os.fdopen(self.r, "rb") as f:
-            data = f.read()
-        assert child_result(self.pid) == 0, data
-        return json.loads(data)
+        return child_json(self.pid, self.r, timeout, "process in the container")
 
 
 def ask(key_type: str, desc: str, callout: str | None = "info",

@@ -11,7 +11,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import select
 import sys
 import time
 import uuid
@@ -30,7 +29,7 @@ from syscalls import (
     keys,
 )
 
-from .conftest import child_result
+from .conftest import child_json
 from .test_keyring import UPCALL_REASON, Inside, ask, outside_fresh_session, running, session_info
 from .test_restart import restart
 
@@ -95,16 +94,7 @@ class Outside:
         self.r = r
 
     def result(self, timeout: float = 30) -> Any:
-        poller = select.poll()
-        poller.register(self.r, select.POLLIN)
-        if not poller.poll(timeout * 1000):
-            os.kill(self.pid, 9)
-            child_result(self.pid)
-            raise AssertionError(f"requester {self.pid} hung")
-        with os.fdopen(self.r, "rb") as f:
-            data = f.read()
-        assert child_result(self.pid) == 0
-        return json.loads(data)
+        return child_json(self.pid, self.r, timeout, "requester")
 
 
 def session_name(cfd: int) -> str:
