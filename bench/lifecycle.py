@@ -1,7 +1,8 @@
 """Container lifecycle: create + fork_into_container(/bin/true) + POLLHUP, against unshare(1).
 
-Run with a service up (CONTAINERFS_SOCKET names it). Prints both medians, the ratio, and the
-throughput with two creators at once.
+Starts its own service in a temporary directory unless CONTAINERFS_SOCKET names a running one.
+Run as `python -m bench.lifecycle`. Prints both medians, the ratio, and the throughput with two
+creators at once.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from syscalls import (
     CONTAINER_FD_CLOEXEC, CONTAINER_KILL_ON_CLOSE, CONTAINER_NEW_FS_NS, CONTAINER_NEW_IPC_NS,
     CONTAINER_NEW_NET_NS, CONTAINER_NEW_PID_NS, CONTAINER_NEW_UTS_NS,
 )
+
+from ._service import running_service
 
 FLAGS = (CONTAINER_NEW_PID_NS | CONTAINER_NEW_FS_NS | CONTAINER_NEW_UTS_NS | CONTAINER_NEW_IPC_NS
          | CONTAINER_NEW_NET_NS | CONTAINER_KILL_ON_CLOSE | CONTAINER_FD_CLOEXEC)
@@ -71,17 +74,22 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("-n", type=int, default=200)
     args = ap.parse_args()
+    with running_service():
+        run(args.n)
+
+
+def run(n: int) -> None:
     timed(one_container, 10)
     timed(one_unshare, 10)
     ours, theirs = [], []
     for _ in range(4):  # interleave, so drift in the machine hits both alike
-        ours += timed(one_container, args.n // 4)
-        theirs += timed(one_unshare, args.n // 4)
+        ours += timed(one_container, n // 4)
+        theirs += timed(one_unshare, n // 4)
     mo, mu = statistics.median(ours), statistics.median(theirs)
     print(f"containerfs create+fork+POLLHUP  median {mo * 1e3:.2f} ms")
     print(f"unshare --fork --pid ... /bin/true median {mu * 1e3:.2f} ms")
     print(f"ratio containerfs/unshare: {mo / mu:.2f}x")
-    print(f"throughput, 2 creators: {throughput(2, args.n // 4):.0f} containers/s")
+    print(f"throughput, 2 creators: {throughput(2, n // 4):.0f} containers/s")
 
 
 if __name__ == "__main__":
