@@ -134,25 +134,26 @@ def _keys(args: argparse.Namespace) -> int:
     """The container keyring this command line attaches (one per container, kept in @u)."""
     from syscalls import keys
 
-    name = f"containerfs.cli.{args.id}"
+    cfd = _open(args.id)
     try:
-        ring = keys.search(keys.KEY_SPEC_USER_KEYRING, "keyring", name)
-    except OSError:
-        ring = 0
-    if args.action == "add":
-        if not ring:
-            cfd = _open(args.id)
+        # Ids are a registry's, and every service has its own: the name also holds the
+        # handle's inode, which is this container's alone while it lives.
+        name = f"containerfs.cli.{args.id}.{os.fstat(cfd).st_ino}"
+        try:
+            ring = keys.search(keys.KEY_SPEC_USER_KEYRING, "keyring", name)
+        except OSError:
+            ring = 0
+        if args.action == "add" and not ring:
+            ring = keys.add_key("keyring", name, None, keys.KEY_SPEC_USER_KEYRING)
             try:
-                ring = keys.add_key("keyring", name, None, keys.KEY_SPEC_USER_KEYRING)
-                try:
-                    keys.keyctl_set_container_keyring(cfd, ring)
-                except OSError:
-                    keys.unlink(ring, keys.KEY_SPEC_USER_KEYRING)
-                    raise
-            finally:
-                os.close(cfd)
-        serial = keys.add_key(args.type, args.description, args.data.encode(), ring)
-        print(serial)
+                keys.keyctl_set_container_keyring(cfd, ring)
+            except OSError:
+                keys.unlink(ring, keys.KEY_SPEC_USER_KEYRING)
+                raise
+    finally:
+        os.close(cfd)
+    if args.action == "add":
+        print(keys.add_key(args.type, args.description, args.data.encode(), ring))
         return 0
     if not ring:
         return 0  # nothing attached by this command line: no keys to show

@@ -116,22 +116,32 @@ def test_kill(running: Any) -> None:
 
 def test_keys_add_and_list(running: Any) -> None:
     from syscalls import keys
-    cid, _init, _cfd = running
-    assert cli("keys", str(cid), "list").stdout == ""
+    cid, _init, cfd = running
+    # A keyring of another container with the same id (another service's, or an older
+    # scheme's name) is not this one's.
+    decoys = [keys.add_key("keyring", name, None, keys.KEY_SPEC_USER_KEYRING)
+              for name in (f"containerfs.cli.{cid}", f"containerfs.cli.{cid}.0")]
+    ours = f"containerfs.cli.{cid}.{os.fstat(cfd).st_ino}"
     try:
+        for ring in decoys:
+            keys.add_key("user", "decoy-key", b"no", ring)
+        assert cli("keys", str(cid), "list").stdout == ""
         res = cli("keys", str(cid), "add", "user", "cli-test-key", "sesame")
         assert res.returncode == 0 and int(res.stdout) > 0
         listing = cli("keys", str(cid), "list").stdout.split()
-        assert "cli-test-key" in listing and "user" in listing
+        assert "cli-test-key" in listing and "user" in listing and "decoy-key" not in listing
+        assert keys.search(keys.KEY_SPEC_USER_KEYRING, "keyring", ours) not in decoys
         # request_key() inside the container finds it (keyutils' own command line)
         res = cli("exec", str(cid), "--", "sh", "-c",
                   "keyctl print $(keyctl request user cli-test-key)")
         assert (res.returncode, res.stdout.strip()) == (0, "sesame"), res.stderr
         assert cli("keys", "999999", "add", "user", "x", "y").returncode == 1
     finally:
-        try:
-            ring = keys.search(keys.KEY_SPEC_USER_KEYRING, "keyring", f"containerfs.cli.{cid}")
+        for ring in decoys:
             keys.unlink(ring, keys.KEY_SPEC_USER_KEYRING)
+        try:
+            keys.unlink(keys.search(keys.KEY_SPEC_USER_KEYRING, "keyring", ours),
+                        keys.KEY_SPEC_USER_KEYRING)
         except OSError:
             pass
 
