@@ -66,9 +66,9 @@ class Connection:
     async def run(self) -> None:
         try:
             while True:
-                # While the keeper holds this socket, a report of a fork (Started) is only
-                # peeked at, and taken off the socket once recorded: a crash in between
-                # leaves it there for the next service.
+                # While the keeper holds this socket, a report of a fork (Started or
+                # ForkFailed) is only peeked at, and taken off the socket once recorded: a
+                # crash in between leaves it there for the next service.
                 peeking = bool(self.keep_key)
                 data, fds, flags = await self._receive(socket.MSG_PEEK if peeking else 0)
                 if not data and not fds:
@@ -79,7 +79,7 @@ class Connection:
                     if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
                         raise protocol.ProtocolError("message or its fds were truncated")
                     req = protocol.decode_request(data)
-                    if peeking and not isinstance(req, protocol.Started):
+                    if peeking and not isinstance(req, (protocol.Started, protocol.ForkFailed)):
                         await self._consume()
                         peeking = False
                     one_or_none = isinstance(req, protocol.Kill) and len(fds) == 1
@@ -100,6 +100,11 @@ class Connection:
                         os.close(fd)
                     if peeking:
                         await self._consume()
+                        if isinstance(req, protocol.ForkFailed):
+                            # No process, so nothing more can come that must outlive a
+                            # crash: a restarted service must not wait on this connection.
+                            self.service.fdstore.drop(self.keep_key)
+                            self.keep_key = ""
                 if reply is None or req is not None and req.one_way:
                     if reply is not None and "errno" in reply:  # an error nobody would read
                         log.info("one-way %s from pid %d failed: %s", req.op if req else "?",

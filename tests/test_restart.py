@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
+import socket
 import time
 from pathlib import Path
 from typing import Any
 
 import syscalls
-from syscalls import CONTAINER_KILL_ON_CLOSE, CONTAINER_NEW_NET_NS, CONTAINER_NEW_PID_NS
+from syscalls import CONTAINER_KILL_ON_CLOSE, CONTAINER_NEW_NET_NS, CONTAINER_NEW_PID_NS, fdpass, protocol
 
 from .conftest import child_result, hung_up, pid_alive, start_service
 
@@ -91,3 +93,33 @@ def test_clean_stop_and_start_keeps_created_container(service: Any) -> None:
     assert child_result(pid) == 0
     assert hung_up(cfd, 5)
     os.close(cfd)
+
+
+def test_failed_fork_on_an_open_connection_is_over_after_restart(service: Any) -> None:
+    # A caller reported ForkFailed and kept its connection open; the service then crashed. The
+    # next one must not take that connection for a fork still being reported.
+    cfd = syscalls.container_create("failed", CONTAINER_NEW_PID_NS)
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        s.connect(service.socket)
+        socket.send_fds(s, [protocol.encode(protocol.Fork(keep=1))], [cfd])
+        _data, fds, _ = fdpass.recv_fds(s, protocol.MAX_MESSAGE, protocol.MAX_FDS)
+        for fd in fds:
+            os.close(fd)
+        s.send(protocol.encode(protocol.ForkFailed(errno=errno.EPERM)))
+        deadline = time.monotonic() + 5
+        while syscalls.container_status(cfd)["state"] != "created":
+            assert time.monotonic() < deadline, "ForkFailed was not taken"
+            time.sleep(0.01)
+        restart(service, hard=True)
+        t = time.monotonic()
+        assert syscalls.container_status(cfd)["state"] == "created"
+        assert time.monotonic() - t < 1, "the status waited for a fork that had failed"
+        pid = syscalls.fork_into_container(cfd)
+        if pid == 0:
+            os._exit(7)
+        assert child_result(pid) == 7
+        assert hung_up(cfd, 5)
+    finally:
+        s.close()
+        os.close(cfd)
