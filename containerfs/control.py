@@ -99,12 +99,13 @@ class Connection:
                     for fd in fds:
                         os.close(fd)
                     if peeking:
-                        await self._consume()
                         if isinstance(req, protocol.ForkFailed):
                             # No process, so nothing more can come that must outlive a
-                            # crash: a restarted service must not wait on this connection.
+                            # crash: the keeper lets go first, so a restarted service
+                            # either reads this report again or never sees the connection.
                             self.service.fdstore.drop(self.keep_key)
                             self.keep_key = ""
+                        await self._consume()
                 if reply is None or req is not None and req.one_way:
                     if reply is not None and "errno" in reply:  # an error nobody would read
                         log.info("one-way %s from pid %d failed: %s", req.op if req else "?",

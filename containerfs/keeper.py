@@ -10,7 +10,8 @@ Protocol (SOCK_SEQPACKET, root peers only; one JSON datagram each, fds beside it
   {"op": "get"}                                   one {"key", "names"} + fds per key, then {"end": true}
   {"op": "exit"}                                  close everything and exit
 PUT and DROP have no reply, so the service never waits on the keeper: a datagram sent before
-a crash is already in the keeper's socket and is still applied.
+a crash is already in the keeper's socket and is still applied, and applied before any GET
+that comes later from a new service (a GET first takes what waits on every other connection).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import select
 import selectors
 import socket
 import struct
@@ -48,7 +50,7 @@ class Keeper:
         for fd in fds:
             os.close(fd)
 
-    def handle(self, conn: socket.socket) -> bool:
+    def handle(self, conn: socket.socket, nested: bool = False) -> bool:
         """Serve one datagram; False when the connection is done."""
         try:
             data, fds, _ = fdpass.recv_fds(conn, 65536, MAX_FDS)
@@ -71,6 +73,8 @@ class Keeper:
             elif op == "drop":
                 self.drop(str(msg["key"]))
             elif op == "get":
+                if not nested:
+                    self._drain_others(conn)
                 for key, (names, held) in self.held.items():
                     socket.send_fds(conn, [json.dumps({"key": key, "names": names}).encode()], held)
                 conn.send(b'{"end": true}')
@@ -86,6 +90,23 @@ class Keeper:
                 os.close(fd)
         return True
 
+    def _drain_others(self, conn: socket.socket) -> None:
+        """Apply every datagram already waiting on the other connections: what a service sent
+        before it crashed must count before its successor is told what is held."""
+        for key in list(self.sel.get_map().values()):
+            sock = key.fileobj
+            if sock is self.listener or sock is conn:
+                continue
+            assert isinstance(sock, socket.socket)
+            while _readable(sock):
+                if not self.handle(sock, nested=True):
+                    self._forget(sock)
+                    break
+
+    def _forget(self, sock: socket.socket) -> None:
+        self.sel.unregister(sock)
+        sock.close()
+
     def run(self) -> None:
         while True:
             for key, _ in self.sel.select():
@@ -99,9 +120,16 @@ class Keeper:
                         conn.close()
                         continue
                     self.sel.register(conn, selectors.EVENT_READ)
+                elif sock.fileno() < 0 or not _readable(sock):
+                    continue  # closed or drained meanwhile, by a GET (_drain_others)
                 elif not self.handle(sock):
-                    self.sel.unregister(sock)
-                    sock.close()
+                    self._forget(sock)
+
+
+def _readable(sock: socket.socket) -> bool:
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 def main() -> None:
