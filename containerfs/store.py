@@ -7,7 +7,9 @@ by its handle's pipe inode after it is gone, so container_wait works on a dead o
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
+from collections.abc import Iterator
 from typing import Any
 
 _SCHEMA = """
@@ -77,20 +79,25 @@ class Store:
         self.db.execute(f"INSERT OR REPLACE INTO containers ({cols}) VALUES ({marks})",
                         [row.get(c, 0 if c == "removed" else None) for c in COLUMNS])
 
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        self.db.execute("BEGIN")
+        try:
+            yield
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+
     def save(self, row: dict[str, Any], new_pipe: bool = False) -> None:
         """Write `row` now, with every row saved for later, in one transaction. `new_pipe`:
         the row's handle is new, so a removed record still naming its pipe inode is stale."""
-        self.db.execute("BEGIN")
-        try:
+        with self._transaction():
             self._write_later()
             if new_pipe:
                 self.db.execute("DELETE FROM containers WHERE pipe_dev=? AND pipe_ino=? "
                                 "AND removed=1", (row["pipe_dev"], row["pipe_ino"]))
             self._write(row)
-            self.db.execute("COMMIT")
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
 
     def save_later(self, row: dict[str, Any]) -> None:
         """Write `row` with the next write or flush(): for what a crash a moment later could
@@ -98,10 +105,6 @@ class Store:
         self._later[row["id"]] = row
         if row.get("removed"):
             self._removals += 1
-
-    @property
-    def pending(self) -> bool:
-        return bool(self._later)
 
     def _write_later(self) -> None:
         rows, self._later = self._later, {}
@@ -111,13 +114,8 @@ class Store:
     def flush(self) -> None:
         """Write the rows saved for later, in one transaction; trim now and then."""
         if self._later:
-            self.db.execute("BEGIN")
-            try:
+            with self._transaction():
                 self._write_later()
-                self.db.execute("COMMIT")
-            except BaseException:
-                self.db.execute("ROLLBACK")
-                raise
         if self._removals >= TRIM_EVERY:
             self._removals = 0
             self._trim()
