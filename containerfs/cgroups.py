@@ -11,6 +11,8 @@ import os
 import signal
 import time
 
+from syscalls import _linux
+
 
 def cgroup2_mount() -> str:
     """The mount point of the cgroup2 hierarchy, preferring /sys/fs/cgroup itself."""
@@ -45,6 +47,9 @@ class CgroupTree:
         self.mount = cgroup2_mount()
         self.base = os.path.join(self.mount, name)
         os.makedirs(self.base, exist_ok=True)
+        # What container (or None) each group, by id, belongs to. A group's id (its inode
+        # number) is never given to another group, so an answer once found stays true.
+        self._owner_of_group: dict[int, int | None] = {}
 
     def path(self, cid: int) -> str:
         return os.path.join(self.base, f"c{cid}")
@@ -58,6 +63,7 @@ class CgroupTree:
             if not self.try_remove(cid):
                 raise
             os.mkdir(path, 0o755)
+        self._owner_of_group[os.stat(path).st_ino] = cid
         return path
 
     def open(self, cid: int) -> int:
@@ -82,6 +88,23 @@ class CgroupTree:
             return None
         head = path[len(prefix):].split("/", 1)[0]
         return int(head) if head.isdigit() else None
+
+    def container_id_of_pidfd(self, pidfd: int, pid: int) -> int | None:
+        """container_id_of for the process behind `pidfd` (its pid is `pid`): one ioctl,
+        and a look under /proc only for a group not met before."""
+        info = _linux.pidfd_info(pidfd)
+        if info is None or not info.cgroup_id or info.pid <= 0:
+            return self.container_id_of(pid)
+        if info.cgroup_id in self._owner_of_group:
+            return self._owner_of_group[info.cgroup_id]
+        cid = self.container_id_of(pid)
+        again = _linux.pidfd_info(pidfd)
+        if again is not None and again.pid == info.pid and again.cgroup_id == info.cgroup_id:
+            # Still in that group after the look (so the path read was that group's).
+            if len(self._owner_of_group) >= 4096:
+                self._owner_of_group.clear()
+            self._owner_of_group[info.cgroup_id] = cid
+        return cid
 
     def contains(self, cid: int, pid: int) -> bool:
         """Whether `pid` is in the container's group or below it."""

@@ -173,6 +173,9 @@ class Connection:
                 c, rfd = await svc.create(self.peer, pidfd, raw, req.flags)
             finally:
                 os.close(pidfd)
+            plan = svc.creator_plan(self.peer, c) if req.plan else None
+            if plan is not None:
+                return {"id": c.id, "plan": plan[0]}, [rfd, *plan[1]]
             return {"id": c.id}, [rfd]
         if isinstance(req, protocol.Fork):
             if self.fork_container is not None:

@@ -72,7 +72,6 @@ class Container:
     handle_open: bool = True
     init_pid: int | None = None
     init_pidfd: int = -1
-    init_starttime: int = 0
     exit_status: int | None = None
     kill_pending: bool = False
     death_seen: trio.Event | None = None  # set once init's exit has been dealt with
@@ -107,12 +106,30 @@ def _stat_fields(pid: int) -> list[str] | None:
 
 
 def _pidfd_pid(pidfd: int) -> int:
-    """The pid (in the service's namespace) of the process `pidfd` refers to, -1 once gone."""
+    """The pid (in the service's namespace) of the process `pidfd` refers to, -1 once reaped.
+
+    EINVAL for an fd that is not a pidfd (checked first: an ioctl is never tried on a file a
+    client passed that may give it another meaning)."""
+    if not _linux.is_pidfd(pidfd):
+        raise OSError(errno.EINVAL, "not a pidfd")
+    info = _linux.pidfd_info(pidfd)
+    if info is not None:
+        return info.pid if info.pid > 0 else -1
     with open(f"/proc/self/fdinfo/{pidfd}") as f:
         for line in f:
             if line.startswith("Pid:"):
                 return int(line.split()[1])
     raise OSError(errno.EINVAL, "not a pidfd")
+
+
+def _pid_namespace(pidfd: int, pid: int) -> int:
+    """An fd of the PID namespace of the process behind `pidfd` (whose pid is `pid`)."""
+    try:
+        return _linux.pidfd_namespace(pidfd, "pid")
+    except OSError as e:
+        if e.errno != errno.ENOTTY:
+            raise
+    return os.open(f"/proc/{pid}/ns/pid", os.O_RDONLY | os.O_CLOEXEC)  # before Linux 6.11
 
 
 class Service:
@@ -247,8 +264,6 @@ class Service:
             pid = _pidfd_pid(init_pidfd)
             if pid > 0:  # the row's init_pid may not have been written before a crash
                 c.init_pid = pid
-            fields = _stat_fields(c.init_pid) if c.init_pid else None
-            c.init_starttime = int(fields[19]) if fields else 0
             self.nursery.start_soon(self._watch_init, c)
         # A fork cut short by the crash left no process: the container is as it was before.
         self.containers[c.id] = c
@@ -312,7 +327,7 @@ class Service:
                                             f"(user.max_user_namespaces): {e.strerror}") from None
             raise
         st = os.fstat(rfd)
-        parent = self.container_of(peer.pid)
+        parent = self.container_of(peer.pid, peer_pidfd)
         c = Container(id=cid, name=raw_name, flags=flags, owner=peer.uid, group=peer.gid,
                       parent=parent.id if parent else 1, pipe=(st.st_dev, st.st_ino), wfd=wfd,
                       ns=ns, new_ns=requested_namespaces(flags))
@@ -373,9 +388,10 @@ class Service:
             except FileExistsError:
                 pass  # watched already (another handle of it is open)
 
-    def container_of(self, pid: int) -> Container | None:
-        """The live container whose group holds `pid`, if any."""
-        cid = self.cgroups.container_id_of(pid)
+    def container_of(self, pid: int, pidfd: int = -1) -> Container | None:
+        """The live container whose group holds `pid` (`pidfd`'s process, if given), if any."""
+        cid = (self.cgroups.container_id_of_pidfd(pidfd, pid) if pidfd >= 0
+               else self.cgroups.container_id_of(pid))
         return self.containers.get(cid) if cid is not None else None
 
     # ---- fork_into_container ------------------------------------------------------------
@@ -390,6 +406,39 @@ class Service:
         if "root" not in c.ns:
             raise OSError(errno.ENOENT, f"container {c.id} has no root filesystem yet")
         role = "init" if c.state == State.CREATED else "member"
+        reply, fds = self._fork_plan(peer, c, role)
+        if peer.uid != 0:
+            # Others may not place a process with CLONE_INTO_CGROUP; move the intermediate
+            # itself, before it makes the child, and back out once the child is reported
+            # (return_intermediate), so that the container's death, however early, never
+            # kills the intermediate.
+            try:
+                origin = process_cgroup(peer.pid)
+                self.cgroups.move(c.id, peer.pid)
+            except BaseException:
+                for fd in fds:
+                    os.close(fd)
+                raise
+            if origin is not None:
+                self._origins[peer.pid] = origin
+        if role == "init":
+            check_transition(c.state, State.STARTING)
+            c.state = State.STARTING
+            c.started = trio.Event()
+            self._changed()
+        return reply, fds
+
+    def creator_plan(self, peer: Peer, c: Container) -> tuple[dict[str, Any], list[int]] | None:
+        """For root's container_create: what its first fork will be told to enter, so it can
+        make the process while the Fork request is on its way (the reply then confirms it).
+        None where that fork takes an intermediate anyway (a user namespace) or cannot be."""
+        if peer.uid != 0 or "root" not in c.ns or "user" in c.new_ns:
+            return None
+        return self._fork_plan(peer, c, "init")
+
+    def _fork_plan(self, peer: Peer, c: Container, role: str) -> tuple[dict[str, Any], list[int]]:
+        """What a fork in `role` enters, in order: (reply, the fds it names). No side effect
+        but the fds, which are the reply's own copies."""
         names: list[str] = []
         fds: list[int] = []
 
@@ -413,21 +462,8 @@ class Service:
         if peer.uid == 0:
             # Root may place a process with CLONE_INTO_CGROUP: no cgroup.procs write, no stall.
             cgroup_fd = self.cgroups.open(c.id)
-            add("cgroup", cgroup_fd)
-            os.close(cgroup_fd)
-        else:
-            # Others may not; move the intermediate itself, before it makes the child, and
-            # back out once the child is reported (return_intermediate), so that the
-            # container's death, however early, never kills the intermediate.
-            origin = process_cgroup(peer.pid)
-            self.cgroups.move(c.id, peer.pid)
-            if origin is not None:
-                self._origins[peer.pid] = origin
-        if role == "init":
-            check_transition(c.state, State.STARTING)
-            c.state = State.STARTING
-            c.started = trio.Event()
-            self._changed()
+            names.append("cgroup")
+            fds.append(cgroup_fd)
         reply = {"role": role, "fds": names, "id": c.id,
                  "new_pid_ns": role == "init" and bool(c.flags & CONTAINER_NEW_PID_NS),
                  "proc_paths": c.proc_paths if role == "init" else []}
@@ -456,8 +492,7 @@ class Service:
             return c.init_pid if c.init_pid is not None else reported_pid
         try:
             pid = _pidfd_pid(pidfd)
-            placed = pid > 0 and self.cgroups.contains(c.id, pid)
-            fields = _stat_fields(pid) if pid > 0 else None
+            placed = pid > 0 and self.cgroups.container_id_of_pidfd(pidfd, pid) == c.id
             # Trust the pidfd only if its process is where the container's processes are. A
             # process reaped meanwhile cannot be looked at any more: only root's own report
             # of it is believed (anyone else could pass off some other dead process as init
@@ -466,7 +501,7 @@ class Service:
                 if _pidfd_pid(pidfd) > 0 or reported_pid <= 0:
                     raise OSError(errno.EINVAL,
                                   "reported process is not in the container's cgroup")
-                pid, fields = reported_pid, None
+                pid = reported_pid
         except BaseException:
             os.close(pidfd)
             self.abort_fork(c, role)
@@ -475,14 +510,13 @@ class Service:
             os.close(pidfd)
             return pid
         c.init_pid, c.init_pidfd = pid, pidfd
-        c.init_starttime = int(fields[19]) if fields else 0
-        if c.flags & CONTAINER_NEW_PID_NS and fields is not None:
+        if c.flags & CONTAINER_NEW_PID_NS and placed:
             try:
-                pidns = os.open(f"/proc/{pid}/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+                pidns = _pid_namespace(pidfd, pid)
                 os.close(c.ns["pid"])
                 c.ns["pid"] = pidns
             except (FileNotFoundError, ProcessLookupError):
-                pass  # init already died: nobody can join its PID namespace anyway
+                pass  # init already reaped: nobody can join its PID namespace anyway
         check_transition(c.state, State.RUNNING)
         c.state = State.RUNNING
         c.started.set()
@@ -532,10 +566,11 @@ class Service:
             status = _linux.pidfd_exit_status(c.init_pidfd)
             if status is not None:  # already reaped (Linux 6.15+ keeps it on the pidfd)
                 return status
-            assert c.init_pid is not None
-            fields = _stat_fields(c.init_pid)
-            # Still a zombie: field 52 holds the status, if the pid is still our init's.
-            if fields and fields[0] == "Z" and int(fields[19]) == c.init_starttime:
+            pid = _pidfd_pid(c.init_pidfd)
+            fields = _stat_fields(pid) if pid > 0 else None
+            # Still a zombie: field 52 holds the status. The pid was init's all along if
+            # init is still unreaped after the look (a pid is reused only once reaped).
+            if fields and fields[0] == "Z" and _pidfd_pid(c.init_pidfd) == pid:
                 return int(fields[49])
             await trio.sleep(0.001)
         log.warning("container %d: could not read init's exit status", c.id)

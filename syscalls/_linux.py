@@ -12,7 +12,7 @@ import errno as _errno
 import os
 import platform
 import struct
-from typing import Any
+from typing import Any, NamedTuple
 
 # One table of syscall numbers per architecture. Calls added after 4.x (clone3, pidfd_*, the
 # mount API) share one number on every architecture, so only the old ones differ.
@@ -69,6 +69,8 @@ PR_SET_DUMPABLE = 4
 PR_SET_PDEATHSIG = 1
 SO_PEERPIDFD = 77
 
+PIDFD_INFO_PID = 1 << 0
+PIDFD_INFO_CGROUPID = 1 << 2
 PIDFD_INFO_EXIT = 1 << 3
 _PIDFD_INFO_SIZE = 64
 # _IOWR(PIDFS_IOCTL_MAGIC=0xFF, 11, struct pidfd_info)
@@ -125,13 +127,22 @@ def pidfd_send_signal(pidfd: int, sig: int) -> None:
     syscall("pidfd_send_signal", ctypes.c_int(pidfd), ctypes.c_int(sig), None, ctypes.c_uint(0))
 
 
-def pidfd_exit_status(pidfd: int) -> int | None:
-    """Return the wait status of the reaped process behind `pidfd`, or None if not known yet.
+class PidfdInfo(NamedTuple):
+    """What PIDFD_GET_INFO tells of a process: its pid in our namespace (0 once reaped), the
+    id of its cgroup2 group (the group directory's inode number), its wait status once reaped."""
+    pid: int
+    cgroup_id: int
+    exit_status: int | None
 
-    Uses PIDFD_GET_INFO with PIDFD_INFO_EXIT (Linux 6.15+), which is filled only after the reap.
+
+def pidfd_info(pidfd: int) -> PidfdInfo | None:
+    """PIDFD_GET_INFO (Linux 6.13+; the exit status 6.15+) on `pidfd`; None on older kernels.
+
+    One ioctl instead of three files under /proc, and about their pid-reuse races: the answer
+    is about the process itself, whatever has become of its pid number.
     """
     buf = ctypes.create_string_buffer(_PIDFD_INFO_SIZE)
-    struct.pack_into("=Q", buf, 0, PIDFD_INFO_EXIT)
+    struct.pack_into("=Q", buf, 0, PIDFD_INFO_PID | PIDFD_INFO_CGROUPID | PIDFD_INFO_EXIT)
     while True:
         res = _libc.ioctl(ctypes.c_int(pidfd), ctypes.c_ulong(_PIDFD_GET_INFO), buf)
         if res == 0:
@@ -139,14 +150,46 @@ def pidfd_exit_status(pidfd: int) -> int | None:
         err = ctypes.get_errno()
         if err == _errno.EINTR:
             continue
-        if err == _errno.ESRCH:
+        if err == _errno.ESRCH:  # reaped, on a kernel that keeps no exit status
+            return PidfdInfo(0, 0, None)
+        if err in (_errno.ENOTTY, _errno.EINVAL):  # an older kernel, or not a pidfd at all
             return None
         _raise(err, "ioctl(PIDFD_GET_INFO)")
-    (mask,) = struct.unpack_from("=Q", buf, 0)
-    if not mask & PIDFD_INFO_EXIT:
-        return None
+    mask, cgroup_id, pid = struct.unpack_from("=QQI", buf, 0)
     (status,) = struct.unpack_from("=i", buf, 60)
-    return int(status)
+    return PidfdInfo(pid if mask & PIDFD_INFO_PID else 0,
+                     cgroup_id if mask & PIDFD_INFO_CGROUPID else 0,
+                     status if mask & PIDFD_INFO_EXIT else None)
+
+
+def is_pidfd(fd: int) -> bool:
+    """Whether `fd` is a pidfd (EBADF if it is no open fd)."""
+    return os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[pidfd]"
+
+
+# PIDFD_GET_<TYPE>_NAMESPACE: _IO(PIDFS_IOCTL_MAGIC=0xFF, n)
+_PIDFD_GET_NAMESPACE = {"cgroup": 1, "ipc": 2, "mnt": 3, "net": 4, "pid": 5,
+                        "pid_for_children": 6, "time": 7, "time_for_children": 8, "user": 9,
+                        "uts": 10}
+
+
+def pidfd_namespace(pidfd: int, nstype: str) -> int:
+    """An fd (close-on-exec) of the `nstype` namespace of the process behind `pidfd` (Linux
+    6.11+; ENOTTY before). ESRCH once it is reaped; a zombie still has its PID namespace."""
+    res = _libc.ioctl(ctypes.c_int(pidfd), ctypes.c_ulong((0xFF << 8) | _PIDFD_GET_NAMESPACE[nstype]),
+                      ctypes.c_ulong(0))
+    if res < 0:
+        _raise(ctypes.get_errno(), f"ioctl(PIDFD_GET_{nstype.upper()}_NAMESPACE)")
+    return int(res)
+
+
+def pidfd_exit_status(pidfd: int) -> int | None:
+    """Return the wait status of the reaped process behind `pidfd`, or None if not known yet.
+
+    Uses PIDFD_GET_INFO with PIDFD_INFO_EXIT (Linux 6.15+), which is filled only after the reap.
+    """
+    info = pidfd_info(pidfd)
+    return info.exit_status if info is not None else None
 
 
 def prctl(option: int, arg2: int = 0) -> None:

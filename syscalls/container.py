@@ -8,7 +8,7 @@ import os
 import select
 import signal
 import stat
-from typing import Any
+from typing import Any, NamedTuple
 
 from . import _linux, keys, protocol, validate
 from ._client import Connection, call
@@ -28,8 +28,11 @@ def container_create(name: str | bytes, flags: int) -> int:
     """Create a container; return its handle, a new fd (close-on-exec with CONTAINER_FD_CLOEXEC)."""
     raw = validate.container_name(name)
     validate.create_flags(flags, os.geteuid())
-    _reply, fds = call(protocol.Create(name=raw.decode("utf-8", "surrogateescape"), flags=flags))
-    (fd,) = fds
+    reply, fds = call(protocol.Create(name=raw.decode("utf-8", "surrogateescape"), flags=flags,
+                                      plan=int(os.geteuid() == 0)))
+    fd, plan_fds = fds[0], fds[1:]
+    if plan_fds:
+        _plans.keep(fd, reply.get("plan") or {}, plan_fds)
     if not flags & CONTAINER_FD_CLOEXEC:
         os.set_inheritable(fd, True)
     return fd
@@ -73,6 +76,9 @@ def fork_into_container(fd: int) -> int:
         # intermediate process.
         conn = Connection()
         try:
+            plan = _plans.take(fd)
+            if plan is not None:
+                return _fork_ahead(conn, fd, plan)
             reply, fds = conn.call(protocol.Fork(keep=1), [fd])
         except BaseException:
             conn.close()
@@ -124,8 +130,10 @@ def _close(conn: Connection, fds: list[int]) -> None:
         os.close(fd)
 
 
-def _fork_here(conn: Connection, reply: dict[str, Any], fds: list[int]) -> int:
-    """Enter, fork once, and restore the caller's namespaces, root and cwd."""
+def _fork_here(conn: Connection, reply: dict[str, Any], fds: list[int],
+               plan: _Plan | None = None) -> int:
+    """Enter, fork once, and restore the caller's namespaces, root and cwd. With `plan`
+    (its Fork request sent, not answered), the reply is read once the plan is entered."""
     # No Python signal handler may run while this thread stands in the container.
     old_mask = _linux.block_signals()
     saved: list[tuple[str, int]] = []
@@ -133,8 +141,12 @@ def _fork_here(conn: Connection, reply: dict[str, Any], fds: list[int]) -> int:
     root = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     in_child = False
     try:
+        cgroup_fd = None
+        if plan is not None:
+            reply, fds, cgroup_fd = _enter_planned(conn, plan, saved, cwd, root)
         try:
-            cgroup_fd = _enter(reply, fds, saved)
+            if cgroup_fd is None:
+                cgroup_fd = _enter(reply, fds, saved)
             pid, pidfd = _linux.clone3_fork(0, signal.SIGCHLD, cgroup_fd)
         except OSError as e:
             conn.send(protocol.ForkFailed(errno=e.errno or errno.EIO))
@@ -142,6 +154,7 @@ def _fork_here(conn: Connection, reply: dict[str, Any], fds: list[int]) -> int:
             raise
         if pid == 0:
             in_child = True
+            _plans.drop()  # another container's, inherited: not this process's to use
             keys.enter_container(conn, reply, join=True)
             _close(conn, fds)
             for _nstype, saved_fd in saved:
@@ -168,20 +181,138 @@ def _fork_here(conn: Connection, reply: dict[str, Any], fds: list[int]) -> int:
     return pid
 
 
-def _restore(saved: list[tuple[str, int]], cwd: int, root: int) -> None:
-    """Put the calling thread back where it stood (in reverse order of entry)."""
+class _Plan(NamedTuple):
+    reply: dict[str, Any]  # the Fork reply the service expects to give
+    fds: list[int]
+    ids: list[tuple[int, int]]  # what each fd was, so a reused fd number is never taken
+    handle: tuple[int, int]
+    pid: int  # the process that created the container
+
+
+class _Plans:
+    """What root's last container_create said its first fork will enter (at most one plan,
+    so a caller that never forks holds a few fds, not a few per container)."""
+
+    def __init__(self) -> None:
+        self.plan: _Plan | None = None
+        os.register_at_fork(after_in_child=self.drop)
+
+    def keep(self, handle: int, reply: dict[str, Any], fds: list[int]) -> None:
+        self.drop()
+        if reply.get("role") != "init" or len(reply.get("fds", ())) != len(fds):
+            _close_fds(fds)
+            return
+        st = os.fstat(handle)
+        self.plan = _Plan(reply, fds, [_file_id(fd) for fd in fds], (st.st_dev, st.st_ino),
+                          os.getpid())
+
+    def take(self, handle: int) -> _Plan | None:
+        """The plan for `handle`, if this process made it and its fds are still its own."""
+        plan = self.plan
+        if plan is None:
+            return None
+        st = os.fstat(handle)
+        if (st.st_dev, st.st_ino) != plan.handle:
+            return None  # kept for its own container's first fork
+        self.plan = None
+        if plan.pid != os.getpid() or not _still(plan):
+            return None  # not ours to close either
+        if "ns:user" in plan.reply["fds"] and not _linux.same_file(
+                plan.fds[plan.reply["fds"].index("ns:user")], "/proc/self/ns/user"):
+            _close_fds(plan.fds)  # the caller moved to another user namespace since
+            return None
+        return plan
+
+    def drop(self) -> None:
+        plan, self.plan = self.plan, None
+        if plan is not None and _still(plan):
+            _close_fds(plan.fds)
+
+
+def _file_id(fd: int) -> tuple[int, int]:
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
+
+
+def _still(plan: _Plan) -> bool:
+    """Whether the plan's fds are still the files it was given (the caller may have closed
+    them and opened others under the same numbers)."""
     try:
-        for nstype, fd in reversed(saved):
-            _linux.setns(fd, _linux.NS_FLAGS[nstype])
-            os.close(fd)
-        saved.clear()
-        if not _linux.same_file(root, "/"):
-            os.fchdir(root)
-            os.chroot(".")
-        os.fchdir(cwd)
+        return all(_file_id(fd) == fid for fd, fid in zip(plan.fds, plan.ids))
+    except OSError:
+        return False
+
+
+def _close_fds(fds: list[int]) -> None:
+    for fd in fds:
+        os.close(fd)
+
+
+_plans = _Plans()
+
+
+def _fork_ahead(conn: Connection, handle: int, plan: _Plan) -> int:
+    """Root's first fork into the container it created: the namespaces of the plan are
+    entered while the Fork request travels, and the process is made once the reply
+    confirms that plan (any other reply is followed instead)."""
+    try:
+        conn.send(protocol.Fork(keep=1), [handle])
+    except BaseException:
+        _close_fds(plan.fds)
+        raise
+    return _fork_here(conn, {}, [], plan)
+
+
+def _enter_planned(conn: Connection, plan: _Plan, saved: list[tuple[str, int]], cwd: int,
+                   root: int) -> tuple[dict[str, Any], list[int], int | None]:
+    """Enter the plan, then read the Fork reply: (reply, its fds, the cgroup fd to fork
+    into), the cgroup fd None if the reply is not the plan (then none of it is entered).
+    Raises the service's error, with nothing entered, if it refuses the fork."""
+    try:
+        try:
+            cgroup_fd: int | None = _enter(plan.reply, plan.fds, saved)
+        except OSError:
+            cgroup_fd = None
+        try:
+            reply, fds = conn.receive()
+        except BaseException:
+            _go_back(saved, cwd, root)
+            raise
+        if cgroup_fd is not None and _confirms(plan, reply, fds):
+            cgroup_fd = fds[reply["fds"].index("cgroup")] if "cgroup" in reply["fds"] else -1
+        else:
+            _go_back(saved, cwd, root)
+            cgroup_fd = None
+    finally:
+        _close_fds(plan.fds)
+    return reply, fds, cgroup_fd
+
+
+def _confirms(plan: _Plan, reply: dict[str, Any], fds: list[int]) -> bool:
+    """Whether the service's Fork reply is the plan the process was made from."""
+    return (reply == plan.reply and len(fds) == len(plan.fds)
+            and all(_linux.same_file(a, b) for a, b in zip(fds, plan.fds)))
+
+
+def _restore(saved: list[tuple[str, int]], cwd: int, root: int) -> None:
+    """Put the calling thread back where it stood, and close `cwd` and `root`."""
+    try:
+        _go_back(saved, cwd, root)
     finally:
         os.close(cwd)
         os.close(root)
+
+
+def _go_back(saved: list[tuple[str, int]], cwd: int, root: int) -> None:
+    """Leave what _enter entered (in reverse order of entry): namespaces, root and cwd."""
+    for nstype, fd in reversed(saved):
+        _linux.setns(fd, _linux.NS_FLAGS[nstype])
+        os.close(fd)
+    saved.clear()
+    if not _linux.same_file(root, "/"):
+        os.fchdir(root)
+        os.chroot(".")
+    os.fchdir(cwd)
 
 
 def _via_intermediate(handle: int, conn: Connection | None, reply: dict[str, Any],

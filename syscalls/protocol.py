@@ -30,10 +30,13 @@ class Request:
 
 @dataclasses.dataclass(frozen=True)
 class Create(Request):
-    """container_create(name, flags). Reply: handle fd, id."""
+    """container_create(name, flags). Reply: handle fd, id. With `plan` (root only), also
+    what the first fork will be told to enter ("plan", a Fork reply for init, and its fds
+    after the handle's), so that fork can make the process before its reply is back."""
     op: ClassVar[str] = "create"
     name: str  # UTF-8 with surrogateescape, so any bytes survive JSON
     flags: int
+    plan: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
