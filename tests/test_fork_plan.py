@@ -1,0 +1,118 @@
+"""Root's first fork into the container it created enters what container_create said it
+would (the plan) while its Fork request travels: these check that the service's word still
+decides, and that the plan costs the caller nothing it can see."""
+
+from __future__ import annotations
+
+import errno
+import os
+from typing import Any
+
+import pytest
+
+import syscalls
+from syscalls import CONTAINER_NEW_FS_NS, CONTAINER_NEW_NET_NS, CONTAINER_NEW_PID_NS
+
+from .conftest import child_result, hung_up, in_container
+
+FLAGS = CONTAINER_NEW_PID_NS | CONTAINER_NEW_FS_NS | CONTAINER_NEW_NET_NS
+
+
+def _children() -> set[int]:
+    out: set[int] = set()
+    for tid in os.listdir("/proc/self/task"):
+        with open(f"/proc/self/task/{tid}/children") as f:
+            out.update(int(p) for p in f.read().split())
+    return out
+
+
+def _open_fds() -> set[int]:
+    return {int(fd) for fd in os.listdir("/proc/self/fd")}
+
+
+def test_creator_fork_after_another_made_init_is_a_member(service: Any) -> None:
+    cfd = syscalls.container_create("late", FLAGS)
+    r, w = os.pipe()
+    go_r, go_w = os.pipe()
+    helper = os.fork()
+    if helper == 0:  # another process, holding the handle, forks first: its child is init
+        code = 1
+        try:
+            os.close(r)
+            os.close(go_w)
+            init = syscalls.fork_into_container(cfd)
+            if init == 0:
+                os.read(go_r, 1)  # live until told
+                os._exit(0)
+            os.write(w, str(init).encode())
+            code = 0 if child_result(init) == 0 else 2
+        finally:
+            os._exit(code)
+    os.close(w)
+    os.close(go_r)
+    try:
+        init = int(os.read(r, 16) or 0)
+        assert init > 0, "the helper made no init"
+        member, got = in_container(cfd, lambda: {"pid": os.getpid()})
+        assert child_result(member) == 0
+        assert got["pid"] not in (0, 1), "the creator's first fork made a second init"
+        status = syscalls.container_status(cfd)
+        assert status["init_pid"] == init and status["state"] == "running"
+    finally:
+        os.close(r)
+        os.close(go_w)
+        assert child_result(helper) == 0
+    assert syscalls.container_wait(cfd) == 0
+    os.close(cfd)
+
+
+def test_creator_fork_into_killed_container_is_ecanceled_and_makes_nothing(
+        service: Any) -> None:
+    cfd = syscalls.container_create("killed", FLAGS)
+    syscalls.container_kill(cfd)
+    assert hung_up(cfd, 5)
+    before = _children()
+    with pytest.raises(OSError) as e:
+        syscalls.fork_into_container(cfd)
+    assert e.value.errno == errno.ECANCELED
+    assert _children() == before, "a process was made for a refused fork"
+    os.close(cfd)
+
+
+def test_create_fork_close_leaves_no_fd(service: Any) -> None:
+    syscalls.container_create("warm", FLAGS)  # any plan of an earlier test is let go
+    before = _open_fds()
+    cfd = syscalls.container_create("fds", FLAGS)
+    pid, got = in_container(cfd, lambda: {"pid": os.getpid()})
+    assert child_result(pid) == 0 and got["pid"] == 1
+    assert syscalls.container_wait(cfd) == 0
+    os.close(cfd)
+    leftover = _open_fds() - before
+    assert not leftover, f"fds left open: {[os.readlink(f'/proc/self/fd/{fd}') for fd in leftover]}"
+
+
+def test_plan_fds_closed_and_reused_by_the_caller(service: Any) -> None:
+    """A caller that closes every fd it does not know of (and opens others under those
+    numbers) still forks right: the plan is checked before it is used."""
+    r, w = os.pipe()
+    child = os.fork()
+    if child == 0:
+        code = 1
+        try:
+            cfd = syscalls.container_create("closed", FLAGS)
+            keep = {r, w, cfd, 0, 1, 2}
+            for fd in _open_fds() - keep:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+            decoys = [os.open("/", os.O_RDONLY) for _ in range(16)]
+            inner, got = in_container(cfd, lambda: {"pid": os.getpid()})
+            code = 0 if child_result(inner) == 0 and got["pid"] == 1 else 2
+            for fd in decoys:
+                os.fstat(fd)  # none of them was closed for the caller
+        finally:
+            os._exit(code)
+    os.close(r)
+    os.close(w)
+    assert child_result(child) == 0
