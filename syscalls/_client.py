@@ -99,7 +99,8 @@ def _take() -> tuple[Connection, bool]:
     return Connection(), False
 
 
-def _give_back(conn: Connection) -> None:
+def give_back(conn: Connection) -> None:
+    """Keep `conn`, with no exchange under way on it, for this process's next call."""
     with _idle_lock:
         if len(_idle) < _IDLE_MAX and conn.identity == _identity():
             _idle.append(conn)
@@ -122,6 +123,14 @@ os.register_at_fork(after_in_child=_forget_after_fork)
 
 def call(req: protocol.Request, fds: Sequence[int] = ()) -> tuple[dict[str, Any], list[int]]:
     """One request and its reply, on an idle connection of this process or a new one."""
+    reply, conn = call_holding(req, fds)
+    give_back(conn)
+    return reply
+
+
+def call_holding(req: protocol.Request, fds: Sequence[int] = ()
+                 ) -> tuple[tuple[dict[str, Any], list[int]], Connection]:
+    """call(), but the connection is the caller's afterwards (to give back, or to fork on)."""
     conn, reused = _take()
     try:
         try:
@@ -143,10 +152,9 @@ def call(req: protocol.Request, fds: Sequence[int] = ()) -> tuple[dict[str, Any]
         if conn.hung_up:
             conn.close()
         else:
-            _give_back(conn)  # an error reply: the exchange is complete
+            give_back(conn)  # an error reply: the exchange is complete
         raise
     except BaseException:  # interrupted before the reply: it must not reach the next call
         conn.close()
         raise
-    _give_back(conn)
-    return reply
+    return reply, conn

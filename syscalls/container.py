@@ -11,7 +11,7 @@ import stat
 from typing import Any, NamedTuple
 
 from . import _linux, keys, protocol, validate
-from ._client import Connection, call
+from ._client import Connection, call, call_holding, give_back
 from .constants import CONTAINER_FD_CLOEXEC
 
 
@@ -28,11 +28,13 @@ def container_create(name: str | bytes, flags: int) -> int:
     """Create a container; return its handle, a new fd (close-on-exec with CONTAINER_FD_CLOEXEC)."""
     raw = validate.container_name(name)
     validate.create_flags(flags, os.geteuid())
-    reply, fds = call(protocol.Create(name=raw.decode("utf-8", "surrogateescape"), flags=flags,
-                                      plan=int(os.geteuid() == 0)))
+    (reply, fds), conn = call_holding(protocol.Create(
+        name=raw.decode("utf-8", "surrogateescape"), flags=flags, plan=int(os.geteuid() == 0)))
     fd, plan_fds = fds[0], fds[1:]
     if plan_fds:
-        _plans.keep(fd, reply.get("plan") or {}, plan_fds)
+        _plans.keep(fd, reply.get("plan") or {}, plan_fds, conn)  # its fork goes on conn
+    else:
+        give_back(conn)
     if not flags & CONTAINER_FD_CLOEXEC:
         os.set_inheritable(fd, True)
     return fd
@@ -74,11 +76,11 @@ def fork_into_container(fd: int) -> int:
         # Fast path: root in a single-threaded process enters the namespaces itself, forks
         # once, and comes back; only a user namespace (which no process can leave) needs an
         # intermediate process.
+        plan = _plans.take(fd)
+        if plan is not None:
+            return _fork_ahead(fd, plan)
         conn = Connection()
         try:
-            plan = _plans.take(fd)
-            if plan is not None:
-                return _fork_ahead(conn, fd, plan)
             reply, fds = conn.call(protocol.Fork(keep=1), [fd])
         except BaseException:
             conn.close()
@@ -187,6 +189,7 @@ class _Plan(NamedTuple):
     ids: list[tuple[int, int]]  # what each fd was, so a reused fd number is never taken
     handle: tuple[int, int]
     pid: int  # the process that created the container
+    conn: Connection  # the create's: the fork goes on it (no new connection to accept)
 
 
 class _Plans:
@@ -197,14 +200,15 @@ class _Plans:
         self.plan: _Plan | None = None
         os.register_at_fork(after_in_child=self.drop)
 
-    def keep(self, handle: int, reply: dict[str, Any], fds: list[int]) -> None:
+    def keep(self, handle: int, reply: dict[str, Any], fds: list[int], conn: Connection) -> None:
         self.drop()
         if reply.get("role") != "init" or len(reply.get("fds", ())) != len(fds):
             _close_fds(fds)
+            give_back(conn)
             return
         st = os.fstat(handle)
         self.plan = _Plan(reply, fds, [_file_id(fd) for fd in fds], (st.st_dev, st.st_ino),
-                          os.getpid())
+                          os.getpid(), conn)
 
     def take(self, handle: int) -> _Plan | None:
         """The plan for `handle`, if this process made it and its fds are still its own."""
@@ -214,19 +218,23 @@ class _Plans:
         st = os.fstat(handle)
         if (st.st_dev, st.st_ino) != plan.handle:
             return None  # kept for its own container's first fork
-        self.plan = None
-        if plan.pid != os.getpid() or not _still(plan):
-            return None  # not ours to close either
-        if "ns:user" in plan.reply["fds"] and not _linux.same_file(
-                plan.fds[plan.reply["fds"].index("ns:user")], "/proc/self/ns/user"):
-            _close_fds(plan.fds)  # the caller moved to another user namespace since
+        if plan.pid != os.getpid() or not _still(plan) or (
+                "ns:user" in plan.reply["fds"] and not _linux.same_file(
+                    plan.fds[plan.reply["fds"].index("ns:user")], "/proc/self/ns/user")):
+            # Not this process's, its fds reused by the caller, or the caller moved to
+            # another user namespace since.
+            self.drop()
             return None
+        self.plan = None
         return plan
 
     def drop(self) -> None:
         plan, self.plan = self.plan, None
-        if plan is not None and _still(plan):
+        if plan is None:
+            return
+        if _still(plan):
             _close_fds(plan.fds)
+        give_back(plan.conn)  # unused, and kept only by the process that made it
 
 
 def _file_id(fd: int) -> tuple[int, int]:
@@ -251,16 +259,29 @@ def _close_fds(fds: list[int]) -> None:
 _plans = _Plans()
 
 
-def _fork_ahead(conn: Connection, handle: int, plan: _Plan) -> int:
+def _fork_ahead(handle: int, plan: _Plan) -> int:
     """Root's first fork into the container it created: the namespaces of the plan are
-    entered while the Fork request travels, and the process is made once the reply
-    confirms that plan (any other reply is followed instead)."""
+    entered while the Fork request travels (on the create's connection), and the process
+    is made once the reply confirms that plan (any other reply is followed instead)."""
+    conn = plan.conn
     try:
-        conn.send(protocol.Fork(keep=1), [handle])
+        try:
+            conn.send(protocol.Fork(keep=1), [handle])
+        except (BrokenPipeError, ConnectionResetError):
+            # That service is gone (restarted) and read nothing of it: ask the one that
+            # answers now.
+            conn.close()
+            conn = Connection()
+            conn.send(protocol.Fork(keep=1), [handle])
     except BaseException:
+        conn.close()
         _close_fds(plan.fds)
         raise
-    return _fork_here(conn, {}, [], plan)
+    try:
+        return _fork_here(conn, {}, [], plan)
+    except BaseException:
+        conn.close()
+        raise
 
 
 def _enter_planned(conn: Connection, plan: _Plan, saved: list[tuple[str, int]], cwd: int,

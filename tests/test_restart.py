@@ -123,3 +123,17 @@ def test_failed_fork_on_an_open_connection_is_over_after_restart(service: Any) -
     finally:
         s.close()
         os.close(cfd)
+
+
+def test_first_fork_after_restart_between_create_and_fork(service: Any) -> None:
+    """The creator's first fork goes on its create's connection: if the service that
+    answered the create is gone, the fork asks the one that answers now."""
+    cfd = syscalls.container_create("planned", CONTAINER_NEW_PID_NS | CONTAINER_NEW_NET_NS)
+    restart(service, hard=True)
+    init = syscalls.fork_into_container(cfd)
+    if init == 0:
+        os._exit(5 if os.getpid() == 1 else 1)
+    assert child_result(init) == 5
+    assert hung_up(cfd, 5)
+    assert syscalls.container_wait(cfd) == 5 << 8
+    os.close(cfd)
