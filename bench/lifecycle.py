@@ -2,7 +2,9 @@
 
 Starts its own service in a temporary directory unless CONTAINERFS_SOCKET names a running one.
 Run as `python -m bench.lifecycle`. Prints both medians, the ratio, and the throughput with two
-creators at once.
+creators at once; then, for scale, two plain-Python floors measured in the same process: a
+fork + exec of /bin/true (what any fork semantics cost from this process), and a fork that
+unshares the same namespaces, forks and execs (no service, no cgroup, no keyring).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import time
 import syscalls
 from syscalls import (
     CONTAINER_FD_CLOEXEC, CONTAINER_KILL_ON_CLOSE, CONTAINER_NEW_FS_NS, CONTAINER_NEW_IPC_NS,
-    CONTAINER_NEW_NET_NS, CONTAINER_NEW_PID_NS, CONTAINER_NEW_UTS_NS,
+    CONTAINER_NEW_NET_NS, CONTAINER_NEW_PID_NS, CONTAINER_NEW_UTS_NS, _linux,
 )
 
 from ._service import running_service
@@ -43,6 +45,28 @@ def one_container() -> None:
 
 def one_unshare() -> None:
     subprocess.run(UNSHARE, check=True)
+
+
+def one_python_fork() -> None:
+    pid = os.fork()
+    if pid == 0:
+        os.execv("/bin/true", ["/bin/true"])
+    os.waitpid(pid, 0)
+
+
+def one_python_unshare() -> None:
+    pid = os.fork()
+    if pid == 0:
+        try:
+            _linux.unshare(_linux.CLONE_NEWPID | _linux.CLONE_NEWNS | _linux.NS_FLAGS["uts"]
+                           | _linux.NS_FLAGS["ipc"] | _linux.NS_FLAGS["net"])
+            inner = os.fork()
+            if inner == 0:
+                os.execv("/bin/true", ["/bin/true"])
+            os.waitpid(inner, 0)
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
 
 
 def timed(fn, n: int) -> list[float]:
@@ -90,6 +114,15 @@ def run(n: int) -> None:
     print(f"unshare --fork --pid ... /bin/true median {mu * 1e3:.2f} ms")
     print(f"ratio containerfs/unshare: {mo / mu:.2f}x")
     print(f"throughput, 2 creators: {throughput(2, n // 4):.0f} containers/s")
+    floors, theirs = [], []
+    for fn in (one_python_fork, one_python_unshare):
+        timed(fn, 5)
+        floors.append(statistics.median(timed(fn, n // 2)))
+        theirs += timed(one_unshare, n // 4)
+    mu = statistics.median(theirs)
+    print(f"floor, python fork+exec            median {floors[0] * 1e3:.2f} ms ({floors[0] / mu:.2f}x)")
+    print(f"floor, python fork+unshare+fork+exec median {floors[1] * 1e3:.2f} ms "
+          f"({floors[1] / mu:.2f}x)")
 
 
 if __name__ == "__main__":
