@@ -93,7 +93,9 @@ class CgroupTree:
         """container_id_of for the process behind `pidfd` (its pid is `pid`): one ioctl,
         and a look under /proc only for a group not met before."""
         info = _linux.pidfd_info(pidfd)
-        if info is None or not info.cgroup_id or info.pid <= 0:
+        if info is not None and info.pid <= 0:
+            return None  # reaped: its pid may be another process's by now
+        if info is None or not info.cgroup_id:
             return self.container_id_of(pid)
         if info.cgroup_id in self._owner_of_group:
             return self._owner_of_group[info.cgroup_id]

@@ -173,7 +173,11 @@ class Connection:
                 c, rfd = await svc.create(self.peer, pidfd, raw, req.flags)
             finally:
                 os.close(pidfd)
-            plan = svc.creator_plan(self.peer, c) if req.plan else None
+            try:
+                plan = svc.creator_plan(self.peer, c) if req.plan else None
+            except OSError as e:  # the plan is only a head start: the container stands
+                log.warning("container %d: no plan of its first fork: %s", c.id, e)
+                plan = None
             if plan is not None:
                 return {"id": c.id, "plan": plan[0]}, [rfd, *plan[1]]
             return {"id": c.id}, [rfd]

@@ -123,13 +123,20 @@ def _pidfd_pid(pidfd: int) -> int:
 
 
 def _pid_namespace(pidfd: int, pid: int) -> int:
-    """An fd of the PID namespace of the process behind `pidfd` (whose pid is `pid`)."""
+    """An fd of the PID namespace of the process behind `pidfd` (whose pid is `pid`);
+    ProcessLookupError once it is reaped."""
     try:
         return _linux.pidfd_namespace(pidfd, "pid")
     except OSError as e:
-        if e.errno != errno.ENOTTY:
+        # ENOTTY before Linux 6.11; ESRCH for a zombie too (it has no namespaces left for
+        # the ioctl), whose /proc entry still has them.
+        if e.errno not in (errno.ENOTTY, errno.ESRCH):
             raise
-    return os.open(f"/proc/{pid}/ns/pid", os.O_RDONLY | os.O_CLOEXEC)  # before Linux 6.11
+    fd = os.open(f"/proc/{pid}/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+    if _pidfd_pid(pidfd) != pid:  # reaped meanwhile: that pid may be another's now
+        os.close(fd)
+        raise ProcessLookupError(errno.ESRCH, "process reaped")
+    return fd
 
 
 class Service:
@@ -446,6 +453,21 @@ class Service:
             names.append(name)
             fds.append(os.dup(fd))  # the reply's own copy, closed once sent
 
+        try:
+            self._add_fork_fds(peer, c, role, add)
+            reply = {"role": role, "fds": names, "id": c.id,
+                     "new_pid_ns": role == "init" and bool(c.flags & CONTAINER_NEW_PID_NS),
+                     "proc_paths": c.proc_paths if role == "init" else []}
+            reply.update(self.keyrings.fork_info(c))
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        return reply, fds
+
+    def _add_fork_fds(self, peer: Peer, c: Container, role: str,
+                      add: Callable[[str, int], None]) -> None:
+        """The fds of a fork in `role`, in the order they are entered."""
         if "user" not in c.new_ns:
             add("ns:user", c.ns["user"])
         for nstype in _ENTRY_ORDER:
@@ -462,13 +484,10 @@ class Service:
         if peer.uid == 0:
             # Root may place a process with CLONE_INTO_CGROUP: no cgroup.procs write, no stall.
             cgroup_fd = self.cgroups.open(c.id)
-            names.append("cgroup")
-            fds.append(cgroup_fd)
-        reply = {"role": role, "fds": names, "id": c.id,
-                 "new_pid_ns": role == "init" and bool(c.flags & CONTAINER_NEW_PID_NS),
-                 "proc_paths": c.proc_paths if role == "init" else []}
-        reply.update(self.keyrings.fork_info(c))
-        return reply, fds
+            try:
+                add("cgroup", cgroup_fd)
+            finally:
+                os.close(cgroup_fd)
 
     def abort_fork(self, c: Container, role: str) -> None:
         """The intermediate failed or vanished before reporting a process."""

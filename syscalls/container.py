@@ -28,8 +28,11 @@ def container_create(name: str | bytes, flags: int) -> int:
     """Create a container; return its handle, a new fd (close-on-exec with CONTAINER_FD_CLOEXEC)."""
     raw = validate.container_name(name)
     validate.create_flags(flags, os.geteuid())
+    # A plan of the first fork only for the callers that can use one (and so no plan is
+    # ever kept or dropped by two threads at once).
+    plan = os.geteuid() == 0 and _single_threaded()
     (reply, fds), conn = call_holding(protocol.Create(
-        name=raw.decode("utf-8", "surrogateescape"), flags=flags, plan=int(os.geteuid() == 0)))
+        name=raw.decode("utf-8", "surrogateescape"), flags=flags, plan=int(plan)))
     fd, plan_fds = fds[0], fds[1:]
     if plan_fds:
         _plans.keep(fd, reply.get("plan") or {}, plan_fds, conn)  # its fork goes on conn
@@ -134,8 +137,10 @@ def _close(conn: Connection, fds: list[int]) -> None:
 
 def _fork_here(conn: Connection, reply: dict[str, Any], fds: list[int],
                plan: _Plan | None = None) -> int:
-    """Enter, fork once, and restore the caller's namespaces, root and cwd. With `plan`
-    (its Fork request sent, not answered), the reply is read once the plan is entered."""
+    """Enter, fork once, and restore the caller's namespaces, root and cwd. With `plan` (its
+    Fork request sent, not answered), the plan is entered first and the reply read there if
+    it comes at once; a reply that is not the plan, or that keeps us waiting (it is then read
+    where signals can be taken), is followed instead."""
     # No Python signal handler may run while this thread stands in the container.
     old_mask = _linux.block_signals()
     saved: list[tuple[str, int]] = []
@@ -145,7 +150,15 @@ def _fork_here(conn: Connection, reply: dict[str, Any], fds: list[int],
     try:
         cgroup_fd = None
         if plan is not None:
-            reply, fds, cgroup_fd = _enter_planned(conn, plan, saved, cwd, root)
+            got = _enter_planned(conn, plan, saved, cwd, root)
+            if got is None:
+                _linux.restore_signals(old_mask)
+                try:
+                    reply, fds = conn.receive()
+                finally:
+                    old_mask = _linux.block_signals()
+            else:
+                reply, fds, cgroup_fd = got
         try:
             if cgroup_fd is None:
                 cgroup_fd = _enter(reply, fds, saved)
@@ -165,21 +178,23 @@ def _fork_here(conn: Connection, reply: dict[str, Any], fds: list[int],
             os.close(root)
             _child_setup(reply)
             return 0
+        try:
+            # Reported while signals are still blocked, so that a handler raising once they
+            # are let through cannot leave a process that nobody knows of. No need to wait:
+            # the keeper holds the service's end of this connection during a fork, so the
+            # report outlives a crash of the service and a new one reads it.
+            conn.send(protocol.StartedNoReply(pid=pid), [pidfd])
+        except BaseException:
+            _linux.pidfd_send_signal(pidfd, signal.SIGKILL)  # no half-made process is left
+            os.waitpid(pid, 0)
+            raise
+        finally:
+            os.close(pidfd)
+            _close(conn, fds)
     finally:
         if not in_child:
             _restore(saved, cwd, root)
         _linux.restore_signals(old_mask)
-    try:
-        # No need to wait: the keeper holds the service's end of this connection during a
-        # fork, so the report outlives a crash of the service and a new one reads it.
-        conn.send(protocol.StartedNoReply(pid=pid), [pidfd])
-    except BaseException:
-        _linux.pidfd_send_signal(pidfd, signal.SIGKILL)  # no half-made process is left
-        os.waitpid(pid, 0)
-        raise
-    finally:
-        os.close(pidfd)
-        _close(conn, fds)
     return pid
 
 
@@ -232,8 +247,12 @@ class _Plans:
         plan, self.plan = self.plan, None
         if plan is None:
             return
-        if _still(plan):
-            _close_fds(plan.fds)
+        for fd, fid in zip(plan.fds, plan.ids):
+            try:
+                if _file_id(fd) == fid:  # never an fd the caller reused
+                    os.close(fd)
+            except OSError:
+                pass
         give_back(plan.conn)  # unused, and kept only by the process that made it
 
 
@@ -284,26 +303,41 @@ def _fork_ahead(handle: int, plan: _Plan) -> int:
         raise
 
 
+# How long the planned fork waits for the Fork reply with signals blocked, standing in the
+# container; a reply slower than this (another fork under way) is waited for outside.
+PLAN_WAIT_MS = 50
+
+
 def _enter_planned(conn: Connection, plan: _Plan, saved: list[tuple[str, int]], cwd: int,
-                   root: int) -> tuple[dict[str, Any], list[int], int | None]:
+                   root: int) -> tuple[dict[str, Any], list[int], int | None] | None:
     """Enter the plan, then read the Fork reply: (reply, its fds, the cgroup fd to fork
-    into), the cgroup fd None if the reply is not the plan (then none of it is entered).
-    Raises the service's error, with nothing entered, if it refuses the fork."""
+    into), the cgroup fd None if the reply is not the plan; None if the reply is slow to
+    come. In both of those cases nothing of the plan is entered any more. Raises the
+    service's error, with nothing entered, if it refuses the fork."""
     try:
         try:
             cgroup_fd: int | None = _enter(plan.reply, plan.fds, saved)
         except OSError:
             cgroup_fd = None
+        poller = select.poll()
+        poller.register(conn.sock, select.POLLIN)
+        if not poller.poll(PLAN_WAIT_MS):
+            _go_back(saved, cwd, root)
+            return None
         try:
             reply, fds = conn.receive()
         except BaseException:
             _go_back(saved, cwd, root)
             raise
-        if cgroup_fd is not None and _confirms(plan, reply, fds):
-            cgroup_fd = fds[reply["fds"].index("cgroup")] if "cgroup" in reply["fds"] else -1
-        else:
-            _go_back(saved, cwd, root)
-            cgroup_fd = None
+        try:
+            if cgroup_fd is not None and _confirms(plan, reply, fds):
+                cgroup_fd = fds[reply["fds"].index("cgroup")] if "cgroup" in reply["fds"] else -1
+            else:
+                _go_back(saved, cwd, root)
+                cgroup_fd = None
+        except BaseException:
+            _close_fds(fds)
+            raise
     finally:
         _close_fds(plan.fds)
     return reply, fds, cgroup_fd
@@ -326,10 +360,12 @@ def _restore(saved: list[tuple[str, int]], cwd: int, root: int) -> None:
 
 def _go_back(saved: list[tuple[str, int]], cwd: int, root: int) -> None:
     """Leave what _enter entered (in reverse order of entry): namespaces, root and cwd."""
-    for nstype, fd in reversed(saved):
-        _linux.setns(fd, _linux.NS_FLAGS[nstype])
-        os.close(fd)
-    saved.clear()
+    while saved:  # each taken off as it is left, so a failure never leaves it twice
+        nstype, fd = saved.pop()
+        try:
+            _linux.setns(fd, _linux.NS_FLAGS[nstype])
+        finally:
+            os.close(fd)
     if not _linux.same_file(root, "/"):
         os.fchdir(root)
         os.chroot(".")

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
+import time
 from typing import Any
 
 import pytest
 
 import syscalls
-from syscalls import CONTAINER_NEW_FS_NS, CONTAINER_NEW_NET_NS, CONTAINER_NEW_PID_NS
+from syscalls import CONTAINER_NEW_FS_NS, CONTAINER_NEW_NET_NS, CONTAINER_NEW_PID_NS, _client, protocol
 
 from .conftest import child_result, hung_up, in_container
 
@@ -116,3 +118,49 @@ def test_plan_fds_closed_and_reused_by_the_caller(service: Any) -> None:
     os.close(r)
     os.close(w)
     assert child_result(child) == 0
+
+
+def test_signal_while_the_service_keeps_the_planned_fork_waiting(service: Any) -> None:
+    """The planned fork waits for its reply with signals blocked only briefly: a signal
+    whose handler raises during a long wait (another fork of init under way) interrupts it,
+    and no process is made."""
+    cfd = syscalls.container_create("waiting", FLAGS)
+    r, w = os.pipe()
+    helper = os.fork()
+    if helper == 0:  # another fork of init, begun and given up 3 s later, unreported
+        try:
+            os.close(r)
+            other = _client.Connection()
+            _reply, fds = other.call(protocol.Fork(), [cfd])
+            os.write(w, b"1")
+            time.sleep(3)
+        finally:
+            os._exit(0)
+    os.close(w)
+    assert os.read(r, 1) == b"1"
+    os.close(r)
+
+    class Alarm(Exception):
+        pass
+
+    def on_alarm(_signum: int, _frame: Any) -> None:
+        raise Alarm()
+
+    old = signal.signal(signal.SIGALRM, on_alarm)
+    before = _children()
+    t = time.monotonic()
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.5)
+        with pytest.raises(Alarm):
+            syscalls.fork_into_container(cfd)
+        waited = time.monotonic() - t
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+    assert waited < 2, f"the signal waited {waited:.2f} s for the reply"
+    assert _children() == before, "a process was made for an interrupted fork"
+    assert child_result(helper) == 0  # the other fork gives up: the container is as it was
+    pid, got = in_container(cfd, lambda: {"pid": os.getpid()})
+    assert child_result(pid) == 0 and got["pid"] == 1
+    assert syscalls.container_wait(cfd) == 0
+    os.close(cfd)
