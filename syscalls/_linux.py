@@ -175,7 +175,7 @@ _PIDFD_GET_NAMESPACE = {"cgroup": 1, "ipc": 2, "mnt": 3, "net": 4, "pid": 5,
 
 def pidfd_namespace(pidfd: int, nstype: str) -> int:
     """An fd (close-on-exec) of the `nstype` namespace of the process behind `pidfd` (Linux
-    6.11+; ENOTTY before). ESRCH once it is reaped; a zombie still has its PID namespace."""
+    6.11+; ENOTTY before). ESRCH once it has exited: a zombie has no namespaces left here."""
     res = _libc.ioctl(ctypes.c_int(pidfd), ctypes.c_ulong((0xFF << 8) | _PIDFD_GET_NAMESPACE[nstype]),
                       ctypes.c_ulong(0))
     if res < 0:

@@ -221,14 +221,8 @@ def enter_container(conn: Connection, reply: dict[str, Any], *, join: bool) -> N
     """In a process just forked into a container, before the caller's code runs in it: join
     the container's session keyring (`join`: the intermediate did it otherwise), then trap
     request_key() and hand the listener to the service over the fork's open connection."""
-    hand_over_listener(conn, prepare_container_keys(reply, join=join))
-
-
-def prepare_container_keys(reply: dict[str, Any], *, join: bool) -> int:
-    """The first half of enter_container, which needs no service: join the keyring (with
-    `join`), trap request_key(); return the seccomp listener fd, or -1 if there is none."""
     if not reply.get("keyring"):
-        return -1
+        return
     if join:
         try:
             join_container_keyring(reply)
@@ -240,27 +234,7 @@ def prepare_container_keys(reply: dict[str, Any], *, join: bool) -> int:
                 os.write(2, f"fork_into_container: joining the container's keyring: {e}\n"
                          .encode())
                 os._exit(127)
-    try:
-        return install_request_key_filter()
-    except OSError:
-        # A filter with a listener already in the chain (a container forked from inside
-        # another) gives EBUSY: the outer listener, held by the same service, traps this
-        # process already. No error may stop the child: without a listener a trapped call
-        # fails with ENOSYS, never hangs.
-        return -1
-
-
-def hand_over_listener(conn: Connection, listener: int) -> None:
-    """The second half: give the service the listener over `conn`, the fork's still-open
-    connection, and close ours."""
-    if listener < 0:
-        return
-    try:
-        conn.send(protocol.KeyListener(), [listener])
-    except OSError:
-        pass
-    finally:
-        os.close(listener)
+    trap_request_key(conn)
 
 
 # ---- seccomp: trapping request_key() --------------------------------------------------
@@ -447,6 +421,26 @@ def read_cstring(mem_fd: int, addr: int, limit: int) -> bytes | None:
         out += chunk
         addr += len(chunk)
     return None
+
+
+def trap_request_key(conn: Connection) -> None:
+    """In a process just forked into a container: trap its request_key() calls and hand the
+    listener to the service over `conn`, the fork's still-open connection.
+
+    A filter with a listener already in the chain (a container forked from inside another)
+    gives EBUSY: the outer listener, held by the same service, traps this process already.
+    No error may stop the child: without a listener a trapped call fails with ENOSYS, never
+    hangs."""
+    try:
+        fd = install_request_key_filter()
+    except OSError:
+        return
+    try:
+        conn.send(protocol.KeyListener(), [fd])
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 # ---- the proposal's calls -------------------------------------------------------------
