@@ -8,6 +8,8 @@ can stop the service from serving others.
 from __future__ import annotations
 
 import array
+import collections
+import dataclasses
 import errno
 import logging
 import os
@@ -29,13 +31,16 @@ _SO_PEERPIDFD = 77
 
 
 def _peer(sock: trio.socket.SocketType) -> Peer:
+    """The connecting process's credentials and a pidfd of it (the caller owns the pidfd;
+    -1 if that process is gone already: then nothing is done on its pid)."""
     pid, uid, gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
-    return Peer(pid=pid, uid=uid, gid=gid)
-
-
-def _peer_pidfd(sock: trio.socket.SocketType) -> int:
-    (fd,) = struct.unpack("i", sock.getsockopt(socket.SOL_SOCKET, _SO_PEERPIDFD, 4))
-    return int(fd)
+    try:
+        (pidfd,) = struct.unpack("i", sock.getsockopt(socket.SOL_SOCKET, _SO_PEERPIDFD, 4))
+    except OSError as e:
+        if e.errno != errno.ESRCH:
+            raise
+        pidfd = -1
+    return Peer(pid=pid, uid=uid, gid=gid, pidfd=pidfd)
 
 
 async def _send(sock: trio.socket.SocketType, reply: dict[str, Any], fds: list[int]) -> None:
@@ -62,6 +67,8 @@ class Connection:
         self.fork_container: Container | None = forking[0] if forking else None
         # Under this key the keeper holds our socket while a fork is reported on it.
         self.keep_key = keep_key
+        # The forked process's seccomp listener was taken: a connection hands over one.
+        self.listener_taken = False
 
     async def run(self) -> None:
         try:
@@ -91,6 +98,9 @@ class Connection:
                     await _send(self.sock, protocol.error_reply(errno.EINVAL, f"bad request: {e}"), [])
                     return
                 except OSError as e:
+                    if e.errno in (errno.EMFILE, errno.ENFILE):  # ours, not the caller's
+                        e = OSError(errno.EAGAIN, f"the service is out of fds ({e.strerror}); "
+                                                  "try again later")
                     reply = protocol.error_reply(e.errno or errno.EIO, e.strerror or str(e))
                 except Exception as e:  # a bug must cost one request, never the service
                     log.exception("internal error serving %s from pid %d", data[:80], self.peer.pid)
@@ -130,6 +140,35 @@ class Connection:
             if self.keep_key:
                 self.service.fdstore.drop(self.keep_key)
             self.sock.close()
+            if self.peer.pidfd >= 0:
+                os.close(self.peer.pidfd)
+
+    def close(self) -> None:
+        """Close a connection never served (its run() closes the others)."""
+        self.sock.close()
+        if self.peer.pidfd >= 0:
+            os.close(self.peer.pidfd)
+
+    async def refuse(self, error: OSError) -> None:
+        """Answer the first request with `error` (waiting a second at most) and close.
+
+        Its request is read first: a connection closed with a request unread would make the
+        client's recv() fail with ECONNRESET rather than read the answer."""
+        if self.peer.pidfd >= 0:
+            os.close(self.peer.pidfd)
+            self.peer = dataclasses.replace(self.peer, pidfd=-1)
+        try:
+            with trio.move_on_after(REFUSAL_WAIT):
+                data, fds, _flags = await self._receive(0)
+                for fd in fds:
+                    os.close(fd)
+                if data:
+                    await _send(self.sock, protocol.error_reply(
+                        error.errno or errno.EAGAIN, str(error.strerror)), [])
+        except OSError:
+            pass  # gone already: closing says enough
+        finally:
+            self.sock.close()
 
     async def _receive(self, flags: int) -> tuple[bytes, list[int], int]:
         data, anc, msg_flags, _ = await self.sock.recvmsg(
@@ -167,12 +206,8 @@ class Connection:
         """Do one request; return the reply (None for a one-way message) and fds to send."""
         svc = self.service
         if isinstance(req, protocol.Create):
-            pidfd = _peer_pidfd(self.sock)
-            try:
-                raw = req.name.encode("utf-8", "surrogateescape")
-                c, rfd = await svc.create(self.peer, pidfd, raw, req.flags)
-            finally:
-                os.close(pidfd)
+            raw = req.name.encode("utf-8", "surrogateescape")
+            c, rfd = await svc.create(self.peer, raw, req.flags)
             try:
                 plan = svc.creator_plan(self.peer, c) if req.plan else None
             except OSError as e:  # the plan is only a head start: the container stands
@@ -245,6 +280,68 @@ class Connection:
         raise protocol.ProtocolError(f"unhandled op {req.op}")
 
 
+# accept() errors that a flood causes and that pass once connections close.
+_OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+# Connections one user (other than root) may hold open at once.
+MAX_CONNECTIONS_PER_USER = 256
+# Refused connections given a second to send the request their refusal answers; past this
+# many at once, one is closed unanswered (its client sees ECONNRESET or EOF).
+MAX_REFUSING = 16
+REFUSAL_WAIT = 1.0
+
+
+class Admission:
+    """Who may open one more connection: every user but root up to MAX_CONNECTIONS_PER_USER,
+    and only while the service has fds to spare (Service.fds_short), so that no user can take
+    the fds that root's requests and the service's own work need. Decided at accept, before
+    the next accept: a flood cannot run ahead of the count."""
+
+    def __init__(self, per_user: int = MAX_CONNECTIONS_PER_USER) -> None:
+        self.per_user = per_user
+        self.open: collections.Counter[int] = collections.Counter()
+        self.refusing = 0  # refused connections waiting for their request
+
+    def _refusal(self, connection: Connection) -> OSError | None:
+        uid = connection.peer.uid
+        if uid == 0:
+            return None
+        if self.open[uid] >= self.per_user:
+            return OSError(errno.EAGAIN, f"uid {uid} has {self.per_user} connections open to "
+                                         "the service, its limit; close some")
+        # The connection's fd was the lowest free one: a lower bound on the fds in use.
+        if connection.sock.fileno() >= connection.service.fd_reserve_mark:
+            return OSError(errno.EAGAIN, "the service is short of fds; try again later")
+        return None
+
+    def admit(self, connection: Connection, nursery: trio.Nursery) -> None:
+        """Start serving `connection`, or refusing it: answered if few refusals wait, else
+        closed at once (its client sees the connection reset)."""
+        refusal = self._refusal(connection)
+        if refusal is None:
+            self.open[connection.peer.uid] += 1
+            nursery.start_soon(self._serve, connection)
+        elif self.refusing < MAX_REFUSING:
+            self.refusing += 1
+            nursery.start_soon(self._refuse, connection, refusal)
+        else:
+            connection.close()
+
+    async def _serve(self, connection: Connection) -> None:
+        uid = connection.peer.uid
+        try:
+            await connection.run()
+        finally:
+            self.open[uid] -= 1
+            if not self.open[uid]:
+                del self.open[uid]
+
+    async def _refuse(self, connection: Connection, refusal: OSError) -> None:
+        try:
+            await connection.refuse(refusal)
+        finally:
+            self.refusing -= 1
+
+
 def _pipe_key(fd: int) -> tuple[int, int]:
     st = os.fstat(fd)
     return st.st_dev, st.st_ino
@@ -270,14 +367,25 @@ async def serve_control(service: Service, path: str,
                     service, trio.socket.fromfd(fd, socket.AF_UNIX, socket.SOCK_SEQPACKET),
                     (c, role), key).run)
                 os.close(fd)
+            admission = Admission()
             while True:
-                conn, _ = await sock.accept()
+                try:
+                    conn, _ = await sock.accept()
+                except OSError as e:
+                    if e.errno not in _OUT_OF_RESOURCES:
+                        raise
+                    # Out of fds or memory: the client waits in the backlog until some are
+                    # closed; the service goes on (trio's own listeners do the same).
+                    log.warning("accept: %s; trying again in 100 ms", e.strerror)
+                    await trio.sleep(0.1)
+                    continue
                 try:
                     connection = Connection(service, conn)
-                except OSError:
+                except OSError as e:  # EMFILE for its pidfd, or the peer is gone
+                    log.warning("connection dropped before its first request: %s", e.strerror)
                     conn.close()
                     continue
-                nursery.start_soon(connection.run)
+                admission.admit(connection, nursery)
     finally:
         sock.close()
         try:

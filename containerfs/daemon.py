@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import signal
 from dataclasses import dataclass
 
@@ -29,6 +30,10 @@ class Config:
 
 async def serve(config: Config) -> None:
     """Run the service until SIGTERM or SIGINT; running containers are left running."""
+    # Every container costs fds, here and in the keeper (which inherits this): take all the
+    # hard limit allows (raising it needs CAP_SYS_RESOURCE).
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     os.makedirs(config.runtime_dir, mode=0o755, exist_ok=True)
     store = Store(os.path.join(config.runtime_dir, "registry.sqlite"))
     cgroups = CgroupTree(config.cgroup)

@@ -17,6 +17,7 @@ that comes later from a new service (a GET first takes what waits on every other
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import select
@@ -54,7 +55,12 @@ class Keeper:
         """Serve one datagram; False when the connection is done."""
         try:
             data, fds, _ = fdpass.recv_fds(conn, 65536, MAX_FDS)
-        except OSError:
+        except OSError as e:
+            if e.errno == errno.EMSGSIZE:
+                # Its fds could not all be taken (out of fds): that one message is lost,
+                # the service's connection is not.
+                print(f"containerfs keeper: message dropped: {e.strerror}", file=sys.stderr)
+                return True
             return False
         if not data:
             for fd in fds:
@@ -83,8 +89,9 @@ class Keeper:
                     self.drop(key)
                 sys.exit(0)
         except (ValueError, KeyError, TypeError) as e:
+            # Only root may connect: a bad message is a bug to report, not a reason to
+            # stop keeping what that connection sends next.
             print(f"containerfs keeper: bad message dropped: {e}", file=sys.stderr)
-            return False
         finally:
             for fd in fds:
                 os.close(fd)

@@ -74,12 +74,15 @@ def _take_credentials(creds: Credentials) -> None:
 
 
 def _helper(new: list[str], creator: dict[str, int], creds: Credentials,
-            cgroup_procs: str | None, parent: socket.socket) -> list[int]:
-    """In the forked helper: make the namespaces; return the fds to send (new..., root)."""
-    _enter_view(creator)  # copy the creator's view, not the service's
-    if "cgroup" in new and cgroup_procs:
+            cgroup_procs: int | None, parent: socket.socket) -> list[int]:
+    """In the forked helper: make the namespaces; return the fds to send (new..., root).
+
+    `cgroup_procs` is an fd the service opened in its own mount namespace: once the helper
+    stands in the creator's, a path could name whatever the creator mounted there."""
+    if "cgroup" in new and cgroup_procs is not None:
         # A cgroup namespace is rooted where its creator stands: stand in the container's group.
-        _write(cgroup_procs, "0")
+        os.write(cgroup_procs, b"0")
+    _enter_view(creator)  # copy the creator's view, not the service's
     flags = 0
     for nstype in new:
         flags |= _linux.NS_FLAGS[nstype]
@@ -98,7 +101,7 @@ def _helper(new: list[str], creator: dict[str, int], creds: Credentials,
 
 
 def make_namespaces(new: list[str], creator: dict[str, int], creds: Credentials,
-                    cgroup_procs: str | None = None) -> dict[str, int]:
+                    cgroup_procs: int | None = None) -> dict[str, int]:
     """Create namespaces of the types in `new` as `creds` would; return {type: fd, "root": fd}.
 
     Blocking: call it from a worker thread, never the event loop. The errors are those of
@@ -116,8 +119,14 @@ def _thread_elsewhere(restore: list[str]) -> Iterator[None]:
     Namespaces belong to a thread, so nothing else in the service moves. If the thread cannot
     come back, the process exits: a worker left in a container would do its next job there.
     """
-    saved = {t: os.open(f"/proc/thread-self/ns/{t}", os.O_RDONLY | os.O_CLOEXEC) for t in restore}
-    saved_root = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    saved: dict[str, int] = {}
+    try:
+        for t in restore:
+            saved[t] = os.open(f"/proc/thread-self/ns/{t}", os.O_RDONLY | os.O_CLOEXEC)
+        saved_root = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except BaseException:
+        close_all(saved)
+        raise
     try:
         if "mnt" in restore:
             # A thread shares root and cwd with the others until it unshares them.
@@ -266,7 +275,7 @@ class NamespacePool:
 
 
 def _make_in_helper(new: list[str], creator: dict[str, int], creds: Credentials,
-                    cgroup_procs: str | None) -> dict[str, int]:
+                    cgroup_procs: int | None) -> dict[str, int]:
     """Anything with a user namespace (or as non-root): in a forked helper with the creds."""
     def write_maps(pid: int) -> None:
         if creds.uid != 0:

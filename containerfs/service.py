@@ -12,12 +12,12 @@ import errno
 import functools
 import logging
 import os
+import resource
 import select
 import signal
-import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 
@@ -38,6 +38,7 @@ from .states import State, check_transition
 from .store import Store
 
 log = logging.getLogger("containerfs")
+T = TypeVar("T")
 
 # Order in which a forking process enters namespaces. The creator's own (not asked-for) ones
 # come first, while the process still has its host privileges; then the new user namespace,
@@ -50,10 +51,34 @@ STORE_DELAY = 0.05
 
 @dataclass(frozen=True)
 class Peer:
-    """Who is at the other end of a connection, as the kernel recorded it at connect()."""
+    """Who is at the other end of a connection, as the kernel recorded it at connect(): the
+    credentials, and a pidfd of the process (owned by the connection; -1 if it had gone
+    already). `pid` is only ever used while `present()` shows it still names that process."""
     pid: int
     uid: int
     gid: int
+    pidfd: int = -1
+
+    def present(self) -> bool:
+        """Whether the process that connected is not reaped yet: only then is `pid` its own
+        (a pid number is given to another process only once the old one is reaped)."""
+        return self.pidfd >= 0 and _pidfd_pid(self.pidfd) > 0
+
+    def at_pid(self, act: Callable[[int], T], undo: Callable[[T], None] | None = None) -> T:
+        """`act(pid)`, proven to have met the process that connected: present before and
+        after (ESRCH if not, after `undo` of what `act` returned)."""
+        if not self.present():
+            raise ProcessLookupError(errno.ESRCH, f"the process that connected (pid {self.pid}) "
+                                                  "has exited; connect again")
+        result = act(self.pid)
+        if not self.present():
+            log.error("pid %d was reaped while the service acted on it; the act may have met "
+                      "another process with that pid", self.pid)
+            if undo is not None:
+                undo(result)
+            raise ProcessLookupError(errno.ESRCH, f"the process that connected (pid {self.pid}) "
+                                                  "exited during the request")
+        return result
 
 
 @dataclass(eq=False)
@@ -145,7 +170,7 @@ class Service:
         self.store = store
         self.fdstore = fdstore
         self.pool = namespaces.NamespacePool()
-        self._origins: dict[int, str] = {}  # intermediate pid -> its own cgroup
+        self._origins: dict[int, str] = {}  # intermediate's pidfd -> its own cgroup
         self.pool_wanted = trio.Event()
         self.cgroups = cgroups
         self.nursery = nursery
@@ -167,21 +192,29 @@ class Service:
         self._boot = os.urandom(4).hex()  # keeper keys of this run never meet an older one's
         self._forks = 0
         self._store_dirty = trio.Event()
+        # Past this many fds in use, users other than root get EAGAIN (see fds_short).
+        self.fd_reserve_mark = resource.getrlimit(resource.RLIMIT_NOFILE)[0] * 4 // 5
 
     # ---- lookups and checks -------------------------------------------------------------
 
     def lookup(self, fd: int) -> Container:
-        """The container whose handle `fd` is: EINVAL if it is none (the kernel's answer)."""
+        """The container whose handle `fd` is: EINVAL if it is none (the kernel's answer).
+
+        Only an anonymous pipe is ever stat()ed: a file of a FUSE mount (this service's own
+        view, or a server that never answers) would make fstat wait on that server, here on
+        the event loop that serves it."""
+        if not _linux.fd_link(fd).startswith("pipe:["):
+            raise OSError(errno.EINVAL, "fd is not a container handle")
         st = os.fstat(fd)
         key = (st.st_dev, st.st_ino)
         c = self.by_pipe.get(key) or self.gone.get(key)
-        if c is None and stat.S_ISFIFO(st.st_mode):
+        if c is None:
             # The handle of a container removed before this service started: its record.
             row = self.store.by_pipe(*key)
             if row is not None and (row["removed"] or row["state"] == State.DEAD.value):
                 c = self._container_from_row(row, key, wfd=-1, ns={})
                 c.state = State.DEAD
-        if c is None or not stat.S_ISFIFO(st.st_mode):
+        if c is None:
             raise OSError(errno.EINVAL, "fd is not a container handle")
         return c
 
@@ -245,7 +278,10 @@ class Service:
             await self._store_dirty.wait()
             await trio.sleep(STORE_DELAY)
             self._store_dirty = trio.Event()
-            self.store.flush()
+            try:
+                self.store.flush()
+            except Exception:  # the rows stay pending and go with the next write
+                log.exception("registry write failed; retried with the next one")
 
     def take_pending_forks(self) -> list[tuple[str, int, Container, str]]:
         """(keeper key, socket fd, container, role) of each fork to read on; once."""
@@ -281,6 +317,13 @@ class Service:
         log.info("container %d adopted (%s)", c.id, c.state.value)
         self._changed()
 
+    def fds_short(self) -> bool:
+        """Whether a fifth or less of the service's fd limit is left. The number of the
+        lowest free fd is a lower bound on the fds in use; one dup finds it."""
+        probe = os.dup(self.epoll.fileno())
+        os.close(probe)
+        return probe >= self.fd_reserve_mark
+
     def _changed(self) -> None:
         if self.on_change is not None:
             self.on_change()
@@ -293,12 +336,12 @@ class Service:
     def _check_manager(self, peer: Peer, c: Container, what: str) -> None:
         """Owner or root, and not from inside the container itself."""
         self._check_owner(peer, c, what)
-        if c.state != State.DEAD and self.cgroups.contains(c.id, peer.pid):
+        if c.state != State.DEAD and self.member_of(peer) == c.id:
             raise OSError(errno.EPERM, f"a member of container {c.id} may not {what} it")
 
     # ---- container_create ---------------------------------------------------------------
 
-    async def create(self, peer: Peer, peer_pidfd: int, raw_name: bytes, flags: int) -> tuple[Container, int]:
+    async def create(self, peer: Peer, raw_name: bytes, flags: int) -> tuple[Container, int]:
         """Make a container for `peer`; return it and the handle's read end."""
         validate.container_name(raw_name)
         validate.create_flags(flags, peer.uid)
@@ -306,14 +349,15 @@ class Service:
                                  if c.owner == peer.uid and c.state != State.DEAD) >= self.max_per_user:
             raise OSError(errno.EAGAIN, f"uid {peer.uid} has {self.max_per_user} containers, "
                                         "its limit")
+        if peer.uid != 0 and self.fds_short():
+            raise OSError(errno.EAGAIN, "the service is short of fds; try again later")
         # The PID namespace is born with init; the others are made now.
         new = sorted(requested_namespaces(flags) - {"pid"}, key=namespaces.NS_TYPES.index)
-        # The creator's namespaces, for those not asked for; then check the creator is still
-        # the process that connected, so a recycled pid cannot lend us someone else's.
-        ns = namespaces.open_process_namespaces(peer.pid)
+        # The creator's namespaces, for those not asked for, proven to be the connecting
+        # process's: a recycled pid must not lend us someone else's.
+        ns = peer.at_pid(namespaces.open_process_namespaces, namespaces.close_all)
         cid = -1
         try:
-            _linux.pidfd_send_signal(peer_pidfd, 0)
             cid = self.store.next_id()
             self.cgroups.create(cid)
             self.keyrings.create_session(cid, peer.uid, peer.gid)  # EAGAIN: key quota
@@ -334,7 +378,7 @@ class Service:
                                             f"(user.max_user_namespaces): {e.strerror}") from None
             raise
         st = os.fstat(rfd)
-        parent = self.container_of(peer.pid, peer_pidfd)
+        parent = self.containers.get(self.member_of(peer) or 0)
         c = Container(id=cid, name=raw_name, flags=flags, owner=peer.uid, group=peer.gid,
                       parent=parent.id if parent else 1, pipe=(st.st_dev, st.st_ino), wfd=wfd,
                       ns=ns, new_ns=requested_namespaces(flags))
@@ -363,10 +407,17 @@ class Service:
                 # trip to a worker thread.
                 made.update(namespaces.make_in_thread(rest, creator))
             elif rest:
-                made.update(await trio.to_thread.run_sync(
-                    namespaces.make_namespaces, rest, creator,
-                    namespaces.Credentials(peer.uid, peer.gid),
-                    os.path.join(self.cgroups.path(cid), "cgroup.procs")))
+                # Opened here, in the service's own mount namespace: the helper writes it
+                # standing in nothing the caller controls.
+                procs = (os.open(os.path.join(self.cgroups.path(cid), "cgroup.procs"),
+                                 os.O_WRONLY | os.O_CLOEXEC) if "cgroup" in rest else None)
+                try:
+                    made.update(await trio.to_thread.run_sync(
+                        namespaces.make_namespaces, rest, creator,
+                        namespaces.Credentials(peer.uid, peer.gid), procs))
+                finally:
+                    if procs is not None:
+                        os.close(procs)
         except BaseException:
             namespaces.close_all(made)
             raise
@@ -376,7 +427,11 @@ class Service:
         """Forever: keep the namespace pool full, off the path of any request."""
         while True:
             while self.pool.missing():
-                await trio.to_thread.run_sync(self.pool.fill_once)
+                try:
+                    await trio.to_thread.run_sync(self.pool.fill_once)
+                except OSError as e:  # out of fds, say: creates make their own meanwhile
+                    log.warning("namespace pool not refilled: %s; again in 1 s", e)
+                    await trio.sleep(1)
             self.pool_wanted = trio.Event()
             await self.pool_wanted.wait()
 
@@ -395,11 +450,10 @@ class Service:
             except FileExistsError:
                 pass  # watched already (another handle of it is open)
 
-    def container_of(self, pid: int, pidfd: int = -1) -> Container | None:
-        """The live container whose group holds `pid` (`pidfd`'s process, if given), if any."""
-        cid = (self.cgroups.container_id_of_pidfd(pidfd, pid) if pidfd >= 0
-               else self.cgroups.container_id_of(pid))
-        return self.containers.get(cid) if cid is not None else None
+    def member_of(self, peer: Peer) -> int | None:
+        """The id of the container whose group holds the process that connected, None if
+        none; ESRCH once that process is reaped (nobody can tell where it was)."""
+        return peer.at_pid(lambda pid: self.cgroups.container_id_of_pidfd(peer.pidfd, pid))
 
     # ---- fork_into_container ------------------------------------------------------------
 
@@ -420,14 +474,14 @@ class Service:
             # (return_intermediate), so that the container's death, however early, never
             # kills the intermediate.
             try:
-                origin = process_cgroup(peer.pid)
-                self.cgroups.move(c.id, peer.pid)
+                origin = peer.at_pid(process_cgroup)
+                peer.at_pid(lambda pid: self.cgroups.move(c.id, pid))
             except BaseException:
                 for fd in fds:
                     os.close(fd)
                 raise
             if origin is not None:
-                self._origins[peer.pid] = origin
+                self._origins[peer.pidfd] = origin
         if role == "init":
             check_transition(c.state, State.STARTING)
             c.state = State.STARTING
@@ -610,10 +664,9 @@ class Service:
         if c.init_pidfd >= 0:
             os.close(c.init_pidfd)
             c.init_pidfd = -1
-        root = c.ns.pop("root", None)
+        # Every kernel resource goes now (a root may pin a filesystem and its loop device);
+        # what lingers is data. A holder that used the root before keeps its own copy.
         namespaces.close_all(c.ns)
-        if root is not None:
-            c.ns["root"] = root  # *at() calls on a held handle still work once it is dead
         self._save_later(c.row())
         self.nursery.start_soon(self._remove_cgroup, c.id)
         if not c.handle_open:
@@ -639,7 +692,11 @@ class Service:
 
     async def _remove_cgroup(self, cid: int) -> None:
         for _ in range(2000):
-            if self.cgroups.try_remove(cid):
+            try:
+                if self.cgroups.try_remove(cid):
+                    return
+            except OSError as e:  # never the service's end: the group stays, said so
+                log.warning("container %d: its cgroup could not be removed: %s", cid, e)
                 return
             await trio.sleep(0.005)
         log.warning("container %d: its cgroup stayed busy; left in place", cid)
@@ -711,7 +768,7 @@ class Service:
         """The container's network namespace (and its own user namespace, if it has one) for
         a caller that could enter it: root, the owner, or a member. Returns dup'd fds."""
         if peer.uid not in (0, c.owner) and not (
-                c.state != State.DEAD and self.cgroups.contains(c.id, peer.pid)):
+                c.state != State.DEAD and self.member_of(peer) == c.id):
             self._check_owner(peer, c, "open a socket in")  # raises EPERM
         if c.state == State.DEAD:
             raise OSError(errno.ECANCELED, f"container {c.id} is dead")
@@ -736,7 +793,10 @@ class Service:
                                        "user namespace of its own")
 
     def root_fd(self, c: Container) -> list[int]:
-        """A copy of the container's root (O_PATH) for *at() calls; none before it has one."""
+        """A copy of the container's root (O_PATH) for *at() calls; none before it has one.
+        ECANCELED once it is dead: its root was released at death."""
+        if c.state == State.DEAD:
+            raise OSError(errno.ECANCELED, f"container {c.id} is dead; its root is released")
         return [os.dup(c.ns["root"])] if "root" in c.ns else []
 
     def _userns_for(self, peer: Peer, c: Container) -> int | None:
@@ -805,10 +865,10 @@ class Service:
 
     def return_intermediate(self, peer: Peer) -> None:
         """Move a non-root caller's intermediate back to its own cgroup after a fork."""
-        origin = self._origins.pop(peer.pid, None)
+        origin = self._origins.pop(peer.pidfd, None)
         if origin is not None:
             try:
-                self.cgroups.move_to(origin, peer.pid)
+                peer.at_pid(lambda pid: self.cgroups.move_to(origin, pid))
             except OSError as e:  # gone, or its group went away: nothing left to protect
                 log.debug("intermediate %d stays: %s", peer.pid, e)
 

@@ -162,9 +162,16 @@ def pidfd_info(pidfd: int) -> PidfdInfo | None:
                      status if mask & PIDFD_INFO_EXIT else None)
 
 
+def fd_link(fd: int) -> str:
+    """What `fd` is, as /proc/self/fd names it ("pipe:[N]", "anon_inode:[pidfd]", a path...),
+    learnt without calling into its filesystem: safe on an fd of a FUSE mount whose server
+    never answers. EBADF if it is no open fd."""
+    return os.readlink(f"/proc/self/fd/{fd}")
+
+
 def is_pidfd(fd: int) -> bool:
     """Whether `fd` is a pidfd (EBADF if it is no open fd)."""
-    return os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[pidfd]"
+    return fd_link(fd) == "anon_inode:[pidfd]"
 
 
 # PIDFD_GET_<TYPE>_NAMESPACE: _IO(PIDFS_IOCTL_MAGIC=0xFF, n)

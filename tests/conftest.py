@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import select
 import shutil
 import signal
@@ -97,7 +98,8 @@ class ServiceUnderTest:
             pass
 
 
-def start_service(tmp: Path, cgroup: str) -> ServiceUnderTest:
+def start_service(tmp: Path, cgroup: str, nofile: int | None = None) -> ServiceUnderTest:
+    """Start a service in `tmp`; with `nofile`, under that fd limit (soft and hard)."""
     tmp.chmod(0o755)  # other users must reach the socket
     sock = str(tmp / "cfs.sock")
     log = tmp / "service.log"
@@ -105,7 +107,9 @@ def start_service(tmp: Path, cgroup: str) -> ServiceUnderTest:
         [sys.executable, "-m", "containerfs", "serve", "--socket", sock,
          "--runtime-dir", str(tmp / "state"), "--cgroup", cgroup, "--log-level", "debug",
          "--mount", str(tmp / "view")],
-        stdout=log.open("wb"), stderr=subprocess.STDOUT, cwd=ROOT)
+        stdout=log.open("wb"), stderr=subprocess.STDOUT, cwd=ROOT,
+        preexec_fn=None if nofile is None else
+        lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile)))
     svc = ServiceUnderTest(sock, str(tmp / "state"), CgroupTree(cgroup), proc, log,
                            view=str(tmp / "view"))
     deadline = time.monotonic() + 10

@@ -123,9 +123,15 @@ class Registry:
         self._destroy(self.serial)
 
 
-def destroy(serial: int) -> None:
-    """Invalidate a key: it vanishes from every keyring at once, and the garbage collector
-    frees it (and its owner's quota) as soon as no process holds it."""
+def destroy(serial: int, linked_in: int = 0) -> None:
+    """Invalidate a key; the garbage collector frees it (and its owner's quota) as soon as no
+    process holds it. It leaves keyrings only when the collector runs, a moment later: the
+    keyring `linked_in` loses it at once (a reader of that keyring must not see it after)."""
+    if linked_in:
+        try:
+            keys.unlink(serial, linked_in)
+        except OSError as e:
+            log.debug("could not unlink key %d from %d: %s", serial, linked_in, e)
     try:
         keys.invalidate(serial)
     except OSError as e:

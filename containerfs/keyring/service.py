@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from syscalls import keys, protocol
+from syscalls import _linux, keys, protocol
 from syscalls.fdpass import fds_from_ancdata
 from syscalls.keys import KEY_ALL, KEY_LINK, KEY_READ, KEY_SEARCH, KEY_VIEW, KEY_WRITE
 
@@ -55,6 +55,7 @@ _NOT_FOUND = (errno.ENOKEY, errno.EKEYEXPIRED, errno.EKEYREVOKED, errno.EKEYREJE
 MAX_PENDING = 128  # requests waiting for an answer, per container (then EAGAIN)
 MAX_TRAPS = 64
 MAX_TIMEOUT_MS = 3600 * 1000
+SECCOMP_NOTIFY_LINK = "anon_inode:seccomp notify"  # what /proc names a listener fd
 UPCALL_REPORT_S = 10.0  # how long an instantiate waits for the handler to say it made the key
 
 # A container's session keyring: its possessors (members, and the service through the
@@ -527,7 +528,7 @@ class KeyringService:
         if ck.waiting.get(p.what) is p:
             del ck.waiting[p.what]
         if p.record:
-            destroy(p.record)
+            destroy(p.record, p.trap.record_ring)
         for w in p.waiters:
             if not w.listener.closed:
                 keys.notif_send(w.listener.fd, w.notif_id, error=error, continue_=continue_)
@@ -549,10 +550,18 @@ class KeyringService:
     # ---- seccomp listeners -------------------------------------------------------------
 
     def _take_listener(self, conn: Connection, fds: list[int]) -> None:
+        """Keep the one seccomp listener of the process a connection forked; ignore anything
+        else (a flood of fds must never be kept, here or by the keeper)."""
         # One way: this must never answer (the fork's caller reads that connection).
-        if conn.fork_container is None:
-            log.warning("pid %d sent a seccomp listener without a fork; ignored", conn.peer.pid)
+        if conn.fork_container is None or conn.listener_taken:
+            log.warning("pid %d sent a seccomp listener without a fork of its own; ignored",
+                        conn.peer.pid)
             return
+        if _linux.fd_link(fds[0]) != SECCOMP_NOTIFY_LINK:
+            log.warning("pid %d sent a %s as its seccomp listener; ignored", conn.peer.pid,
+                        _linux.fd_link(fds[0]))
+            return
+        conn.listener_taken = True
         fd = fds.pop()
         self._nlisteners += 1
         self.add_listener(f"kl.{self._boot}.{self._nlisteners}", fd)
@@ -740,7 +749,7 @@ class KeyringService:
         """A key the kernel constructs, from our rule's handler: the host's business (the
         handler hands it to the host's rules), or a container's request for its creator."""
         peer = conn.peer
-        if peer.uid != 0 or self.svc.cgroups.container_id_of(peer.pid) is not None:
+        if peer.uid != 0 or self.svc.member_of(peer) is not None:
             raise OSError(errno.EPERM, "only the kernel's request-key handler (root, in no "
                                        "container) may hand over key requests")
         ck = next((k for k in self.containers.values() if k.session == req.session), None)
