@@ -23,7 +23,10 @@ import trio
 import syscalls
 from containerfs.states import State
 from containerfs.view import model as vm
-from containerfs.view.model import HOST_ID, Kind, Model, Reader, parse_table
+from containerfs.view import readers
+from containerfs.view.model import Kind, Model
+from containerfs.view.readers import HOST_ID, Reader
+from containerfs.view.render import parse_table
 from syscalls import (
     CONTAINER_KILL_ON_CLOSE,
     CONTAINER_NEW_FS_NS,
@@ -159,7 +162,7 @@ def test_table_relative_to_reader() -> None:
                          gid_map=((0, OTHER_GID, 1),))
     assert model.render_table(inside_root).endswith(c_row(b"nested", 6, 1, 0, 0, 0))
     assert c_row(b"<current>", 3, 4, 0x01, 0, 0) in model.render_table(inside_root)
-    assert vm.map_id(0, ((0, OTHER_UID, 1),)) == 65534
+    assert readers.map_id(0, ((0, OTHER_UID, 1),)) == 65534
 
 
 @pytest.mark.parametrize("bad", [
@@ -333,7 +336,7 @@ def test_by_name_duplicates_and_removal() -> None:
 
 
 def test_pid_view_of_own_namespace() -> None:
-    view = vm.PidView(os.getpid())
+    view = readers.PidView(os.getpid())
     assert view.translate(os.getpid()) == os.getpid() or view.level > 0
 
 
@@ -554,7 +557,7 @@ def test_concurrent_readers_see_whole_tables(service: Any) -> None:
     program = textwrap.dedent(f"""
         import sys, time, json
         sys.path.insert(0, {str(ROOT)!r})
-        from containerfs.view.model import parse_table
+        from containerfs.view.render import parse_table
         path = {os.path.join(service.view, "containers")!r}
         seen, n, bad = set(), 0, []
         deadline = time.monotonic() + 3.0

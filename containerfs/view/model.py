@@ -18,42 +18,20 @@ from __future__ import annotations
 import collections
 import enum
 import errno
-import fcntl
 import os
 import stat
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
 
 import trio
 
-from syscalls.constants import (
-    CONTAINER_FD_CLOEXEC,
-    CONTAINER_KILL_ON_CLOSE,
-    CONTAINER_NEW_CGROUP_NS,
-    CONTAINER_NEW_EMPTY_FS_NS,
-    CONTAINER_NEW_FS_NS,
-    CONTAINER_NEW_IPC_NS,
-    CONTAINER_NEW_NET_NS,
-    CONTAINER_NEW_PID_NS,
-    CONTAINER_NEW_USER_NS,
-    CONTAINER_NEW_UTS_NS,
-)
 
 from ..states import State
+from .readers import HOST_ID, Reader, ViewKey, parse_id_map, read_text
+from .records import ContainerLike, ServiceLike
+from . import render
 
-HOST_ID = 1  # `.init`: the host itself, never a listed container
-OVERFLOW_ID = 65534  # what an id with no mapping in the reader's user namespace shows as
-
-# The proposal's /proc/containers format (docs/api.md section 6), byte for byte.
-HEADER = b"NAME                               ID USE FL OWNER GROUP\n"
-ROW = b"%-24s %12d %3d %02x %5d %5d\n"
-CURRENT = b"<current>"
-
-FL_INIT_STARTED = 0x01
-FL_DEAD = 0x02
-FL_KILL_ON_CLOSE = 0x04
 
 ROOT_INO = 1
 BYNAME_INO = 2
@@ -69,157 +47,6 @@ DIR_ATTR_TIMEOUT = 1.0
 # Members are counted from the cgroup, which changes without telling the service; a table is
 # re-rendered at most this long after its last rendering when nothing else changed.
 MEMBERS_TTL = 1.0
-
-_NS_GET_PARENT = 0xB702  # _IO(0xb7, 0x2): the parent of a PID (or user) namespace
-
-_FLAG_NAMES = (
-    (CONTAINER_NEW_FS_NS, "NEW_FS_NS"),
-    (CONTAINER_NEW_EMPTY_FS_NS, "NEW_EMPTY_FS_NS"),
-    (CONTAINER_NEW_CGROUP_NS, "NEW_CGROUP_NS"),
-    (CONTAINER_NEW_UTS_NS, "NEW_UTS_NS"),
-    (CONTAINER_NEW_IPC_NS, "NEW_IPC_NS"),
-    (CONTAINER_NEW_USER_NS, "NEW_USER_NS"),
-    (CONTAINER_NEW_PID_NS, "NEW_PID_NS"),
-    (CONTAINER_NEW_NET_NS, "NEW_NET_NS"),
-    (CONTAINER_KILL_ON_CLOSE, "KILL_ON_CLOSE"),
-    (CONTAINER_FD_CLOEXEC, "FD_CLOEXEC"),
-)
-
-# Namespace types in the order /proc/PID/ns lists them.
-_NS_ORDER = ("cgroup", "ipc", "mnt", "net", "pid", "user", "uts")
-
-# A user namespace's id map: (first id inside, first id outside, count) per line.
-IdMap = tuple[tuple[int, int, int], ...]
-# What a `containers` table depends on: the reader's container, whose containers it lists
-# (None: all, for root) and how it sees uids and gids (None: as the host does).
-ViewKey = tuple[int, int | None, IdMap | None, IdMap | None]
-
-
-# ---- what the model needs of the service ------------------------------------------------------
-
-class ContainerLike(Protocol):
-    id: int
-    name: bytes
-    flags: int
-    owner: int
-    group: int
-    parent: int
-    state: State
-    handle_open: bool
-    init_pid: int | None
-    exit_status: int | None
-    ns: dict[str, int]
-    new_ns: frozenset[str]
-
-
-class CgroupsLike(Protocol):
-    def procs(self, cid: int) -> list[int]: ...
-    def container_id_of(self, pid: int) -> int | None: ...
-
-
-class ServiceLike(Protocol):
-    @property
-    def containers(self) -> Mapping[int, ContainerLike]: ...
-    @property
-    def cgroups(self) -> CgroupsLike: ...
-    def kill(self, c: Any) -> None: ...  # one of `containers`
-
-
-# ---- readers ----------------------------------------------------------------------------------
-
-def map_id(host_id: int, idmap: IdMap | None) -> int:
-    """`host_id` as a process with `idmap` sees it; the overflow id if it has no mapping."""
-    if idmap is None:
-        return host_id
-    for inside, outside, count in idmap:
-        if outside <= host_id < outside + count:
-            return inside + host_id - outside
-    return OVERFLOW_ID
-
-
-def parse_id_map(text: str) -> IdMap:
-    """Parse /proc/PID/uid_map (or gid_map) as read from the service's user namespace."""
-    out = []
-    for line in text.splitlines():
-        fields = line.split()
-        if len(fields) == 3:
-            out.append((int(fields[0]), int(fields[1]), int(fields[2])))
-    return tuple(out)
-
-
-@dataclass(frozen=True)
-class Reader:
-    """Who makes a request: the process (pid as the service sees it), its fs credentials as
-    the mount sees them (host ids), its container and how its user namespace maps ids."""
-    pid: int
-    uid: int
-    gid: int
-    cid: int = HOST_ID
-    uid_map: IdMap | None = None
-    gid_map: IdMap | None = None
-
-    @property
-    def is_root(self) -> bool:
-        return self.uid == 0
-
-    def key(self) -> ViewKey:
-        return (self.cid, None if self.is_root else self.uid, self.uid_map, self.gid_map)
-
-
-def _read_text(path: str) -> str:
-    with open(path) as f:
-        return f.read()
-
-
-def _nspid(pid: int) -> list[int] | None:
-    """The NSpid line of /proc/PID/status: the pid in each PID namespace, outermost first."""
-    try:
-        for line in _read_text(f"/proc/{pid}/status").splitlines():
-            if line.startswith("NSpid:"):
-                return [int(x) for x in line.split()[1:]]
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    return None
-
-
-class PidView:
-    """Translates host pids into the PID namespace of one reader, as /proc would show them."""
-
-    def __init__(self, reader_pid: int) -> None:
-        self.level = 0
-        self.pidns = 0
-        if reader_pid > 0:
-            nspid = _nspid(reader_pid)
-            if nspid is None:
-                raise OSError(errno.ESRCH, f"reader {reader_pid} is gone")
-            self.level = len(nspid) - 1
-            if self.level:
-                self.pidns = os.stat(f"/proc/{reader_pid}/ns/pid").st_ino
-
-    def translate(self, pid: int) -> int | None:
-        """`pid` as the reader sees it, or None if it is not in the reader's PID namespace."""
-        if self.level == 0:
-            return pid
-        nspid = _nspid(pid)
-        if nspid is None or len(nspid) <= self.level:
-            return None
-        # The process is deep enough; check that the namespace at the reader's level is the
-        # reader's own, by walking up from the process's namespace.
-        try:
-            fd = os.open(f"/proc/{pid}/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
-        except (FileNotFoundError, ProcessLookupError):
-            return None
-        try:
-            for _ in range(len(nspid) - 1 - self.level):
-                parent = fcntl.ioctl(fd, _NS_GET_PARENT)
-                os.close(fd)
-                fd = parent
-            return nspid[self.level] if os.fstat(fd).st_ino == self.pidns else None
-        except OSError:
-            return None
-        finally:
-            os.close(fd)
-
 
 # ---- nodes and attributes ---------------------------------------------------------------------
 
@@ -355,8 +182,8 @@ class Model:
         cid = self._container_id_of(pid)
         uid_map = gid_map = None
         if os.stat(f"/proc/{pid}/ns/user").st_ino != self._own_userns:
-            uid_map = parse_id_map(_read_text(f"/proc/{pid}/uid_map"))
-            gid_map = parse_id_map(_read_text(f"/proc/{pid}/gid_map"))
+            uid_map = parse_id_map(read_text(f"/proc/{pid}/uid_map"))
+            gid_map = parse_id_map(read_text(f"/proc/{pid}/gid_map"))
         return Reader(pid, uid, gid, HOST_ID if cid is None else cid, uid_map, gid_map)
 
     def _container_id_of(self, pid: int) -> int | None:
@@ -481,7 +308,7 @@ class Model:
             return out + [(b"ns", Node(Kind.NSDIR, c.id)), (b"kill", Node(Kind.KILL, c.id))]
         if node.kind is Kind.NSDIR:
             c = self._container(node.cid, reader)
-            return [(t.encode(), Node(Kind.NS, c.id, t.encode())) for t in _ns_types(c)]
+            return [(t.encode(), Node(Kind.NS, c.id, t.encode())) for t in render.ns_types(c)]
         raise OSError(errno.ENOTDIR, "not a directory")
 
     def lookup(self, parent: int, name: bytes, reader: Reader) -> Attr:
@@ -693,114 +520,9 @@ class Model:
         return int(c.handle_open) + self._member_count(c) + children
 
     def render_table(self, reader: Reader) -> bytes:
-        containers = self.service.containers
-        children = collections.Counter(c.parent for c in containers.values())
-        cur = reader.cid
-        if cur == HOST_ID:
-            # `.init`: held by the host itself, started, owned by root.
-            use, fl, owner, group = 1 + children[HOST_ID], FL_INIT_STARTED, 0, 0
-        else:
-            c = self._container(cur)
-            use, fl, owner, group = self.use_count(c, children[c.id]), _fl(c), c.owner, c.group
-        rows = [HEADER, _row(CURRENT, cur, use, fl, map_id(owner, reader.uid_map),
-                             map_id(group, reader.gid_map))]
-        for c in containers.values():
-            if c.parent == cur and (reader.is_root or c.owner == reader.uid):
-                rows.append(_row(c.name, c.id, self.use_count(c, children[c.id]), _fl(c),
-                                 map_id(c.owner, reader.uid_map),
-                                 map_id(c.group, reader.gid_map)))
-        return b"".join(rows)
+        return render.table(self.service.containers, reader, self.use_count)
 
     def render_file(self, c: ContainerLike, node: Node, reader: Reader) -> bytes:
         if node.kind is Kind.NS:
-            nstype = node.name.decode()
-            if nstype not in _ns_types(c):
-                raise OSError(errno.ENOENT, f"container {c.id} has no {nstype} namespace now")
-            return b"%s:[%d]\n" % (node.name, os.fstat(c.ns[nstype]).st_ino)
-        name = node.name
-        if name == b"name":
-            return c.name + b"\n"
-        if name == b"state":
-            return c.state.value.encode() + b"\n"
-        if name == b"owner":
-            return b"%d\n" % map_id(c.owner, reader.uid_map)
-        if name == b"group":
-            return b"%d\n" % map_id(c.group, reader.gid_map)
-        if name == b"flags":
-            names = [n for bit, n in _FLAG_NAMES if c.flags & bit]
-            return (b"%#x" % c.flags) + b"".join(b" " + n.encode() for n in names) + b"\n"
-        if name == b"exit_status":
-            if c.state != State.DEAD:
-                raise OSError(errno.ENOENT, f"container {c.id} is not dead")
-            return b"" if c.exit_status is None else b"%d\n" % c.exit_status
-        pids = PidView(reader.pid)
-        if name == b"init_pid":
-            if c.init_pid is None:
-                return b"0\n"
-            seen = pids.translate(c.init_pid) if c.state != State.DEAD else (
-                c.init_pid if pids.level == 0 else None)
-            return b"%d\n" % (seen or 0)
-        if name == b"members":
-            procs = self.service.cgroups.procs(c.id) if c.state != State.DEAD else []
-            seen_pids = (pids.translate(p) for p in procs)
-            return b"".join(b"%d\n" % p for p in seen_pids if p)
-        raise OSError(errno.ENOENT, f"no {name!r} in container {c.id}")
-
-
-def _ns_types(c: ContainerLike) -> list[str]:
-    """The namespaces a container's processes are in, while it has them."""
-    out = []
-    for t in _NS_ORDER:
-        if t not in c.ns:
-            continue
-        if t == "pid" and "pid" in c.new_ns and c.init_pid is None:
-            continue  # born with init: what is held until then is the creator's
-        out.append(t)
-    return out
-
-
-def _fl(c: ContainerLike) -> int:
-    fl = 0
-    # STARTING counts: a process made by fork_into_container may run (and read this) before
-    # the service has its pid, but never before the service granted the fork.
-    if c.init_pid is not None or c.state == State.STARTING:
-        fl |= FL_INIT_STARTED
-    if c.state == State.DEAD:
-        fl |= FL_DEAD
-    if c.flags & CONTAINER_KILL_ON_CLOSE:
-        fl |= FL_KILL_ON_CLOSE
-    return fl
-
-
-def _c_int(v: int) -> int:
-    """An id as C's %d prints a uid_t: as a signed 32-bit int."""
-    v &= 0xFFFFFFFF
-    return v - (1 << 32) if v >= 1 << 31 else v
-
-
-def _row(name: bytes, cid: int, use: int, fl: int, owner: int, group: int) -> bytes:
-    return ROW % (name, cid, use, fl, _c_int(owner), _c_int(group))
-
-
-def parse_table(text: bytes) -> list[tuple[bytes, int, int, int, int, int]]:
-    """Parse a `containers` text (for tests and tools); ValueError if it is not well formed."""
-    lines = text.split(b"\n")
-    if not text.endswith(b"\n") or lines[0] + b"\n" != HEADER or len(lines) < 3:
-        raise ValueError(f"not a containers table: {text[:80]!r}")
-    rows = []
-    for line in lines[1:-1]:
-        if len(line) < 55 or line[24:25] != b" ":
-            raise ValueError(f"bad row {line!r}")
-        name = line[:24].rstrip(b" ")
-        fields = line[25:].split()
-        if len(fields) != 5:
-            raise ValueError(f"bad row {line!r}")
-        row = (name, int(fields[0]), int(fields[1]), int(fields[2], 16), int(fields[3]),
-               int(fields[4]))
-        if _row(*row) != line + b"\n":
-            raise ValueError(f"row not in the table's format: {line!r}")
-        rows.append(row)
-    if rows[0][0] != CURRENT:
-        raise ValueError("the first row is not <current>")
-    return rows
-
+            return render.ns_file(c, node.name.decode())
+        return render.container_file(c, node.name, reader, self.service.cgroups.procs)

@@ -1,0 +1,114 @@
+"""Who reads the view: a reader's identity, how its user namespace maps ids, and how it sees
+pids (its PID namespace). Plain data and /proc reads; nothing here knows about FUSE."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+from dataclasses import dataclass
+
+HOST_ID = 1  # `.init`: the host itself, never a listed container
+OVERFLOW_ID = 65534  # what an id with no mapping in the reader's user namespace shows as
+
+_NS_GET_PARENT = 0xB702  # _IO(0xb7, 0x2): the parent of a PID (or user) namespace
+
+# A user namespace's id map: (first id inside, first id outside, count) per line.
+IdMap = tuple[tuple[int, int, int], ...]
+# What a `containers` table depends on: the reader's container, whose containers it lists
+# (None: all, for root) and how it sees uids and gids (None: as the host does).
+ViewKey = tuple[int, int | None, IdMap | None, IdMap | None]
+
+
+def map_id(host_id: int, idmap: IdMap | None) -> int:
+    """`host_id` as a process with `idmap` sees it; the overflow id if it has no mapping."""
+    if idmap is None:
+        return host_id
+    for inside, outside, count in idmap:
+        if outside <= host_id < outside + count:
+            return inside + host_id - outside
+    return OVERFLOW_ID
+
+
+def parse_id_map(text: str) -> IdMap:
+    """Parse /proc/PID/uid_map (or gid_map) as read from the service's user namespace."""
+    out = []
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) == 3:
+            out.append((int(fields[0]), int(fields[1]), int(fields[2])))
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class Reader:
+    """Who makes a request: the process (pid as the service sees it), its fs credentials as
+    the mount sees them (host ids), its container and how its user namespace maps ids."""
+    pid: int
+    uid: int
+    gid: int
+    cid: int = HOST_ID
+    uid_map: IdMap | None = None
+    gid_map: IdMap | None = None
+
+    @property
+    def is_root(self) -> bool:
+        return self.uid == 0
+
+    def key(self) -> ViewKey:
+        return (self.cid, None if self.is_root else self.uid, self.uid_map, self.gid_map)
+
+
+def read_text(path: str) -> str:
+    with open(path) as f:
+        return f.read()
+
+
+def _nspid(pid: int) -> list[int] | None:
+    """The NSpid line of /proc/PID/status: the pid in each PID namespace, outermost first."""
+    try:
+        for line in read_text(f"/proc/{pid}/status").splitlines():
+            if line.startswith("NSpid:"):
+                return [int(x) for x in line.split()[1:]]
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return None
+
+
+class PidView:
+    """Translates host pids into the PID namespace of one reader, as /proc would show them."""
+
+    def __init__(self, reader_pid: int) -> None:
+        self.level = 0
+        self.pidns = 0
+        if reader_pid > 0:
+            nspid = _nspid(reader_pid)
+            if nspid is None:
+                raise OSError(errno.ESRCH, f"reader {reader_pid} is gone")
+            self.level = len(nspid) - 1
+            if self.level:
+                self.pidns = os.stat(f"/proc/{reader_pid}/ns/pid").st_ino
+
+    def translate(self, pid: int) -> int | None:
+        """`pid` as the reader sees it, or None if it is not in the reader's PID namespace."""
+        if self.level == 0:
+            return pid
+        nspid = _nspid(pid)
+        if nspid is None or len(nspid) <= self.level:
+            return None
+        # The process is deep enough; check that the namespace at the reader's level is the
+        # reader's own, by walking up from the process's namespace.
+        try:
+            fd = os.open(f"/proc/{pid}/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+        except (FileNotFoundError, ProcessLookupError):
+            return None
+        try:
+            for _ in range(len(nspid) - 1 - self.level):
+                parent = fcntl.ioctl(fd, _NS_GET_PARENT)
+                os.close(fd)
+                fd = parent
+            return nspid[self.level] if os.fstat(fd).st_ino == self.pidns else None
+        except OSError:
+            return None
+        finally:
+            os.close(fd)

@@ -1,0 +1,37 @@
+"""What the view needs of the service: the shape of a container record and of the service,
+as protocols, so that the view depends on no module of the service."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+from ..states import State
+
+
+class ContainerLike(Protocol):
+    id: int
+    name: bytes
+    flags: int
+    owner: int
+    group: int
+    parent: int
+    state: State
+    handle_open: bool
+    init_pid: int | None
+    exit_status: int | None
+    ns: dict[str, int]
+    new_ns: frozenset[str]
+
+
+class CgroupsLike(Protocol):
+    def procs(self, cid: int) -> list[int]: ...
+    def container_id_of(self, pid: int) -> int | None: ...
+
+
+class ServiceLike(Protocol):
+    @property
+    def containers(self) -> Mapping[int, ContainerLike]: ...
+    @property
+    def cgroups(self) -> CgroupsLike: ...
+    def kill(self, c: Any) -> None: ...  # one of `containers`
