@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from syscalls import _linux, keys, protocol
+from syscalls import _linux, keys, protocol, seccomp_notify
 from syscalls.fdpass import fds_from_ancdata
 from syscalls.keys import KEY_ALL, KEY_LINK, KEY_READ, KEY_SEARCH, KEY_VIEW, KEY_WRITE
 
@@ -531,7 +531,7 @@ class KeyringService:
             destroy(p.record, p.trap.record_ring)
         for w in p.waiters:
             if not w.listener.closed:
-                keys.notif_send(w.listener.fd, w.notif_id, error=error, continue_=continue_)
+                seccomp_notify.notif_send(w.listener.fd, w.notif_id, error=error, continue_=continue_)
             self.svc.fdstore.drop(w.keep_key)
         if p.upcall is not None:
             p.upcall.tell({"action": "instantiate", "payload": payload} if payload is not None
@@ -580,7 +580,7 @@ class KeyringService:
                 await trio.lowlevel.wait_readable(listener.fd)
                 events = dict(poller.poll(0)).get(listener.fd, 0)
                 if events & select.POLLIN:
-                    notif = keys.notif_recv(listener.fd)
+                    notif = seccomp_notify.notif_recv(listener.fd)
                     if notif is not None:
                         self._on_notif(listener, notif)
                 elif events & (select.POLLHUP | select.POLLERR | select.POLLNVAL):
@@ -593,7 +593,7 @@ class KeyringService:
             os.close(listener.fd)
             self.svc.fdstore.drop(listener.key)
 
-    def _on_notif(self, listener: Listener, n: keys.Notification) -> None:
+    def _on_notif(self, listener: Listener, n: seccomp_notify.Notification) -> None:
         """Answer a trapped request_key() now, or queue it for the container's manager."""
         try:
             answer = self._classify(listener, n)
@@ -603,11 +603,11 @@ class KeyringService:
         if answer is None:
             return  # queued, or its caller is gone
         if answer == 0:
-            keys.notif_send(listener.fd, n.id, continue_=True)
+            seccomp_notify.notif_send(listener.fd, n.id, continue_=True)
         else:
-            keys.notif_send(listener.fd, n.id, error=answer)
+            seccomp_notify.notif_send(listener.fd, n.id, error=answer)
 
-    def _classify(self, listener: Listener, n: keys.Notification) -> int | None:
+    def _classify(self, listener: Listener, n: seccomp_notify.Notification) -> int | None:
         """0: let the kernel carry on; an errno: fail with it; None: queued (or gone).
 
         Cheapest checks first: most calls are let through. A reply to a call that is no
@@ -624,13 +624,13 @@ class KeyringService:
         except OSError:
             return 0  # gone
         try:
-            raw_type = keys.read_cstring(mem, n.args[0], keys.KEY_TYPE_MAX)
+            raw_type = seccomp_notify.read_cstring(mem, n.args[0], keys.KEY_TYPE_MAX)
             key_type = raw_type.decode("utf-8", "surrogateescape") if raw_type else ""
             trap = ck.trap_for(key_type) if key_type and not key_type.startswith(".") else None
             if trap is None:
                 return 0
-            raw_desc = keys.read_cstring(mem, n.args[1], keys.KEY_DESC_MAX)
-            raw_callout = keys.read_cstring(mem, n.args[2], keys.CALLOUT_MAX)
+            raw_desc = seccomp_notify.read_cstring(mem, n.args[1], keys.KEY_DESC_MAX)
+            raw_callout = seccomp_notify.read_cstring(mem, n.args[2], keys.CALLOUT_MAX)
             if not raw_desc or raw_callout is None:
                 return 0  # the kernel's own EINVAL
         except OSError:
@@ -655,12 +655,12 @@ class KeyringService:
             return None  # gone
         # What was read belongs to the process that made the call only if the call is still
         # waiting: then its pid cannot have been reused.
-        if not keys.notif_id_valid(listener.fd, n.id):
+        if not seccomp_notify.notif_id_valid(listener.fd, n.id):
             return None
         return self._queue(ck, trap, listener, n, key_type, desc,
                            raw_callout.decode("utf-8", "surrogateescape"), uid, gid)
 
-    def _queue(self, ck: ContainerKeys, trap: Trap, listener: Listener, n: keys.Notification,
+    def _queue(self, ck: ContainerKeys, trap: Trap, listener: Listener, n: seccomp_notify.Notification,
                key_type: str, desc: str, callout: str, uid: int, gid: int) -> int | None:
         """Make the call wait for the creator's answer (or join one that waits already)."""
         same = ck.waiting.get((key_type, desc, uid))
@@ -847,7 +847,7 @@ class KeyringService:
         for key in [k for k in held if k.startswith("kn.")]:
             fds = held.pop(key)
             notif_id = int(key.rsplit(".", 1)[1])
-            keys.notif_send(fds["l"], notif_id, error=errno.ENOKEY)
+            seccomp_notify.notif_send(fds["l"], notif_id, error=errno.ENOKEY)
             os.close(fds["l"])
             self.svc.fdstore.drop(key)
         # A rule file left by the previous service says what its traps were; now it says ours.
