@@ -21,7 +21,9 @@ import trio
 
 from syscalls import fdpass, protocol
 
-from .service import Container, Peer, Service
+from .process import Peer
+from .record import Container
+from .service import Service
 from .states import State
 
 log = logging.getLogger("containerfs")

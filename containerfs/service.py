@@ -16,8 +16,7 @@ import resource
 import select
 import signal
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 import trio
 
@@ -27,18 +26,19 @@ from syscalls.constants import (
     CONTAINER_NEW_EMPTY_FS_NS,
     CONTAINER_NEW_PID_NS,
     CONTAINER_NEW_USER_NS,
-    FLAG_NAMESPACES,
 )
 
 from . import namespaces
 from .cgroups import CgroupTree, process_cgroup
 from .fdstore import FdStore
+from .keyring.hooks import Hooks
 from .keyring.service import KeyringService
+from .process import Peer, pid_namespace, pidfd_pid, stat_fields
+from .record import Container, requested_namespaces
 from .states import State, check_transition
 from .store import Store
 
 log = logging.getLogger("containerfs")
-T = TypeVar("T")
 
 # Order in which a forking process enters namespaces. The creator's own (not asked-for) ones
 # come first, while the process still has its host privileges; then the new user namespace,
@@ -47,121 +47,6 @@ _ENTRY_ORDER = ("mnt", "uts", "ipc", "net", "cgroup")
 # How long a record may wait to be written (rows a crash could lose without harm: an init's
 # start, a death, a removal); writes within it share one transaction.
 STORE_DELAY = 0.05
-
-
-@dataclass(frozen=True)
-class Peer:
-    """Who is at the other end of a connection, as the kernel recorded it at connect(): the
-    credentials, and a pidfd of the process (owned by the connection; -1 if it had gone
-    already). `pid` is only ever used while `present()` shows it still names that process."""
-    pid: int
-    uid: int
-    gid: int
-    pidfd: int = -1
-
-    def present(self) -> bool:
-        """Whether the process that connected is not reaped yet: only then is `pid` its own
-        (a pid number is given to another process only once the old one is reaped)."""
-        return self.pidfd >= 0 and _pidfd_pid(self.pidfd) > 0
-
-    def at_pid(self, act: Callable[[int], T], undo: Callable[[T], None] | None = None) -> T:
-        """`act(pid)`, proven to have met the process that connected: present before and
-        after (ESRCH if not, after `undo` of what `act` returned)."""
-        if not self.present():
-            raise ProcessLookupError(errno.ESRCH, f"the process that connected (pid {self.pid}) "
-                                                  "has exited; connect again")
-        result = act(self.pid)
-        if not self.present():
-            log.error("pid %d was reaped while the service acted on it; the act may have met "
-                      "another process with that pid", self.pid)
-            if undo is not None:
-                undo(result)
-            raise ProcessLookupError(errno.ESRCH, f"the process that connected (pid {self.pid}) "
-                                                  "exited during the request")
-        return result
-
-
-@dataclass(eq=False)
-class Container:
-    id: int
-    name: bytes
-    flags: int
-    owner: int
-    group: int
-    parent: int
-    pipe: tuple[int, int]
-    wfd: int  # the service's write end of the handle pipe; closing it is the death notice
-    ns: dict[str, int]  # every namespace the container's processes enter, by type
-    new_ns: frozenset[str]
-    state: State = State.CREATED
-    handle_open: bool = True
-    init_pid: int | None = None
-    init_pidfd: int = -1
-    exit_status: int | None = None
-    kill_pending: bool = False
-    death_seen: trio.Event | None = None  # set once init's exit has been dealt with
-    # Where proc mounts made before init wait for its PID namespace (relative to the root).
-    proc_paths: list[str] = field(default_factory=list)
-    started: trio.Event = field(default_factory=trio.Event)
-
-    def row(self) -> dict[str, Any]:
-        return {"id": self.id, "name": self.name, "flags": self.flags, "owner": self.owner,
-                "grp": self.group, "parent": self.parent, "state": self.state.value,
-                "pipe_dev": self.pipe[0], "pipe_ino": self.pipe[1], "init_pid": self.init_pid,
-                "exit_status": self.exit_status}
-
-
-def requested_namespaces(flags: int) -> frozenset[str]:
-    """The namespace types a container with `flags` has of its own (an empty-fs container gets
-    its mount namespace only when a root is set)."""
-    new = {FLAG_NAMESPACES[bit] for bit in FLAG_NAMESPACES if flags & bit}
-    if flags & CONTAINER_NEW_EMPTY_FS_NS:
-        new.discard("mnt")
-    return frozenset(new)
-
-
-def _stat_fields(pid: int) -> list[str] | None:
-    """Fields 3.. of /proc/PID/stat (after the command name), or None if it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    return data[data.rindex(b")") + 2:].decode().split()
-
-
-def _pidfd_pid(pidfd: int) -> int:
-    """The pid (in the service's namespace) of the process `pidfd` refers to, -1 once reaped.
-
-    EINVAL for an fd that is not a pidfd (checked first: an ioctl is never tried on a file a
-    client passed that may give it another meaning)."""
-    if not _linux.is_pidfd(pidfd):
-        raise OSError(errno.EINVAL, "not a pidfd")
-    info = _linux.pidfd_info(pidfd)
-    if info is not None:
-        return info.pid if info.pid > 0 else -1
-    with open(f"/proc/self/fdinfo/{pidfd}") as f:
-        for line in f:
-            if line.startswith("Pid:"):
-                return int(line.split()[1])
-    raise OSError(errno.EINVAL, "not a pidfd")
-
-
-def _pid_namespace(pidfd: int, pid: int) -> int:
-    """An fd of the PID namespace of the process behind `pidfd` (whose pid is `pid`);
-    ProcessLookupError once it is reaped."""
-    try:
-        return _linux.pidfd_namespace(pidfd, "pid")
-    except OSError as e:
-        # ENOTTY before Linux 6.11; ESRCH for a zombie too (it has no namespaces left for
-        # the ioctl), whose /proc entry still has them.
-        if e.errno not in (errno.ENOTTY, errno.ESRCH):
-            raise
-    fd = os.open(f"/proc/{pid}/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
-    if _pidfd_pid(pidfd) != pid:  # reaped meanwhile: that pid may be another's now
-        os.close(fd)
-        raise ProcessLookupError(errno.ESRCH, "process reaped")
-    return fd
 
 
 class Service:
@@ -304,7 +189,7 @@ class Service:
         if init_pidfd >= 0:
             c.init_pidfd = init_pidfd
             c.state = State.RUNNING
-            pid = _pidfd_pid(init_pidfd)
+            pid = pidfd_pid(init_pidfd)
             if pid > 0:  # the row's init_pid may not have been written before a crash
                 c.init_pid = pid
             self.nursery.start_soon(self._watch_init, c)
@@ -328,14 +213,14 @@ class Service:
         if self.on_change is not None:
             self.on_change()
 
-    def _check_owner(self, peer: Peer, c: Container, what: str) -> None:
+    def check_owner(self, peer: Peer, c: Container, what: str) -> None:
         if peer.uid != 0 and peer.uid != c.owner:
             raise OSError(errno.EPERM, f"container {c.id} belongs to uid {c.owner}; "
                                        f"uid {peer.uid} may not {what} it")
 
-    def _check_manager(self, peer: Peer, c: Container, what: str) -> None:
+    def check_manager(self, peer: Peer, c: Container, what: str) -> None:
         """Owner or root, and not from inside the container itself."""
-        self._check_owner(peer, c, what)
+        self.check_owner(peer, c, what)
         if c.state != State.DEAD and self.member_of(peer) == c.id:
             raise OSError(errno.EPERM, f"a member of container {c.id} may not {what} it")
 
@@ -459,7 +344,7 @@ class Service:
 
     async def begin_fork(self, peer: Peer, c: Container) -> tuple[dict[str, Any], list[int]]:
         """Check a fork and return what the intermediate must enter: (reply, fds it names)."""
-        self._check_owner(peer, c, "fork into")
+        self.check_owner(peer, c, "fork into")
         while c.state == State.STARTING:  # another caller is making init: wait for it
             await c.started.wait()
         if c.state == State.DEAD:
@@ -564,14 +449,14 @@ class Service:
             os.close(pidfd)
             return c.init_pid if c.init_pid is not None else reported_pid
         try:
-            pid = _pidfd_pid(pidfd)
+            pid = pidfd_pid(pidfd)
             placed = pid > 0 and self.cgroups.container_id_of_pidfd(pidfd, pid) == c.id
             # Trust the pidfd only if its process is where the container's processes are. A
             # process reaped meanwhile cannot be looked at any more: only root's own report
             # of it is believed (anyone else could pass off some other dead process as init
             # and choose the container's exit status).
             if not placed:
-                if _pidfd_pid(pidfd) > 0 or reported_pid <= 0:
+                if pidfd_pid(pidfd) > 0 or reported_pid <= 0:
                     raise OSError(errno.EINVAL,
                                   "reported process is not in the container's cgroup")
                 pid = reported_pid
@@ -585,7 +470,7 @@ class Service:
         c.init_pid, c.init_pidfd = pid, pidfd
         if c.flags & CONTAINER_NEW_PID_NS and placed:
             try:
-                pidns = _pid_namespace(pidfd, pid)
+                pidns = pid_namespace(pidfd, pid)
                 os.close(c.ns["pid"])
                 c.ns["pid"] = pidns
             except (FileNotFoundError, ProcessLookupError):
@@ -639,11 +524,11 @@ class Service:
             status = _linux.pidfd_exit_status(c.init_pidfd)
             if status is not None:  # already reaped (Linux 6.15+ keeps it on the pidfd)
                 return status
-            pid = _pidfd_pid(c.init_pidfd)
-            fields = _stat_fields(pid) if pid > 0 else None
+            pid = pidfd_pid(c.init_pidfd)
+            fields = stat_fields(pid) if pid > 0 else None
             # Still a zombie: field 52 holds the status. The pid was init's all along if
             # init is still unreaped after the look (a pid is reused only once reaped).
-            if fields and fields[0] == "Z" and _pidfd_pid(c.init_pidfd) == pid:
+            if fields and fields[0] == "Z" and pidfd_pid(c.init_pidfd) == pid:
                 return int(fields[49])
             await trio.sleep(0.001)
         log.warning("container %d: could not read init's exit status", c.id)
@@ -715,7 +600,7 @@ class Service:
             self._die(c)
 
     def kill_by(self, peer: Peer, c: Container) -> None:
-        self._check_manager(peer, c, "kill")
+        self.check_manager(peer, c, "kill")
         self.kill(c)
 
     def _remove(self, c: Container) -> None:
@@ -769,7 +654,7 @@ class Service:
         a caller that could enter it: root, the owner, or a member. Returns dup'd fds."""
         if peer.uid not in (0, c.owner) and not (
                 c.state != State.DEAD and self.member_of(peer) == c.id):
-            self._check_owner(peer, c, "open a socket in")  # raises EPERM
+            self.check_owner(peer, c, "open a socket in")  # raises EPERM
         if c.state == State.DEAD:
             raise OSError(errno.ECANCELED, f"container {c.id} is dead")
         names = (["user"] if "user" in c.new_ns else []) + ["net"]
@@ -785,9 +670,9 @@ class Service:
 
     # ---- filesystems: roots, mounts and *at() (issue 4) ---------------------------------
 
-    def _check_mounter(self, peer: Peer, c: Container, what: str) -> None:
+    def check_mounter(self, peer: Peer, c: Container, what: str) -> None:
         """Root, or the owner of the container's own user namespace; never a member."""
-        self._check_manager(peer, c, what)
+        self.check_manager(peer, c, what)
         if peer.uid != 0 and "user" not in c.new_ns:
             raise OSError(errno.EPERM, f"only root may {what} container {c.id}: it has no "
                                        "user namespace of its own")
@@ -805,7 +690,7 @@ class Service:
 
     async def set_root(self, peer: Peer, c: Container, mfd: int) -> None:
         """MOVE_MOUNT_T_CONTAINER_ROOT: mount `mfd` becomes the root of an empty-fs container."""
-        self._check_mounter(peer, c, "set the root of")
+        self.check_mounter(peer, c, "set the root of")
         if not c.flags & CONTAINER_NEW_EMPTY_FS_NS or "root" in c.ns:
             raise OSError(errno.EBUSY, f"container {c.id} already has a mount namespace")
         if c.state == State.DEAD:
@@ -824,7 +709,7 @@ class Service:
     async def mount_at(self, peer: Peer, c: Container, mfd: int, unsafe_path: str,
                        proc: bool) -> None:
         """move_mount into the container at `unsafe_path`, resolved from its root."""
-        self._check_mounter(peer, c, "mount into")
+        self.check_mounter(peer, c, "mount into")
         if "root" not in c.ns:
             raise OSError(errno.ENOENT, f"container {c.id} has no root filesystem yet")
         if c.state == State.DEAD:
@@ -837,7 +722,7 @@ class Service:
 
     def fs_namespaces(self, peer: Peer, c: Container) -> tuple[dict[str, Any], list[int]]:
         """FSCONFIG_SET_CONTAINER: the container's user (own), network and PID namespaces."""
-        self._check_mounter(peer, c, "create a filesystem in")
+        self.check_mounter(peer, c, "create a filesystem in")
         if c.state == State.DEAD:
             raise OSError(errno.ECANCELED, f"container {c.id} is dead")
         names = (["user"] if "user" in c.new_ns else []) + ["net"]
@@ -877,4 +762,8 @@ class Service:
     @functools.cached_property
     def keyrings(self) -> KeyringService:
         """Per-container keyrings and request_key() traps (made on first use)."""
-        return KeyringService(self)
+        return KeyringService(Hooks(
+            runtime_dir=os.path.dirname(self.fdstore.path), nursery=self.nursery,
+            keep=self.fdstore.put, let_go=self.fdstore.drop, lookup=self.lookup,
+            live=self.containers.get, check_manager=self.check_manager,
+            member_of=self.member_of, container_id_of=self.cgroups.container_id_of))

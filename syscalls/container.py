@@ -7,21 +7,12 @@ import json
 import os
 import select
 import signal
-import stat
 from typing import Any, NamedTuple
 
 from . import _linux, keys, protocol, validate
+from .handle import check_handle
 from ._client import Connection, call, call_holding, give_back
 from .constants import CONTAINER_FD_CLOEXEC
-
-
-def check_handle(fd: int) -> None:
-    """Raise EBADF for a closed fd and EINVAL for one that cannot be a container handle."""
-    if not isinstance(fd, int) or isinstance(fd, bool):
-        raise TypeError(f"a container handle is an int fd, not {type(fd).__name__}")
-    st = os.fstat(fd)  # EBADF for a closed or invalid fd, as the kernel would say
-    if not stat.S_ISFIFO(st.st_mode):
-        raise OSError(errno.EINVAL, f"fd {fd} is not a container handle")
 
 
 def container_create(name: str | bytes, flags: int) -> int:

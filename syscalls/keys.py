@@ -17,8 +17,8 @@ import struct
 from typing import Any
 
 from . import _linux, protocol
-from . import container as _container  # a cycle: used at call time only
 from ._client import Connection, call
+from .handle import check_handle
 from .seccomp_notify import install_request_key_filter
 
 # Special keyring ids (linux/keyctl.h).
@@ -287,7 +287,7 @@ def _probe_keyring(keyring: int, need: str) -> int:
 def keyctl_set_container_keyring(cfd: int, keyring: int) -> None:
     """Attach `keyring` to the container: request_key() inside finds its keys after the
     process's own keyrings. Once per container (EBUSY); members may not (EPERM)."""
-    _container.check_handle(cfd)
+    check_handle(cfd)
     serial = _probe_keyring(keyring, "search")
     with Connection() as conn:
         reply, _ = conn.call(protocol.KeyringStage(), [cfd])
@@ -317,7 +317,7 @@ def keyctl_container_intercept(cfd: int, key_type: str | None, ns_id: int, dest_
     linked, inside a keyring of the service's, into `dest_keyring`, which the caller must be
     able to write. EEXIST for a second trap of one type; EINVAL for a non-zero `ns_id`.
     """
-    _container.check_handle(cfd)
+    check_handle(cfd)
     if ns_id != 0:
         raise OSError(errno.EINVAL, "ns_id must be 0: namespace filters are not supported")
     if dest_keyring == 0:
@@ -347,7 +347,7 @@ def open_intercept(cfd: int, key_type: str | None, *, timeout: float = DEFAULT_I
     the connection receives the requests of the traps keyctl_container_intercept() added.
     The connection's socket is readable while a request waits; see containerfs.keyring.
     """
-    _container.check_handle(cfd)
+    check_handle(cfd)
     if key_type is not None:
         check_type(key_type)
     if not timeout > 0:

@@ -26,7 +26,7 @@ import socket
 
 from . import _linux, nsexec
 from ._client import call
-from .container import check_handle
+from .handle import check_handle
 from .protocol import NetNs
 
 # ioctl(2) requests on nsfs files: _IO(0xb7, 1) and _IO(0xb7, 3).

@@ -32,7 +32,7 @@ import select
 import socket
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import trio
 
@@ -40,13 +40,13 @@ from syscalls import _linux, keys, protocol, seccomp_notify
 from syscalls.fdpass import fds_from_ancdata
 from syscalls.keys import KEY_ALL, KEY_LINK, KEY_READ, KEY_SEARCH, KEY_VIEW, KEY_WRITE
 
+from ..process import Peer
+from ..record import Container
 from ..states import State
+from .hooks import Client, Hooks
 from .registry import Registry, destroy, perm
 from .upcall import Rules, probe_upcall
 
-if TYPE_CHECKING:
-    from ..control import Connection
-    from ..service import Container, Peer, Service
 
 log = logging.getLogger("containerfs")
 
@@ -225,14 +225,14 @@ def _fs_ids(pid: int) -> tuple[int, int]:
 
 
 class KeyringService:
-    def __init__(self, service: Service) -> None:
-        self.svc = service
-        self.registry = Registry(os.path.dirname(service.fdstore.path))
+    def __init__(self, hooks: Hooks) -> None:
+        self.hooks = hooks
+        self.registry = Registry(hooks.runtime_dir)
         self.containers: dict[int, ContainerKeys] = {}
         self._rid = 0
         self._boot = f"{os.getpid()}.{time.monotonic_ns()}"
         self._nlisteners = 0
-        self.rules = Rules(os.path.dirname(service.fdstore.path))
+        self.rules = Rules(hooks.runtime_dir)
         self._upcall_ok: bool | None = None  # probed when the first rule is to be written
         self._probed: trio.Event | None = None
 
@@ -283,7 +283,7 @@ class KeyringService:
 
     # ---- requests from clients --------------------------------------------------------
 
-    async def dispatch(self, conn: Connection, req: protocol.Request,
+    async def dispatch(self, conn: Client, req: protocol.Request,
                        fds: list[int]) -> tuple[dict[str, Any] | None, list[int]]:
         """Serve one keyring request. A listener fd or a channel's handle is taken out of
         `fds` (the connection closes what is left in it)."""
@@ -294,17 +294,17 @@ class KeyringService:
             return await self._serve_upcall(conn, req)
         if isinstance(req, protocol.KeyUpcallDone):
             raise protocol.ProtocolError("key_upcall_done outside an upcall")
-        c = self.svc.lookup(fds[0])
+        c = self.hooks.lookup(fds[0])
         peer = conn.peer
         if isinstance(req, protocol.KeyringStage):
-            self.svc._check_manager(peer, c, "set the keyring of")
+            self.hooks.check_manager(peer, c, "set the keyring of")
             return {"stage": self._stage(self._keys_of(c), peer)}, []
         if isinstance(req, protocol.KeyringAttach):
-            self.svc._check_manager(peer, c, "set the keyring of")
+            self.hooks.check_manager(peer, c, "set the keyring of")
             self._attach(self._keys_of(c), peer, req.keyring)
             return {}, []
         if isinstance(req, protocol.KeyIntercept):
-            self.svc._check_manager(peer, c, "intercept key requests of")
+            self.hooks.check_manager(peer, c, "intercept key requests of")
             ck = self._keys_of(c)
             trap = self._add_trap(ck, peer, req)
             await self._install_rules()  # "from now on" holds for the kernel's requests too
@@ -313,7 +313,7 @@ class KeyringService:
                 return reply, []
             return await self._serve_channel(conn, fds, ck, reply, trap)
         if isinstance(req, protocol.KeyUnintercept):
-            self.svc._check_manager(peer, c, "intercept key requests of")
+            self.hooks.check_manager(peer, c, "intercept key requests of")
             ck = self._keys_of(c)
             if req.all:
                 traps = list(ck.traps.values())
@@ -324,14 +324,14 @@ class KeyringService:
                 self._drop_trap(ck, trap)
             return {"removed": len(traps)}, []
         if isinstance(req, protocol.KeyListen):
-            self.svc._check_manager(peer, c, "intercept key requests of")
+            self.hooks.check_manager(peer, c, "intercept key requests of")
             return await self._serve_channel(conn, fds, self._keys_of(c), {}, None)
         if isinstance(req, protocol.KeyAnswer):
-            self.svc._check_manager(peer, c, "answer key requests of")
+            self.hooks.check_manager(peer, c, "answer key requests of")
             return await self._answer(self._keys_of(c), req), []
         raise protocol.ProtocolError(f"unhandled op {req.op}")
 
-    async def _serve_channel(self, conn: Connection, fds: list[int], ck: ContainerKeys,
+    async def _serve_channel(self, conn: Client, fds: list[int], ck: ContainerKeys,
                              reply: dict[str, Any], trap: Trap | None
                              ) -> tuple[dict[str, Any] | None, list[int]]:
         # The service must not hold the handle while the channel lasts: its last close
@@ -532,7 +532,7 @@ class KeyringService:
         for w in p.waiters:
             if not w.listener.closed:
                 seccomp_notify.notif_send(w.listener.fd, w.notif_id, error=error, continue_=continue_)
-            self.svc.fdstore.drop(w.keep_key)
+            self.hooks.let_go(w.keep_key)
         if p.upcall is not None:
             p.upcall.tell({"action": "instantiate", "payload": payload} if payload is not None
                           else {"action": "reject", "errno": error or errno.ENOKEY,
@@ -549,7 +549,7 @@ class KeyringService:
 
     # ---- seccomp listeners -------------------------------------------------------------
 
-    def _take_listener(self, conn: Connection, fds: list[int]) -> None:
+    def _take_listener(self, conn: Client, fds: list[int]) -> None:
         """Keep the one seccomp listener of the process a connection forked; ignore anything
         else (a flood of fds must never be kept, here or by the keeper)."""
         # One way: this must never answer (the fork's caller reads that connection).
@@ -569,8 +569,8 @@ class KeyringService:
     def add_listener(self, key: str, fd: int, keep: bool = True) -> None:
         listener = Listener(key, fd)
         if keep:
-            self.svc.fdstore.put(key, {"l": fd})
-        self.svc.nursery.start_soon(self._serve_listener, listener)
+            self.hooks.keep(key, {"l": fd})
+        self.hooks.nursery.start_soon(self._serve_listener, listener)
 
     async def _serve_listener(self, listener: Listener) -> None:
         poller = select.poll()
@@ -591,7 +591,7 @@ class KeyringService:
             listener.closed = True
             trio.lowlevel.notify_closing(listener.fd)
             os.close(listener.fd)
-            self.svc.fdstore.drop(listener.key)
+            self.hooks.let_go(listener.key)
 
     def _on_notif(self, listener: Listener, n: seccomp_notify.Notification) -> None:
         """Answer a trapped request_key() now, or queue it for the container's manager."""
@@ -615,7 +615,7 @@ class KeyringService:
         that what was read belongs to the caller."""
         if not n.args[2]:
             return 0  # no callout info: the kernel constructs nothing (ENOKEY); nothing to trap
-        cid = self.svc.cgroups.container_id_of(n.pid)
+        cid = self.hooks.container_id_of(n.pid)
         ck = self.containers.get(cid) if cid is not None else None
         if ck is None or not ck.traps:
             return 0  # not in a container, or nothing trapped: untouched
@@ -669,7 +669,7 @@ class KeyringService:
         waiter = Waiter(listener, n.id, f"kn.{listener.key}.{n.id}")
         # A copy of the listener under the call's cookie: a restarted service can still fail
         # the call rather than leave it waiting forever.
-        self.svc.fdstore.put(waiter.keep_key, {"l": listener.fd})
+        self.hooks.keep(waiter.keep_key, {"l": listener.fd})
         if same is not None:
             same.waiters.append(waiter)  # one construction at a time, as the kernel does
             return None
@@ -689,7 +689,7 @@ class KeyringService:
         else:
             for channel in ck.listeners:
                 channel.push(event)
-        self.svc.nursery.start_soon(self._expire, ck, p)
+        self.hooks.nursery.start_soon(self._expire, ck, p)
 
     def _record(self, ck: ContainerKeys, p: Pending) -> None:
         """Link a record of the request into the trap's record keyring, owned by the trap's
@@ -744,12 +744,12 @@ class KeyringService:
                 await self._probed.wait()
         self._sync_rules()
 
-    async def _serve_upcall(self, conn: Connection, req: protocol.KeyUpcall
+    async def _serve_upcall(self, conn: Client, req: protocol.KeyUpcall
                             ) -> tuple[dict[str, Any] | None, list[int]]:
         """A key the kernel constructs, from our rule's handler: the host's business (the
         handler hands it to the host's rules), or a container's request for its creator."""
         peer = conn.peer
-        if peer.uid != 0 or self.svc.member_of(peer) is not None:
+        if peer.uid != 0 or self.hooks.member_of(peer) is not None:
             raise OSError(errno.EPERM, "only the kernel's request-key handler (root, in no "
                                        "container) may hand over key requests")
         ck = next((k for k in self.containers.values() if k.session == req.session), None)
@@ -813,7 +813,7 @@ class KeyringService:
         slots: dict[int, int] = {}
         traps: list[tuple[int, Trap]] = []
         for entry in self.registry.entries():
-            c = self.svc.containers.get(entry.cid)
+            c = self.hooks.live(entry.cid)
             if c is None or c.state == State.DEAD:
                 destroy(entry.serial)
             elif entry.kind == "s" and entry.cid not in self.containers:
@@ -849,11 +849,11 @@ class KeyringService:
             notif_id = int(key.rsplit(".", 1)[1])
             seccomp_notify.notif_send(fds["l"], notif_id, error=errno.ENOKEY)
             os.close(fds["l"])
-            self.svc.fdstore.drop(key)
+            self.hooks.let_go(key)
         # A rule file left by the previous service says what its traps were; now it says ours.
         self._sync_rules()
         if any(ck.traps for ck in self.containers.values()):
-            self.svc.nursery.start_soon(self._install_rules)
+            self.hooks.nursery.start_soon(self._install_rules)
 
     def close(self) -> None:
         """The service stops: its request-key rule goes; with no container left, nothing of

@@ -1,0 +1,51 @@
+"""The container record: what the service knows of one container, and how a record is saved."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from syscalls.constants import CONTAINER_NEW_EMPTY_FS_NS, FLAG_NAMESPACES
+
+from .states import State
+
+
+@dataclass(eq=False)
+class Container:
+    id: int
+    name: bytes
+    flags: int
+    owner: int
+    group: int
+    parent: int
+    pipe: tuple[int, int]
+    wfd: int  # the service's write end of the handle pipe; closing it is the death notice
+    ns: dict[str, int]  # every namespace the container's processes enter, by type
+    new_ns: frozenset[str]
+    state: State = State.CREATED
+    handle_open: bool = True
+    init_pid: int | None = None
+    init_pidfd: int = -1
+    exit_status: int | None = None
+    kill_pending: bool = False
+    death_seen: trio.Event | None = None  # set once init's exit has been dealt with
+    # Where proc mounts made before init wait for its PID namespace (relative to the root).
+    proc_paths: list[str] = field(default_factory=list)
+    started: trio.Event = field(default_factory=trio.Event)
+
+    def row(self) -> dict[str, Any]:
+        return {"id": self.id, "name": self.name, "flags": self.flags, "owner": self.owner,
+                "grp": self.group, "parent": self.parent, "state": self.state.value,
+                "pipe_dev": self.pipe[0], "pipe_ino": self.pipe[1], "init_pid": self.init_pid,
+                "exit_status": self.exit_status}
+
+
+def requested_namespaces(flags: int) -> frozenset[str]:
+    """The namespace types a container with `flags` has of its own (an empty-fs container gets
+    its mount namespace only when a root is set)."""
+    new = {FLAG_NAMESPACES[bit] for bit in FLAG_NAMESPACES if flags & bit}
+    if flags & CONTAINER_NEW_EMPTY_FS_NS:
+        new.discard("mnt")
+    return frozenset(new)
