@@ -269,8 +269,8 @@ class Connection:
             return {}, []
         if isinstance(req, protocol.MountAt):
             c = await self._container(fds[0])
-            await svc.mount_at(self.peer, c, fds[1], req.path, bool(req.proc))
-            return {}, []
+            return await svc.mount_at(self.peer, c, fds[1], req.path, bool(req.proc),
+                                      req.attrs, req.params), []
         if isinstance(req, protocol.FsNamespaces):
             return svc.fs_namespaces(self.peer, await self._container(fds[0]))
         if isinstance(req, protocol.Open):

@@ -31,8 +31,12 @@ class Container:
     exit_status: int | None = None
     kill_pending: bool = False
     death_seen: trio.Event | None = None  # set once init's exit has been dealt with
-    # Where proc mounts made before init wait for its PID namespace (relative to the root).
-    proc_paths: list[str] = field(default_factory=list)
+    # Placeholders of procs mounted before init, which init replaces with procs of its PID
+    # namespace: {"path" (from the root), "mnt_id" (the placeholder's), "params", "attrs"}.
+    proc_paths: list[dict[str, Any]] = field(default_factory=list)
+    # Placeholder mounts being attached: init's fork waits for them (it must see them all).
+    proc_mounts: int = 0
+    proc_mounts_idle: trio.Event = field(default_factory=trio.Event)
     started: trio.Event = field(default_factory=trio.Event)
 
     def row(self) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import errno
 import functools
+import json
 import logging
 import os
 import resource
@@ -47,6 +48,39 @@ _ENTRY_ORDER = ("mnt", "uts", "ipc", "net", "cgroup")
 # How long a record may wait to be written (rows a crash could lose without harm: an init's
 # start, a death, a removal); writes within it share one transaction.
 STORE_DELAY = 0.05
+
+
+def _proc_params(text: str) -> list[list[Any]]:
+    """The fsconfig parameters of a pending proc, checked: [[cmd, key, value or None]...]
+    with cmd FSCONFIG_SET_FLAG (no value) or FSCONFIG_SET_STRING (a value). EINVAL else."""
+    try:
+        params = json.loads(text)
+    except ValueError:
+        params = None
+    ok = isinstance(params, list) and len(params) <= 64
+    for item in params if ok else ():
+        ok = (isinstance(item, list) and len(item) == 3 and type(item[0]) is int
+              and isinstance(item[1], str)
+              and 0 < len(item[1]) < 256 and "\0" not in item[1] and item[1] != "pidns"
+              and ((item[0] == _linux.FSCONFIG_SET_FLAG and item[2] is None)
+                   or (item[0] == _linux.FSCONFIG_SET_STRING and isinstance(item[2], str)
+                       and len(item[2]) < 4096 and "\0" not in item[2])))
+        if not ok:
+            break
+    if not ok:
+        raise OSError(errno.EINVAL, "malformed proc parameters")
+    return params  # type: ignore[no-any-return]
+
+
+def _proc_attrs(attrs: int) -> int:
+    if attrs & ~_linux.FSMOUNT_VALID_ATTRS:
+        raise OSError(errno.EINVAL, f"unknown mount attributes {attrs:#x}")
+    return attrs
+
+
+def _check_alive(c: Container) -> None:
+    if c.state == State.DEAD:
+        raise OSError(errno.ECANCELED, f"container {c.id} is dead")
 
 
 class Service:
@@ -345,8 +379,14 @@ class Service:
     async def begin_fork(self, peer: Peer, c: Container) -> tuple[dict[str, Any], list[int]]:
         """Check a fork and return what the intermediate must enter: (reply, fds it names)."""
         self.check_owner(peer, c, "fork into")
-        while c.state == State.STARTING:  # another caller is making init: wait for it
-            await c.started.wait()
+        while True:
+            while c.state == State.STARTING:  # another caller is making init: wait for it
+                await c.started.wait()
+            if c.state == State.CREATED and c.proc_mounts:
+                # A proc placeholder is being mounted: init must be told of it.
+                await c.proc_mounts_idle.wait()
+                continue
+            break
         if c.state == State.DEAD:
             raise OSError(errno.ECANCELED, f"container {c.id} is dead")
         if "root" not in c.ns:
@@ -707,18 +747,41 @@ class Service:
         self._keep(c)
 
     async def mount_at(self, peer: Peer, c: Container, mfd: int, unsafe_path: str,
-                       proc: bool) -> None:
-        """move_mount into the container at `unsafe_path`, resolved from its root."""
+                       proc: bool = False, attrs: int = 0, params: str = "[]") -> dict[str, Any]:
+        """move_mount into the container at `unsafe_path`, resolved from its root.
+
+        With `proc`, `mfd` is a placeholder for a proc of the container's PID namespace: init
+        replaces it as it starts (see syscalls.container). If init exists already, nothing is
+        mounted and the reply says so: the caller makes that proc now."""
         self.check_mounter(peer, c, "mount into")
         if "root" not in c.ns:
             raise OSError(errno.ENOENT, f"container {c.id} has no root filesystem yet")
         if c.state == State.DEAD:
             raise OSError(errno.ECANCELED, f"container {c.id} is dead")
-        await trio.to_thread.run_sync(
-            namespaces.mount_inside, mfd, c.ns["mnt"], c.ns["root"], unsafe_path,
-            namespaces.Credentials(peer.uid, peer.gid), self._userns_for(peer, c))
-        if proc and c.flags & CONTAINER_NEW_PID_NS and c.state in (State.CREATED, State.STARTING):
-            c.proc_paths.append(unsafe_path)
+        placeholder: dict[str, Any] | None = None
+        if proc and c.flags & CONTAINER_NEW_PID_NS:
+            placeholder = {"path": unsafe_path, "mnt_id": _linux.mount_id(mfd),
+                           "params": _proc_params(params), "attrs": _proc_attrs(attrs)}
+            while c.state == State.STARTING:  # init is being made: its PID namespace decides
+                await c.started.wait()
+            if c.state == State.RUNNING:
+                return {"pid_born": 1}
+            _check_alive(c)  # killed while we waited
+            if not c.proc_mounts:
+                c.proc_mounts_idle = trio.Event()
+            c.proc_mounts += 1  # init's fork waits until this is attached and recorded
+        try:
+            await trio.to_thread.run_sync(
+                namespaces.mount_inside, mfd, c.ns["mnt"], c.ns["root"], unsafe_path,
+                namespaces.Credentials(peer.uid, peer.gid), self._userns_for(peer, c))
+            if placeholder is not None and c.state == State.CREATED:
+                c.proc_paths.append(placeholder)
+        finally:
+            if placeholder is not None:
+                c.proc_mounts -= 1
+                if not c.proc_mounts:
+                    c.proc_mounts_idle.set()
+        return {}
 
     def fs_namespaces(self, peer: Peer, c: Container) -> tuple[dict[str, Any], list[int]]:
         """FSCONFIG_SET_CONTAINER: the container's user (own), network and PID namespaces."""

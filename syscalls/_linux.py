@@ -265,7 +265,13 @@ MOVE_MOUNT_T_EMPTY_PATH = 0x40
 MNT_DETACH = 2
 FSOPEN_CLOEXEC = 0x1
 FSMOUNT_CLOEXEC = 0x1
+FSCONFIG_SET_FLAG = 0
+FSCONFIG_SET_STRING = 1
 FSCONFIG_CMD_CREATE = 6
+# fsmount(2) attr_flags the kernel accepts (MOUNT_ATTR_RDONLY ... MOUNT_ATTR_NOSYMFOLLOW).
+FSMOUNT_VALID_ATTRS = 0x01 | 0x02 | 0x04 | 0x08 | 0x70 | 0x80 | 0x200000
+STATX_MNT_ID = 0x1000
+STATX_MNT_ID_UNIQUE = 0x4000  # Linux 6.8+: never reused
 MS_REC = 0x4000
 MS_PRIVATE = 1 << 18
 
@@ -349,6 +355,18 @@ def statx(dirfd: int, path: str | bytes, flags: int, mask: int) -> bytes:
     syscall("statx", ctypes.c_int(dirfd), _path(path), ctypes.c_int(flags), ctypes.c_uint(mask),
             buf)
     return buf.raw
+
+
+def mount_id(fd: int) -> int:
+    """The id of the mount `fd` is on (its unique 64-bit id where the kernel has one, 6.8+:
+    an id never given to another mount while the system runs)."""
+    for mask in (STATX_MNT_ID_UNIQUE, STATX_MNT_ID):
+        raw = statx(fd, "", AT_EMPTY_PATH, mask)
+        stx_mask, = struct.unpack_from("I", raw, 0)
+        if stx_mask & mask:
+            return int(struct.unpack_from("Q", raw, 0x90)[0])  # stx_mnt_id
+    _raise(_errno.EOPNOTSUPP, "statx(STATX_MNT_ID)")
+    return -1  # not reached
 
 
 _SigSet = ctypes.c_ubyte * 128  # glibc's sigset_t

@@ -5,6 +5,11 @@ With ordinary fds every call is the kernel's, errno for errno. With a container 
 - fsconfig(fsfd, FSCONFIG_SET_CONTAINER, None, None, cfd), first on its context, remakes the
   context inside the container's user and network namespaces (and, for proc, its PID
   namespace); the fsfd number stays the same.
+- A proc for a container whose PID namespace is not born yet (no init) is never a proc of
+  another PID namespace: the caller's fd becomes the context of an empty read-only tmpfs (a
+  placeholder), its parameters are checked on a proc context of ours and kept. Mounted in
+  the container, the placeholder is replaced by init, as it starts and before its own code
+  runs, with a proc of its PID namespace made with those parameters and mount attributes.
 - move_mount(mfd, "", cfd, "/", F_EMPTY_PATH | MOVE_MOUNT_T_CONTAINER_ROOT) gives an
   empty-fs container its root; move_mount(mfd, "", cfd, "rel/path", ...) mounts inside it.
 """
@@ -12,23 +17,25 @@ With ordinary fds every call is the kernel's, errno for errno. With a container 
 from __future__ import annotations
 
 import errno
+import json
 import os
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from . import _linux, nsexec, protocol
 from ._client import call
 from .constants import FSCONFIG_SET_CONTAINER, MOVE_MOUNT_T_CONTAINER_ROOT
 
 FSOPEN_CLOEXEC = _linux.FSOPEN_CLOEXEC
-FSCONFIG_SET_FLAG = 0
-FSCONFIG_SET_STRING = 1
+FSCONFIG_SET_FLAG = _linux.FSCONFIG_SET_FLAG
+FSCONFIG_SET_STRING = _linux.FSCONFIG_SET_STRING
 FSCONFIG_SET_BINARY = 2
 FSCONFIG_SET_PATH = 3
 FSCONFIG_SET_PATH_EMPTY = 4
 FSCONFIG_SET_FD = 5
 FSCONFIG_CMD_CREATE = _linux.FSCONFIG_CMD_CREATE
 FSCONFIG_CMD_RECONFIGURE = 7
+FSCONFIG_CMD_CREATE_EXCL = 8
 FSMOUNT_CLOEXEC = _linux.FSMOUNT_CLOEXEC
 MOVE_MOUNT_F_SYMLINKS = 0x01
 MOVE_MOUNT_F_AUTOMOUNTS = 0x02
@@ -50,11 +57,26 @@ class _Context:
     userns: int = -1
     # fsopen was refused (EPERM, non-root): a placeholder until FSCONFIG_SET_CONTAINER.
     refused: bool = False
+    # A pending proc: the parameters set on it, which init's proc is made with, and whether
+    # FSCONFIG_CMD_CREATE has made the fd the placeholder's context.
+    params: list[tuple[int, str, str | None]] = field(default_factory=list)
+    created: bool = False
+    checker: int = -1  # a proc context, never created, that checks the parameters
+    handle: tuple[int, int] = (0, 0)  # the container's handle, by pipe (st_dev, st_ino)
 
 
-# fsfd -> context, and mount fd -> "is a proc waiting for its PID namespace"
+@dataclass(frozen=True)
+class _PendingProc:
+    """A placeholder mount: what init's proc will be made with, and for which container."""
+    params: tuple[tuple[int, str, str | None], ...]
+    attrs: int
+    handle: tuple[int, int]
+
+
+# fsfd -> context, and placeholder's mount id -> the proc it stands for (by mount, not by fd
+# number: any fd of that mount is it, and a number reused after os.close() never is)
 _contexts: dict[int, _Context] = {}
-_pending_proc_mounts: set[int] = set()
+_pending_proc_mounts: dict[int, _PendingProc] = {}
 
 
 def is_container_handle(fd: int) -> bool:
@@ -87,6 +109,8 @@ def close_context(fd: int) -> None:
     ctx = _contexts.pop(fd, None)
     if ctx is not None and ctx.userns >= 0:
         os.close(ctx.userns)
+    if ctx is not None and ctx.checker >= 0:
+        os.close(ctx.checker)
 
 
 def fsconfig(fsfd: int, cmd: int, key: str | None = None, value: str | bytes | None = None,
@@ -97,6 +121,9 @@ def fsconfig(fsfd: int, cmd: int, key: str | None = None, value: str | bytes | N
         if ctx is not None and ctx.refused:
             raise OSError(errno.EPERM, "fsopen was refused: only FSCONFIG_SET_CONTAINER, for a "
                                        "container with your own user namespace, can use it")
+        if ctx is not None and ctx.pending_proc:
+            _pending_proc_config(fsfd, ctx, cmd, key, value, aux)
+            return
         _linux.fsconfig(fsfd, cmd, key, value, aux)
         if ctx is not None:
             ctx.configured = True
@@ -118,20 +145,37 @@ def fsconfig(fsfd: int, cmd: int, key: str | None = None, value: str | bytes | N
                                        "namespace of its own")
         order = [(t, named[t]) for t in ("user", "net") if t in named]
         cloexec = os.get_inheritable(fsfd) is False
-        inside_userns = "user" in named and os.geteuid() != 0
+        # fsopen wants CAP_SYS_ADMIN over the mount namespace one stands in: once in the
+        # container's user namespace, root too must stand in a mount namespace of its own.
+        inside_userns = "user" in named
+        pending = ctx.fstype == "proc" and bool(reply.get("pid_pending"))
 
-        def make() -> int:
+        def make() -> list[int]:
             if inside_userns:
                 _mountable()
-            return _linux.fsopen(ctx.fstype, FSOPEN_CLOEXEC)
+            if not pending:
+                return [_linux.fsopen(ctx.fstype, FSOPEN_CLOEXEC)]
+            # The caller's fd becomes the placeholder's context: whatever is done with it,
+            # even by raw system calls, makes no proc. A proc context of our own, never
+            # created, checks the parameters.
+            checker = _linux.fsopen("proc", FSOPEN_CLOEXEC)
+            try:
+                return [_placeholder_context(), checker]
+            except BaseException:
+                os.close(checker)
+                raise
 
-        new = nsexec.fd_in(order, make)
+        made = nsexec.fds_in(order, make, 2 if pending else 1)
         try:
             if ctx.fstype == "proc" and "pid" in named:
-                _linux.fsconfig(new, FSCONFIG_SET_FD, "pidns", None, named["pid"])
-            os.dup2(new, fsfd, inheritable=not cloexec)  # the caller's fd number stays
+                _linux.fsconfig(made[0], FSCONFIG_SET_FD, "pidns", None, named["pid"])
+            os.dup2(made[0], fsfd, inheritable=not cloexec)  # the caller's fd number stays
+        except BaseException:
+            for fd in made[1:]:
+                os.close(fd)
+            raise
         finally:
-            os.close(new)
+            os.close(made[0])
         if "user" in named and os.geteuid() != 0:
             ctx.userns = os.dup(named["user"])
     finally:
@@ -139,7 +183,54 @@ def fsconfig(fsfd: int, cmd: int, key: str | None = None, value: str | bytes | N
             os.close(fd)
     ctx.configured = True
     ctx.refused = False
-    ctx.pending_proc = ctx.fstype == "proc" and bool(reply.get("pid_pending"))
+    ctx.pending_proc = pending
+    if pending:
+        ctx.checker = made[1]
+    if ctx.fstype == "proc":
+        st = os.fstat(aux)
+        ctx.handle = (st.st_dev, st.st_ino)
+
+
+def _pending_proc_config(fsfd: int, ctx: _Context, cmd: int, key: str | None,
+                         value: str | bytes | None, aux: int) -> None:
+    """fsconfig on a proc waiting for its container's PID namespace (`fsfd` is the
+    placeholder's context). Parameters are set on the checker, a proc context (so the
+    kernel checks them, errno for errno), and kept for the proc init makes; the create
+    commands create the placeholder. Once created, `fsfd` answers as any created context."""
+    if ctx.created or cmd not in (FSCONFIG_SET_FLAG, FSCONFIG_SET_STRING, FSCONFIG_SET_BINARY,
+                                  FSCONFIG_SET_PATH, FSCONFIG_SET_PATH_EMPTY, FSCONFIG_SET_FD,
+                                  FSCONFIG_CMD_CREATE, FSCONFIG_CMD_CREATE_EXCL):
+        _linux.fsconfig(fsfd, cmd, key, value, aux)  # EBUSY, EOPNOTSUPP... as the kernel says
+        return
+    if cmd in (FSCONFIG_CMD_CREATE, FSCONFIG_CMD_CREATE_EXCL):
+        _linux.fsconfig(fsfd, cmd, key, value, aux)  # creates the placeholder
+        ctx.created = True
+        return
+    if key == "pidns":
+        raise OSError(errno.EINVAL, "FSCONFIG_SET_CONTAINER decides the PID namespace of this "
+                                    "proc: it takes no pidns parameter")
+    _linux.fsconfig(ctx.checker, cmd, key, value, aux)
+    if cmd in (FSCONFIG_SET_FLAG, FSCONFIG_SET_STRING) and key is not None:
+        text = value.decode() if isinstance(value, bytes) else value
+        ctx.params.append((cmd, key, text if cmd == FSCONFIG_SET_STRING else None))
+    else:
+        # Accepted by the kernel, but not a parameter init could be given.
+        raise OSError(errno.EINVAL, f"proc parameter {key!r} cannot wait for init: only flags "
+                                    "and strings can")
+
+
+def _placeholder_context() -> int:
+    """A context (not created yet) of an empty, read-only tmpfs: what a proc made before its
+    container's init exists is, until init puts a proc of its PID namespace in its place."""
+    fs = _linux.fsopen("tmpfs", FSOPEN_CLOEXEC)
+    try:
+        _linux.fsconfig(fs, FSCONFIG_SET_STRING, "source", "proc-pending", 0)
+        _linux.fsconfig(fs, FSCONFIG_SET_STRING, "mode", "0555", 0)
+        _linux.fsconfig(fs, FSCONFIG_SET_FLAG, "ro", None, 0)
+    except BaseException:
+        os.close(fs)
+        raise
+    return fs
 
 
 def _mountable() -> None:
@@ -162,14 +253,28 @@ def fsmount(fsfd: int, flags: int = 0, attr_flags: int = 0) -> int:
     else:
         mfd = _linux.fsmount(fsfd, flags, attr_flags)
     if ctx is not None and ctx.pending_proc:
-        _pending_proc_mounts.add(mfd)
+        try:
+            _pending_proc_mounts[_linux.mount_id(mfd)] = _PendingProc(
+                tuple(ctx.params), attr_flags, ctx.handle)
+        except BaseException:
+            os.close(mfd)
+            raise
     return mfd
+
+
+def _pending_proc(mfd: int) -> _PendingProc | None:
+    """The proc that mount `mfd` is a placeholder for, if it is one of ours."""
+    if not _pending_proc_mounts:
+        return None
+    try:
+        return _pending_proc_mounts.get(_linux.mount_id(mfd))
+    except OSError:
+        return None
 
 
 def close(fd: int) -> None:
     """Close an fd of this module (forgets what it knew of it)."""
     close_context(fd)
-    _pending_proc_mounts.discard(fd)
     os.close(fd)
 
 
@@ -194,6 +299,9 @@ def move_mount(from_dfd: int, from_path: str, to_dfd: int, to_path: str, flags: 
         return
     if flags & MOVE_MOUNT_T_CONTAINER_ROOT:
         raise OSError(errno.EINVAL, "MOVE_MOUNT_T_CONTAINER_ROOT needs a container handle")
+    if flags & MOVE_MOUNT_F_EMPTY_PATH and not from_path and _pending_proc(from_dfd):
+        raise OSError(errno.EINVAL, "a proc made for a container before its init exists can "
+                                    "only be mounted in that container")
     source = resolve_in_container(from_dfd, from_path, flags & MOVE_MOUNT_F_EMPTY_PATH)
     if source is None:
         _linux.move_mount(from_dfd, from_path, to_dfd, to_path, flags)
@@ -218,8 +326,38 @@ def _move_into_container(from_dfd: int, from_path: str, cfd: int, to_path: str,
             if to_path != "/":
                 raise OSError(errno.EINVAL, f"a container's root is set at '/', not {to_path!r}")
             call(protocol.SetRoot(), [cfd, mfd])
+        elif (pending := _pending_proc(mfd)) is None:
+            call(protocol.MountAt(path=to_path), [cfd, mfd])
         else:
-            call(protocol.MountAt(path=to_path, proc=int(mfd in _pending_proc_mounts)), [cfd, mfd])
+            _mount_pending_proc(mfd, cfd, to_path, pending)
     finally:
         if mfd != from_dfd:
             os.close(mfd)
+
+
+def _mount_pending_proc(mfd: int, cfd: int, to_path: str, pending: _PendingProc) -> None:
+    """Mount the placeholder `mfd` for its container's init to replace; or, if init has
+    been born since the proc was made, a proc of init's PID namespace instead."""
+    st = os.fstat(cfd)
+    if (st.st_dev, st.st_ino) != pending.handle:
+        raise OSError(errno.EINVAL, "this proc was made for another container's PID namespace "
+                                    "(FSCONFIG_SET_CONTAINER): mount it in that container")
+    reply, _ = call(protocol.MountAt(path=to_path, proc=1, attrs=pending.attrs,
+                                     params=json.dumps(pending.params)), [cfd, mfd])
+    if not reply.get("pid_born"):
+        _pending_proc_mounts.pop(_linux.mount_id(mfd), None)  # attached: init's to complete
+        return
+    # The PID namespace exists now: make the proc the caller asked for, as if made now.
+    fs = fsopen("proc", FSOPEN_CLOEXEC)
+    try:
+        fsconfig(fs, FSCONFIG_SET_CONTAINER, None, None, cfd)
+        for cmd, key, value in pending.params:
+            fsconfig(fs, cmd, key, value)
+        fsconfig(fs, FSCONFIG_CMD_CREATE)
+        proc = fsmount(fs, FSMOUNT_CLOEXEC, pending.attrs)
+    finally:
+        close(fs)
+    try:
+        call(protocol.MountAt(path=to_path), [cfd, proc])
+    finally:
+        close(proc)

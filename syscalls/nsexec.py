@@ -34,18 +34,24 @@ def fd_in(namespaces: Sequence[tuple[str, int]], make: Callable[[], int]) -> int
     `make`'s OSError comes back with its errno. The fd arrives close-on-exec when a child made
     it; the caller sets what it wants.
     """
+    return fds_in(namespaces, lambda: [make()], 1)[0]
+
+
+def fds_in(namespaces: Sequence[tuple[str, int]], make: Callable[[], list[int]],
+           count: int) -> list[int]:
+    """fd_in for a `make` that returns `count` fds."""
     # Skip the ones we stand in already: entering them is a no-op at best, and at worst
     # (a namespace of the host's, from inside a user namespace) refused.
     namespaces = [(t, fd) for t, fd in namespaces
                   if not _linux.same_file(fd, f"/proc/thread-self/ns/{t}")]
     if any(nstype == "user" for nstype, _ in namespaces):
-        return _in_child(namespaces, make)
+        return _in_child(namespaces, make, count)
     return _in_thread(namespaces, make)
 
 
-
-def _in_thread(namespaces: Sequence[tuple[str, int]], make: Callable[[], int]) -> int:
-    result: list[int | OSError] = []
+def _in_thread(namespaces: Sequence[tuple[str, int]],
+               make: Callable[[], list[int]]) -> list[int]:
+    result: list[list[int] | OSError] = []
     done = _thread.allocate_lock()
     done.acquire()
 
@@ -65,8 +71,9 @@ def _in_thread(namespaces: Sequence[tuple[str, int]], make: Callable[[], int]) -
         done.acquire()
     except BaseException:  # interrupted: let the helper finish, and drop what it made
         done.acquire()
-        if result and isinstance(result[0], int):
-            os.close(result[0])
+        if result and isinstance(result[0], list):
+            for fd in result[0]:
+                os.close(fd)
         raise
     if not result:
         raise OSError(errno.EIO, "the namespace helper thread failed")
@@ -75,7 +82,8 @@ def _in_thread(namespaces: Sequence[tuple[str, int]], make: Callable[[], int]) -
     return result[0]
 
 
-def _in_child(namespaces: Sequence[tuple[str, int]], make: Callable[[], int]) -> int:
+def _in_child(namespaces: Sequence[tuple[str, int]], make: Callable[[], list[int]],
+              count: int) -> list[int]:
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     with ours, theirs:
         # No Python signal handler may run in the child: it does one thing and _exits.
@@ -85,7 +93,7 @@ def _in_child(namespaces: Sequence[tuple[str, int]], make: Callable[[], int]) ->
             if pid == 0:
                 try:
                     _enter(namespaces)
-                    socket.send_fds(theirs, [b"\0"], [make()])
+                    socket.send_fds(theirs, [b"\0"], make())
                 except OSError as e:
                     theirs.send(_ERRNO.pack(e.errno or errno.EIO))
                 finally:
@@ -94,14 +102,16 @@ def _in_child(namespaces: Sequence[tuple[str, int]], make: Callable[[], int]) ->
             _linux.restore_signals(old_mask)
         theirs.close()
         try:
-            data, fds, _flags = fdpass.recv_fds(ours, 16, 1)
+            data, fds, _flags = fdpass.recv_fds(ours, 16, count)
         finally:
             try:
                 os.waitpid(pid, 0)
             except ChildProcessError:
                 pass  # reaped by the caller's own SIGCHLD handling
-    if fds:
-        return fds[0]
+    if len(fds) == count:
+        return fds
+    for fd in fds:
+        os.close(fd)
     if len(data) == _ERRNO.size:
         err = _ERRNO.unpack(data)[0]
         raise OSError(err, os.strerror(err))

@@ -119,12 +119,17 @@ class SetRoot(Request):
 class MountAt(Request):
     """move_mount into the container at `path` (from its root); fds: handle, mount.
 
-    `proc` asks for a proc of the container's PID namespace once init is born (the mount
-    made before init shows another one)."""
+    `proc`: the mount is a placeholder (an empty read-only tmpfs) for a proc of the
+    container's PID namespace, which init makes as it starts, with the fsconfig parameters
+    `params` (JSON: [[cmd, key, value or null], ...], cmd FSCONFIG_SET_FLAG or _STRING) and
+    the fsmount attributes `attrs`, and puts in the placeholder's stead. Reply: {"pid_born":
+    1}, and nothing mounted, if init exists already (the caller then makes the proc now)."""
     op: ClassVar[str] = "mount_at"
     nfds: ClassVar[int] = 2
     path: str
     proc: int = 0
+    attrs: int = 0
+    params: str = "[]"
 
 
 @dataclasses.dataclass(frozen=True)
