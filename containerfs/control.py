@@ -15,6 +15,7 @@ import logging
 import os
 import socket
 import struct
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
@@ -115,7 +116,7 @@ class Connection:
                             # No process, so nothing more can come that must outlive a
                             # crash: the keeper lets go first, so a restarted service
                             # either reads this report again or never sees the connection.
-                            self.service.fdstore.drop(self.keep_key)
+                            self.service.reg.fdstore.drop(self.keep_key)
                             self.keep_key = ""
                         await self._consume()
                 if reply is None or req is not None and req.one_way:
@@ -131,16 +132,16 @@ class Connection:
             log.debug("connection from pid %d dropped: %s", self.peer.pid, e)
         except trio.Cancelled:
             # The service is stopping: a report still unread stays with the keeper, for the
-            # next service (see Service.take_pending_forks); nothing is given up here.
+            # next service (see Forks.take_pending); nothing is given up here.
             if self.keep_key:
                 self.forking, self.keep_key = None, ""
             raise
         finally:
             if self.forking:
-                self.service.abort_fork(*self.forking)
-                self.service.return_intermediate(self.peer)
+                self.service.forks.abort(*self.forking)
+                self.service.forks.return_intermediate(self.peer)
             if self.keep_key:
-                self.service.fdstore.drop(self.keep_key)
+                self.service.reg.fdstore.drop(self.keep_key)
             self.sock.close()
             if self.peer.pidfd >= 0:
                 os.close(self.peer.pidfd)
@@ -187,99 +188,142 @@ class Connection:
     async def _container(self, fd: int) -> Container:
         """The container behind handle `fd`, once a fork into it elsewhere has reported and
         an exit of its init has been dealt with."""
-        c = self.service.lookup(fd)
+        c = self.service.reg.lookup(fd)
         if c.state == State.STARTING and (self.forking is None or self.forking[0] is not c):
             with trio.move_on_after(SETTLE_TIMEOUT):
                 await c.started.wait()
-        if self.service.init_gone(c):
-            await self.service.init_exited(c)
+        if self.service.life.init_gone(c):
+            await self.service.life.init_exited(c)
         return c
 
     def after_send(self, out: list[int]) -> None:
         """Close what was only lent to the reply; a new handle's reader now lives elsewhere."""
         for fd in out:
-            c = self.service.by_pipe.get(_pipe_key(fd))
+            c = self.service.reg.by_pipe.get(_pipe_key(fd))
             os.close(fd)
             if c is not None:
-                self.service.watch_handle(c)
+                self.service.reg.watch_handle(c)
 
     async def dispatch(self, req: protocol.Request,
                        fds: list[int]) -> tuple[dict[str, Any] | None, list[int]]:
         """Do one request; return the reply (None for a one-way message) and fds to send."""
-        svc = self.service
-        if isinstance(req, protocol.Create):
-            raw = req.name.encode("utf-8", "surrogateescape")
-            c, rfd = await svc.create(self.peer, raw, req.flags)
-            try:
-                plan = svc.creator_plan(self.peer, c) if req.plan else None
-            except OSError as e:  # the plan is only a head start: the container stands
-                log.warning("container %d: no plan of its first fork: %s", c.id, e)
-                plan = None
-            if plan is not None:
-                return {"id": c.id, "plan": plan[0]}, [rfd, *plan[1]]
-            return {"id": c.id}, [rfd]
-        if isinstance(req, protocol.Fork):
-            if self.fork_container is not None:
-                # One fork per connection: the keeper's record of it names that fork.
-                raise protocol.ProtocolError("a connection forks once")
-            c = await self._container(fds[0])
-            reply, ns_fds = await svc.begin_fork(self.peer, c)
-            self.forking = (c, reply["role"])
-            self.fork_container = c
-            if req.keep:
-                # Before the reply: whatever the caller reports from now on outlives a crash.
-                self.keep_key = svc.fork_key(c, reply["role"])
-                svc.fdstore.put(self.keep_key, {"s": self.sock.fileno()})
-            return reply, ns_fds
-        if isinstance(req, (protocol.Started, protocol.ForkFailed)):
-            if not self.forking:
-                raise protocol.ProtocolError(f"{req.op} without a fork")
-            forking, self.forking = self.forking, None
-            try:
-                if isinstance(req, protocol.ForkFailed):
-                    svc.abort_fork(*forking)
-                    return None, []
-                root_report = isinstance(req, protocol.StartedNoReply) and self.peer.uid == 0
-                pid = svc.finish_fork(forking[0], forking[1], os.dup(fds[0]),
-                                      req.pid if root_report else 0)
-            finally:
-                svc.return_intermediate(self.peer)
-            return {"pid": pid}, []
-        if isinstance(req, protocol.Status):
-            return svc.describe(await self._container(fds[0])), []
-        if isinstance(req, protocol.Kill):
-            if fds:
-                c = svc.lookup(fds[0])  # a kill during a fork waits for its report itself
-            elif (found := svc.containers.get(req.id)) is not None:
-                c = found
-            else:
-                raise OSError(errno.ESRCH, f"no container with id {req.id}")
-            svc.kill_by(self.peer, c)
-            return {}, []
-        if isinstance(req, protocol.NetNs):
-            return svc.netns_fds(self.peer, await self._container(fds[0]))
-        if isinstance(req, protocol.List):
-            rows = [svc.describe(c) for c in svc.containers.values()
-                    if self.peer.uid == 0 or c.owner == self.peer.uid]
-            return {"containers": rows}, []
-        if isinstance(req, protocol.Root):
-            return {}, svc.root_fd(svc.lookup(fds[0]))
-        if isinstance(req, protocol.SetRoot):
-            await svc.set_root(self.peer, await self._container(fds[0]), fds[1])
-            return {}, []
-        if isinstance(req, protocol.MountAt):
-            c = await self._container(fds[0])
-            return await svc.mount_at(self.peer, c, fds[1], req.path, bool(req.proc),
-                                      req.attrs, req.params), []
-        if isinstance(req, protocol.FsNamespaces):
-            return svc.fs_namespaces(self.peer, await self._container(fds[0]))
-        if isinstance(req, protocol.Open):
-            return {}, [svc.open_handle(self.peer, req.id)]
         if isinstance(req, protocol.KEY_REQUESTS):
             if req.nfds and not isinstance(req, protocol.KeyListener):
                 await self._container(fds[0])  # its first fd is the handle: settle it
-            return await svc.keyrings.dispatch(self, req, fds)
-        raise protocol.ProtocolError(f"unhandled op {req.op}")
+            return await self.service.keyrings.dispatch(self, req, fds)
+        handler = _HANDLERS.get(type(req))
+        if handler is None:
+            raise protocol.ProtocolError(f"unhandled op {req.op}")
+        return await handler(self, req, fds)
+
+    # ---- one handler per request type (see _HANDLERS) -----------------------------------
+
+    async def _create(self, req: protocol.Create, fds: list[int]) -> Reply:
+        svc = self.service
+        raw = req.name.encode("utf-8", "surrogateescape")
+        c, rfd = await svc.life.create(self.peer, raw, req.flags)
+        try:
+            plan = svc.forks.creator_plan(self.peer, c) if req.plan else None
+        except OSError as e:  # the plan is only a head start: the container stands
+            log.warning("container %d: no plan of its first fork: %s", c.id, e)
+            plan = None
+        if plan is not None:
+            return {"id": c.id, "plan": plan[0]}, [rfd, *plan[1]]
+        return {"id": c.id}, [rfd]
+
+    async def _fork(self, req: protocol.Fork, fds: list[int]) -> Reply:
+        svc = self.service
+        if self.fork_container is not None:
+            # One fork per connection: the keeper's record of it names that fork.
+            raise protocol.ProtocolError("a connection forks once")
+        c = await self._container(fds[0])
+        reply, ns_fds = await svc.forks.begin(self.peer, c)
+        self.forking = (c, reply["role"])
+        self.fork_container = c
+        if req.keep:
+            # Before the reply: whatever the caller reports from now on outlives a crash.
+            self.keep_key = svc.forks.key(c, reply["role"])
+            svc.reg.fdstore.put(self.keep_key, {"s": self.sock.fileno()})
+        return reply, ns_fds
+
+    async def _reported(self, req: protocol.Started | protocol.ForkFailed,
+                        fds: list[int]) -> Reply:
+        forks = self.service.forks
+        if not self.forking:
+            raise protocol.ProtocolError(f"{req.op} without a fork")
+        forking, self.forking = self.forking, None
+        try:
+            if isinstance(req, protocol.ForkFailed):
+                forks.abort(*forking)
+                return None, []
+            root_report = isinstance(req, protocol.StartedNoReply) and self.peer.uid == 0
+            pid = forks.finish(forking[0], forking[1], os.dup(fds[0]),
+                               req.pid if root_report else 0)
+        finally:
+            forks.return_intermediate(self.peer)
+        return {"pid": pid}, []
+
+    async def _status(self, req: protocol.Status, fds: list[int]) -> Reply:
+        return self.service.reg.describe(await self._container(fds[0])), []
+
+    async def _kill(self, req: protocol.Kill, fds: list[int]) -> Reply:
+        reg = self.service.reg
+        if fds:
+            c = reg.lookup(fds[0])  # a kill during a fork waits for its report itself
+        elif (found := reg.containers.get(req.id)) is not None:
+            c = found
+        else:
+            raise OSError(errno.ESRCH, f"no container with id {req.id}")
+        self.service.life.kill_by(self.peer, c)
+        return {}, []
+
+    async def _netns(self, req: protocol.NetNs, fds: list[int]) -> Reply:
+        return self.service.fs.netns_fds(self.peer, await self._container(fds[0]))
+
+    async def _list(self, req: protocol.List, fds: list[int]) -> Reply:
+        reg = self.service.reg
+        rows = [reg.describe(c) for c in reg.containers.values()
+                if self.peer.uid == 0 or c.owner == self.peer.uid]
+        return {"containers": rows}, []
+
+    async def _root(self, req: protocol.Root, fds: list[int]) -> Reply:
+        return {}, self.service.fs.root_fd(self.service.reg.lookup(fds[0]))
+
+    async def _set_root(self, req: protocol.SetRoot, fds: list[int]) -> Reply:
+        await self.service.fs.set_root(self.peer, await self._container(fds[0]), fds[1])
+        return {}, []
+
+    async def _mount_at(self, req: protocol.MountAt, fds: list[int]) -> Reply:
+        c = await self._container(fds[0])
+        return await self.service.fs.mount_at(self.peer, c, fds[1], req.path, bool(req.proc),
+                                              req.attrs, req.params), []
+
+    async def _fs_namespaces(self, req: protocol.FsNamespaces, fds: list[int]) -> Reply:
+        return self.service.fs.fs_namespaces(self.peer, await self._container(fds[0]))
+
+    async def _open(self, req: protocol.Open, fds: list[int]) -> Reply:
+        return {}, [self.service.reg.open_handle(self.peer, req.id)]
+
+
+# A reply and the fds that go with it; None for a one-way message.
+Reply = tuple[dict[str, Any] | None, list[int]]
+# The handler of each request type (the keyring's own go to the keyring service).
+_HANDLERS: dict[type[protocol.Request], Callable[[Connection, Any, list[int]], Awaitable[Reply]]] = {
+    protocol.Create: Connection._create,
+    protocol.Fork: Connection._fork,
+    protocol.Started: Connection._reported,
+    protocol.StartedNoReply: Connection._reported,
+    protocol.ForkFailed: Connection._reported,
+    protocol.Status: Connection._status,
+    protocol.Kill: Connection._kill,
+    protocol.NetNs: Connection._netns,
+    protocol.List: Connection._list,
+    protocol.Root: Connection._root,
+    protocol.SetRoot: Connection._set_root,
+    protocol.MountAt: Connection._mount_at,
+    protocol.FsNamespaces: Connection._fs_namespaces,
+    protocol.Open: Connection._open,
+}
 
 
 # accept() errors that a flood causes and that pass once connections close.
@@ -311,7 +355,7 @@ class Admission:
             return OSError(errno.EAGAIN, f"uid {uid} has {self.per_user} connections open to "
                                          "the service, its limit; close some")
         # The connection's fd was the lowest free one: a lower bound on the fds in use.
-        if connection.sock.fileno() >= connection.service.fd_reserve_mark:
+        if connection.sock.fileno() >= connection.service.reg.fd_reserve_mark:
             return OSError(errno.EAGAIN, "the service is short of fds; try again later")
         return None
 
@@ -363,7 +407,7 @@ async def serve_control(service: Service, path: str,
     task_status.started()
     try:
         async with trio.open_nursery() as nursery:
-            for key, fd, c, role in service.take_pending_forks():
+            for key, fd, c, role in service.forks.take_pending():
                 # A fork that was being reported when the last service stopped: read on.
                 nursery.start_soon(Connection(
                     service, trio.socket.fromfd(fd, socket.AF_UNIX, socket.SOCK_SEQPACKET),

@@ -44,9 +44,9 @@ async def serve(config: Config) -> None:
             # Named in the request-key.d rule: where the kernel's key requests find us.
             service.keyrings.rules.socket = os.path.abspath(config.socket)
             service.recover()
-            nursery.start_soon(service.watch_last_close)
-            nursery.start_soon(service.fill_pool)
-            nursery.start_soon(service.flush_store)
+            nursery.start_soon(service.life.watch_last_close)
+            nursery.start_soon(service.life.fill_pool)
+            nursery.start_soon(service.reg.flush_store)
             if config.mount:
                 from .view.fuse import serve_view  # pyfuse3 only when there is a view
                 await nursery.start(serve_view, service, config.mount)

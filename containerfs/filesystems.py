@@ -1,0 +1,161 @@
+"""Building a container from outside (contract sections 4, 5 and 8): its root, mounts into
+it, proc placeholders before init, the namespaces a new superblock or socket belongs in, and
+the root lent to *at() calls.
+
+Mount work runs in a worker thread (root) or in a helper with the caller's credentials inside
+the container's own user namespace, never with the service's privilege for someone else.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+from typing import Any
+
+import trio
+
+from syscalls import _linux
+from syscalls.constants import CONTAINER_NEW_EMPTY_FS_NS, CONTAINER_NEW_PID_NS
+
+from . import namespaces
+from .policy import Policy
+from .process import Peer
+from .record import Container
+from .registry import Registry
+from .states import State
+
+
+def proc_params(text: str) -> list[list[Any]]:
+    """The fsconfig parameters of a pending proc, checked: [[cmd, key, value or None]...]
+    with cmd FSCONFIG_SET_FLAG (no value) or FSCONFIG_SET_STRING (a value). EINVAL else."""
+    try:
+        params = json.loads(text)
+    except ValueError:
+        params = None
+    ok = isinstance(params, list) and len(params) <= 64
+    for item in params if ok else ():
+        ok = (isinstance(item, list) and len(item) == 3 and type(item[0]) is int
+              and isinstance(item[1], str)
+              and 0 < len(item[1]) < 256 and "\0" not in item[1] and item[1] != "pidns"
+              and ((item[0] == _linux.FSCONFIG_SET_FLAG and item[2] is None)
+                   or (item[0] == _linux.FSCONFIG_SET_STRING and isinstance(item[2], str)
+                       and len(item[2]) < 4096 and "\0" not in item[2])))
+        if not ok:
+            break
+    if not ok:
+        raise OSError(errno.EINVAL, "malformed proc parameters")
+    return params  # type: ignore[no-any-return]
+
+
+def proc_attrs(attrs: int) -> int:
+    if attrs & ~_linux.FSMOUNT_VALID_ATTRS:
+        raise OSError(errno.EINVAL, f"unknown mount attributes {attrs:#x}")
+    return attrs
+
+
+def check_alive(c: Container) -> None:
+    if c.state == State.DEAD:
+        raise OSError(errno.ECANCELED, f"container {c.id} is dead")
+
+
+def _userns_for(peer: Peer, c: Container) -> int | None:
+    """The user namespace a helper must enter to act as `peer` (None: root in a thread)."""
+    return c.ns["user"] if peer.uid != 0 and "user" in c.new_ns else None
+
+
+def _dups(c: Container, names: list[str]) -> list[int]:
+    """Copies of the named namespace fds of `c`, the reply's own (closed once sent)."""
+    fds: list[int] = []
+    try:
+        for name in names:
+            fds.append(os.dup(c.ns[name]))
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    return fds
+
+
+class Filesystems:
+    def __init__(self, reg: Registry, policy: Policy) -> None:
+        self.reg = reg
+        self.policy = policy
+
+    def root_fd(self, c: Container) -> list[int]:
+        """A copy of the container's root (O_PATH) for *at() calls; none before it has one.
+        ECANCELED once it is dead: its root was released at death."""
+        if c.state == State.DEAD:
+            raise OSError(errno.ECANCELED, f"container {c.id} is dead; its root is released")
+        return [os.dup(c.ns["root"])] if "root" in c.ns else []
+
+    async def set_root(self, peer: Peer, c: Container, mfd: int) -> None:
+        """MOVE_MOUNT_T_CONTAINER_ROOT: mount `mfd` becomes the root of an empty-fs container."""
+        self.policy.mounter(peer, c, "set the root of")
+        if not c.flags & CONTAINER_NEW_EMPTY_FS_NS or "root" in c.ns:
+            raise OSError(errno.EBUSY, f"container {c.id} already has a mount namespace")
+        check_alive(c)
+        made = await trio.to_thread.run_sync(
+            namespaces.root_namespace, mfd, c.ns, namespaces.Credentials(peer.uid, peer.gid),
+            _userns_for(peer, c))
+        if "root" in c.ns:  # set by a racing call while we worked: keep the first
+            namespaces.close_all(made)
+            raise OSError(errno.EBUSY, f"container {c.id} already has a mount namespace")
+        os.close(c.ns.pop("mnt"))
+        c.ns.update(made)
+        c.new_ns = c.new_ns | {"mnt"}
+        self.reg.keep(c)
+
+    async def mount_at(self, peer: Peer, c: Container, mfd: int, unsafe_path: str,
+                       proc: bool = False, attrs: int = 0, params: str = "[]") -> dict[str, Any]:
+        """move_mount into the container at `unsafe_path`, resolved from its root.
+
+        With `proc`, `mfd` is a placeholder for a proc of the container's PID namespace: init
+        replaces it as it starts (see syscalls.container). If init exists already, nothing is
+        mounted and the reply says so: the caller makes that proc now."""
+        self.policy.mounter(peer, c, "mount into")
+        if "root" not in c.ns:
+            raise OSError(errno.ENOENT, f"container {c.id} has no root filesystem yet")
+        check_alive(c)
+        placeholder: dict[str, Any] | None = None
+        if proc and c.flags & CONTAINER_NEW_PID_NS:
+            placeholder = {"path": unsafe_path, "mnt_id": _linux.mount_id(mfd),
+                           "params": proc_params(params), "attrs": proc_attrs(attrs)}
+            while c.state == State.STARTING:  # init is being made: its PID namespace decides
+                await c.started.wait()
+            if c.state == State.RUNNING:
+                return {"pid_born": 1}
+            check_alive(c)  # killed while we waited
+            if not c.proc_mounts:
+                c.proc_mounts_idle = trio.Event()
+            c.proc_mounts += 1  # init's fork waits until this is attached and recorded
+        try:
+            await trio.to_thread.run_sync(
+                namespaces.mount_inside, mfd, c.ns["mnt"], c.ns["root"], unsafe_path,
+                namespaces.Credentials(peer.uid, peer.gid), _userns_for(peer, c))
+            if placeholder is not None and c.state == State.CREATED:
+                c.proc_paths.append(placeholder)
+        finally:
+            if placeholder is not None:
+                c.proc_mounts -= 1
+                if not c.proc_mounts:
+                    c.proc_mounts_idle.set()
+        return {}
+
+    def fs_namespaces(self, peer: Peer, c: Container) -> tuple[dict[str, Any], list[int]]:
+        """FSCONFIG_SET_CONTAINER: the container's user (own), network and PID namespaces."""
+        self.policy.mounter(peer, c, "create a filesystem in")
+        check_alive(c)
+        names = (["user"] if "user" in c.new_ns else []) + ["net"]
+        pid_born = c.state == State.RUNNING or not c.flags & CONTAINER_NEW_PID_NS
+        if pid_born:
+            names.append("pid")
+        return {"fds": names, "pid_pending": not pid_born}, _dups(c, names)
+
+    def netns_fds(self, peer: Peer, c: Container) -> tuple[dict[str, Any], list[int]]:
+        """container_socket: the container's network namespace (and its own user namespace,
+        if it has one) for a caller that could enter it: root, the owner, or a member."""
+        self.policy.enterer(peer, c, "open a socket in")
+        check_alive(c)
+        names = (["user"] if "user" in c.new_ns else []) + ["net"]
+        return {"fds": names}, _dups(c, names)

@@ -1,0 +1,240 @@
+"""fork_into_container, the service's half: the plan a forking process follows (what it
+enters, in which order), and the record of the process it made.
+
+The caller makes the process itself (it must be its parent); the service only grants the
+fork, hands over the namespace fds, and believes the reported process once its pidfd shows it
+where the container's processes are.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+import trio
+
+from syscalls.constants import CONTAINER_NEW_PID_NS
+
+from .cgroups import process_cgroup
+from .keyring.service import KeyringService
+from .lifecycle import Lifecycle
+from .policy import Policy
+from .process import Peer, pid_namespace, pidfd_pid
+from .record import Container
+from .registry import Registry
+from .states import State, check_transition
+
+log = logging.getLogger("containerfs")
+
+# Order in which a forking process enters namespaces. The creator's own (not asked-for) ones
+# come first, while the process still has its host privileges; then the new user namespace,
+# whose capabilities it needs to enter the others the container owns.
+ENTRY_ORDER = ("mnt", "uts", "ipc", "net", "cgroup")
+
+
+class Forks:
+    def __init__(self, reg: Registry, policy: Policy, life: Lifecycle,
+                 keyrings: KeyringService) -> None:
+        self.reg = reg
+        self.policy = policy
+        self.life = life
+        self.keyrings = keyrings
+        self._origins: dict[int, str] = {}  # a non-root intermediate's pidfd -> its cgroup
+        # Forks whose connections the keeper held across a restart (see recover).
+        self._pending: list[tuple[str, int, Container, str]] = []
+        self._boot = os.urandom(4).hex()  # keeper keys of this run never meet an older one's
+        self._count = 0
+
+    # ---- granting a fork ----------------------------------------------------------------
+
+    async def begin(self, peer: Peer, c: Container) -> tuple[dict[str, Any], list[int]]:
+        """Check a fork and return what the intermediate must enter: (reply, fds it names)."""
+        self.policy.owner(peer, c, "fork into")
+        while True:
+            while c.state == State.STARTING:  # another caller is making init: wait for it
+                await c.started.wait()
+            if c.state == State.CREATED and c.proc_mounts:
+                # A proc placeholder is being mounted: init must be told of it.
+                await c.proc_mounts_idle.wait()
+                continue
+            break
+        if c.state == State.DEAD:
+            raise OSError(errno.ECANCELED, f"container {c.id} is dead")
+        if "root" not in c.ns:
+            raise OSError(errno.ENOENT, f"container {c.id} has no root filesystem yet")
+        role = "init" if c.state == State.CREATED else "member"
+        reply, fds = self._plan(peer, c, role)
+        if peer.uid != 0:
+            # Others may not place a process with CLONE_INTO_CGROUP; move the intermediate
+            # itself, before it makes the child, and back out once the child is reported
+            # (return_intermediate), so that the container's death, however early, never
+            # kills the intermediate.
+            try:
+                origin = peer.at_pid(process_cgroup)
+                peer.at_pid(lambda pid: self.reg.cgroups.move(c.id, pid))
+            except BaseException:
+                for fd in fds:
+                    os.close(fd)
+                raise
+            if origin is not None:
+                self._origins[peer.pidfd] = origin
+        if role == "init":
+            check_transition(c.state, State.STARTING)
+            c.state = State.STARTING
+            c.started = trio.Event()
+            self.reg.changed()
+        return reply, fds
+
+    def creator_plan(self, peer: Peer, c: Container) -> tuple[dict[str, Any], list[int]] | None:
+        """For root's container_create: what its first fork will be told to enter, so it can
+        make the process while the Fork request is on its way (the reply then confirms it).
+        None where that fork takes an intermediate anyway (a user namespace) or cannot be."""
+        if peer.uid != 0 or "root" not in c.ns or "user" in c.new_ns:
+            return None
+        return self._plan(peer, c, "init")
+
+    def _plan(self, peer: Peer, c: Container, role: str) -> tuple[dict[str, Any], list[int]]:
+        """What a fork in `role` enters, in order: (reply, the fds it names). No side effect
+        but the fds, which are the reply's own copies."""
+        names: list[str] = []
+        fds: list[int] = []
+
+        def add(name: str, fd: int) -> None:
+            names.append(name)
+            fds.append(os.dup(fd))  # the reply's own copy, closed once sent
+
+        try:
+            self._add_fds(peer, c, role, add)
+            reply = {"role": role, "fds": names, "id": c.id,
+                     "new_pid_ns": role == "init" and bool(c.flags & CONTAINER_NEW_PID_NS),
+                     "proc_paths": c.proc_paths if role == "init" else []}
+            reply.update(self.keyrings.fork_info(c))
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        return reply, fds
+
+    def _add_fds(self, peer: Peer, c: Container, role: str,
+                 add: Callable[[str, int], None]) -> None:
+        """The fds of a fork in `role`, in the order they are entered."""
+        if "user" not in c.new_ns:
+            add("ns:user", c.ns["user"])
+        for nstype in ENTRY_ORDER:
+            if nstype not in c.new_ns:
+                add(f"ns:{nstype}", c.ns[nstype])
+        if "user" in c.new_ns:
+            add("ns:user", c.ns["user"])
+        for nstype in ENTRY_ORDER:
+            if nstype in c.new_ns:
+                add(f"ns:{nstype}", c.ns[nstype])
+        if role == "member" or not c.flags & CONTAINER_NEW_PID_NS:
+            add("ns:pid", c.ns["pid"])
+        add("root", c.ns["root"])
+        if peer.uid == 0:
+            # Root may place a process with CLONE_INTO_CGROUP: no cgroup.procs write, no stall.
+            cgroup_fd = self.reg.cgroups.open(c.id)
+            try:
+                add("cgroup", cgroup_fd)
+            finally:
+                os.close(cgroup_fd)
+
+    # ---- the outcome --------------------------------------------------------------------
+
+    def abort(self, c: Container, role: str) -> None:
+        """The intermediate failed or vanished before reporting a process."""
+        if role == "init" and c.state == State.STARTING:
+            c.state = State.CREATED
+            c.started.set()
+            self.reg.changed()
+            if c.kill_pending:
+                self.life.kill(c)
+
+    def finish(self, c: Container, role: str, pidfd: int, reported_pid: int = 0) -> int:
+        """Record the process the intermediate made; return its pid. Takes `pidfd`.
+
+        `reported_pid` (non-zero only for root's one-way report) is trusted for a process
+        already reaped: its caller reaps without waiting for us.
+        """
+        if role == "init" and c.state != State.STARTING:
+            # Recorded already (a report read again after a restart, control.Connection), or
+            # the container is dead meanwhile: nothing to record.
+            os.close(pidfd)
+            return c.init_pid if c.init_pid is not None else reported_pid
+        try:
+            pid = pidfd_pid(pidfd)
+            placed = pid > 0 and self.reg.cgroups.container_id_of_pidfd(pidfd, pid) == c.id
+            # Trust the pidfd only if its process is where the container's processes are. A
+            # process reaped meanwhile cannot be looked at any more: only root's own report
+            # of it is believed (anyone else could pass off some other dead process as init
+            # and choose the container's exit status).
+            if not placed:
+                if pidfd_pid(pidfd) > 0 or reported_pid <= 0:
+                    raise OSError(errno.EINVAL,
+                                  "reported process is not in the container's cgroup")
+                pid = reported_pid
+        except BaseException:
+            os.close(pidfd)
+            self.abort(c, role)
+            raise
+        if role != "init":
+            os.close(pidfd)
+            return pid
+        c.init_pid, c.init_pidfd = pid, pidfd
+        if c.flags & CONTAINER_NEW_PID_NS and placed:
+            try:
+                pidns = pid_namespace(pidfd, pid)
+                os.close(c.ns["pid"])
+                c.ns["pid"] = pidns
+            except (FileNotFoundError, ProcessLookupError):
+                pass  # init already reaped: nobody can join its PID namespace anyway
+        check_transition(c.state, State.RUNNING)
+        c.state = State.RUNNING
+        c.started.set()
+        self.reg.changed()
+        self.reg.save_later(c.row())
+        self.reg.keep(c)
+        self.life.watch_init(c)
+        if c.kill_pending:
+            self.life.kill(c)
+        return pid
+
+    def return_intermediate(self, peer: Peer) -> None:
+        """Move a non-root caller's intermediate back to its own cgroup after a fork."""
+        origin = self._origins.pop(peer.pidfd, None)
+        if origin is not None:
+            try:
+                peer.at_pid(lambda pid: self.reg.cgroups.move_to(origin, pid))
+            except OSError as e:  # gone, or its group went away: nothing left to protect
+                log.debug("intermediate %d stays: %s", peer.pid, e)
+
+    # ---- the fork's connection, kept by the keeper ------------------------------------
+
+    def key(self, c: Container, role: str) -> str:
+        """A new keeper key for the connection of a fork into `c` as `role`."""
+        self._count += 1
+        return f"fork.{c.id}.{role}.{self._boot}.{self._count}"
+
+    def recover(self, held: dict[str, dict[str, int]]) -> None:
+        """Take the connections of forks in progress out of `held`: what their callers
+        reported (Started, listeners) may still wait in them, unread."""
+        for key in [k for k in held if k.startswith("fork.")]:
+            fd = held.pop(key)["s"]
+            _, cid, role, _ = key.split(".", 3)
+            c = self.reg.containers.get(int(cid))
+            if c is None or c.state == State.DEAD:
+                os.close(fd)
+                self.reg.fdstore.drop(key)
+                continue
+            if role == "init" and c.state == State.CREATED:
+                c.state = State.STARTING  # until its report is read, or its caller is gone
+                c.started = trio.Event()
+            self._pending.append((key, fd, c, role))
+
+    def take_pending(self) -> list[tuple[str, int, Container, str]]:
+        """(keeper key, socket fd, container, role) of each fork to read on; once."""
+        out, self._pending = self._pending, []
+        return out
