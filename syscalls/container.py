@@ -9,7 +9,7 @@ import select
 import signal
 from typing import Any, NamedTuple
 
-from . import _linux, keys, protocol, validate
+from . import _linux, childsetup, keys, protocol, validate
 from .handle import check_handle
 from ._client import Connection, call, call_holding, give_back
 from .constants import CONTAINER_FD_CLOEXEC
@@ -86,120 +86,6 @@ def fork_into_container(fd: int) -> int:
     return _via_intermediate(fd, None, {}, [])
 
 
-def _child_setup(reply: dict[str, Any], fds: list[int], visible_proc: int = -1,
-                 done: int = -1) -> None:
-    """In the new process, before any of the caller's code runs in it: umask, and init's
-    procs. `fds` are the Fork reply's; `visible_proc` is a mount namespace where a proc
-    may be mounted (see _enter); `done` is closed once everything is in place."""
-    os.umask(0o022)
-    unsafe_path = ""
-    try:
-        entries = reply.get("proc_paths") or []
-        placeholders = {entry["mnt_id"] for entry in entries}
-        mine: set[int] = set()
-        for entry in entries:
-            unsafe_path = entry["path"]
-            _complete_proc(entry, placeholders, mine,
-                           _make_proc(entry, visible_proc, reply, fds))
-    except BaseException as e:
-        # Nobody can be told any more: the caller already has our pid. Die loudly instead of
-        # running with a placeholder for /proc, or anywhere but in the container.
-        os.write(2, f"fork_into_container: mounting proc at {unsafe_path}: {e}\n".encode())
-        os._exit(127)
-    if visible_proc >= 0:
-        os.close(visible_proc)
-    if done >= 0:
-        os.close(done)
-
-
-def _make_proc(entry: dict[str, Any], visible_proc: int, reply: dict[str, Any],
-               fds: list[int]) -> int:
-    """A detached mount of a proc of our own (new) PID namespace, with the parameters and
-    mount attributes the caller gave."""
-    fs = _linux.fsopen("proc", _linux.FSOPEN_CLOEXEC)
-    try:
-        for cmd, key, value in entry["params"]:
-            _linux.fsconfig(fs, cmd, key, value, 0)
-        _linux.fsconfig(fs, _linux.FSCONFIG_CMD_CREATE, None, None, 0)
-        if visible_proc < 0:
-            return _linux.fsmount(fs, _linux.FSMOUNT_CLOEXEC, entry["attrs"])
-        # In a user namespace, the kernel mounts a proc only where one is already fully
-        # visible, which our own root (built empty) has not: mount it in that copy of the
-        # caller's mount namespace, then come back to ours.
-        names = reply["fds"]
-        _linux.setns(visible_proc, _linux.CLONE_NEWNS)
-        try:
-            return _linux.fsmount(fs, _linux.FSMOUNT_CLOEXEC, entry["attrs"])
-        finally:
-            _linux.setns(fds[names.index("ns:mnt")], _linux.CLONE_NEWNS)
-            os.fchdir(fds[names.index("root")])
-            os.chroot(".")
-            os.chdir("/")
-    finally:
-        os.close(fs)
-
-
-def _complete_proc(entry: dict[str, Any], placeholders: set[int], mine: set[int],
-                   mnt: int) -> None:
-    """Put proc mount `mnt` (taken) at the entry's path (inside our root) in the place of the
-    placeholders mounted there before we existed: those on top are taken away first (no
-    process but us is in the container yet: the fork is reported once we are done), so the
-    proc is the only mount there. A placeholder moved or covered since is left alone, and
-    the proc goes on top of what is there. `mine` holds the procs already put in place, so
-    two entries naming one place give it one proc."""
-    try:
-        target = _open_in_root(entry["path"])
-        try:
-            while (top := _linux.mount_id(target)) in placeholders:
-                os.fchdir(target)  # the placeholder's root: "." names that mount
-                try:
-                    _linux.umount2(".", _linux.MNT_DETACH)
-                finally:
-                    os.chdir("/")
-                os.close(target)
-                target = _open_in_root(entry["path"])
-            if top in mine:
-                return
-            _linux.move_mount(mnt, "", target, "",
-                              _linux.MOVE_MOUNT_F_EMPTY_PATH | _linux.MOVE_MOUNT_T_EMPTY_PATH)
-            mine.add(_linux.mount_id(mnt))
-        finally:
-            os.close(target)
-    finally:
-        os.close(mnt)
-
-
-def _open_in_root(unsafe_path: str) -> int:
-    """An O_PATH fd of `unsafe_path` resolved in our root, never outside it."""
-    root = os.open("/", os.O_PATH | os.O_CLOEXEC)
-    try:
-        return _linux.openat2(root, unsafe_path, os.O_PATH | os.O_CLOEXEC,
-                              resolve=_linux.RESOLVE_IN_ROOT | _linux.RESOLVE_NO_MAGICLINKS)
-    finally:
-        os.close(root)
-
-
-def _done_pipe(reply: dict[str, Any]) -> tuple[int, int]:
-    """For init with procs to put in place: a pipe whose write end init closes once they are
-    (so that the process is reported, and the container seen running, only then); else
-    (-1, -1)."""
-    if not reply.get("proc_paths"):
-        return -1, -1
-    return os.pipe2(os.O_CLOEXEC)
-
-
-def _wait_done(done_r: int, done_w: int) -> None:
-    """In the parent: wait until init has closed its end of the _done_pipe (or exited)."""
-    if done_r < 0:
-        return
-    os.close(done_w)
-    try:
-        while os.read(done_r, 1):
-            pass
-    finally:
-        os.close(done_r)
-
-
 def _single_threaded() -> bool:
     # One entry per thread, C threads included; a quarter of the cost of /proc/self/status.
     return len(os.listdir("/proc/self/task")) == 1
@@ -235,7 +121,7 @@ def _fork_here(conn: Connection, reply: dict[str, Any], fds: list[int],
                     old_mask = _linux.block_signals()
             else:
                 reply, fds, cgroup_fd = got
-        done_r, done_w = _done_pipe(reply)
+        done_r, done_w = childsetup.done_pipe(reply)
         try:
             if cgroup_fd is None:
                 cgroup_fd = _enter(reply, fds, saved)
@@ -255,11 +141,11 @@ def _fork_here(conn: Connection, reply: dict[str, Any], fds: list[int],
             os.close(root)
             if done_r >= 0:
                 os.close(done_r)
-            _child_setup(reply, fds, -1, done_w)
+            childsetup.child_setup(reply, fds, -1, done_w)
             _close(conn, fds)
             return 0
         try:
-            _wait_done(done_r, done_w)
+            childsetup.wait_done(done_r, done_w)
             # Reported while signals are still blocked, so that a handler raising once they
             # are let through cannot leave a process that nobody knows of. No need to wait:
             # the keeper holds the service's end of this connection during a fork, so the
@@ -564,7 +450,7 @@ def _intermediate(handle: int, wfd: int, conn: Connection | None, reply: dict[st
             conn = Connection()
             reply, fds = conn.call(protocol.Fork(), [handle])
         visible_proc: list[int] = []
-        done_r, done_w = _done_pipe(reply)
+        done_r, done_w = childsetup.done_pipe(reply)
         try:
             # Keyring names are per user namespace: join before entering the container's.
             keys.join_container_keyring(reply)
@@ -580,12 +466,12 @@ def _intermediate(handle: int, wfd: int, conn: Connection | None, reply: dict[st
             os.close(wfd)
             if done_r >= 0:
                 os.close(done_r)
-            _child_setup(reply, fds, visible_proc[0] if visible_proc else -1, done_w)
+            childsetup.child_setup(reply, fds, visible_proc[0] if visible_proc else -1, done_w)
             _close(conn, fds)
             return True
         _close_fds(visible_proc)
         try:
-            _wait_done(done_r, done_w)
+            childsetup.wait_done(done_r, done_w)
             if one_way:
                 conn.send(protocol.StartedNoReply(pid=pid), [pidfd])
             else:

@@ -22,221 +22,48 @@ microseconds, and a trapped request waits in a task of its own.
 
 from __future__ import annotations
 
-import base64
 import errno
-import json
 import logging
-import math
 import os
-import select
 import socket
-import time
-from dataclasses import dataclass, field
 from typing import Any
 
-import trio
 
-from syscalls import _linux, keys, protocol, seccomp_notify
-from syscalls.fdpass import fds_from_ancdata
-from syscalls.keys import KEY_ALL, KEY_LINK, KEY_READ, KEY_SEARCH, KEY_VIEW, KEY_WRITE
+from syscalls import keys, protocol, seccomp_notify
+from syscalls.keys import KEY_ALL, KEY_LINK, KEY_VIEW, KEY_WRITE
 
 from ..process import Peer
 from ..record import Container
 from ..states import State
 from .hooks import Client, Hooks
 from .registry import Registry, destroy, perm
-from .upcall import Rules, probe_upcall
-
+from .upcall import Rules
+from .state import (
+    MAX_TIMEOUT_MS,
+    MAX_TRAPS,
+    SESSION_PERM,
+    SLOT_PERM,
+    Channel,
+    ContainerKeys,
+    Trap,
+    quota_error,
+)
+from .queue import RequestQueue
+from .trapped import TrappedCalls
+from .upcalls import Upcalls
 
 log = logging.getLogger("containerfs")
-
-# A search that finds nothing, or only a negative, expired or revoked key: not found.
-_NOT_FOUND = (errno.ENOKEY, errno.EKEYEXPIRED, errno.EKEYREVOKED, errno.EKEYREJECTED)
-MAX_PENDING = 128  # requests waiting for an answer, per container (then EAGAIN)
-MAX_TRAPS = 64
-MAX_TIMEOUT_MS = 3600 * 1000
-SECCOMP_NOTIFY_LINK = "anon_inode:seccomp notify"  # what /proc names a listener fd
-UPCALL_REPORT_S = 10.0  # how long an instantiate waits for the handler to say it made the key
-
-# A container's session keyring: its possessors (members, and the service through the
-# registry) may do anything; its owner may only search it, which is what joining by name needs.
-SESSION_PERM = perm(pos=KEY_ALL, usr=KEY_SEARCH)
-# The slot that holds the attached keyring: members find keys through it, but cannot change it.
-SLOT_PERM = perm(pos=KEY_VIEW | KEY_READ | KEY_SEARCH | KEY_LINK)
-
-
-def _quota_error(e: OSError, uid: int, what: str) -> OSError:
-    if e.errno == errno.EDQUOT:
-        return OSError(errno.EAGAIN, f"uid {uid} has no key quota left for {what} "
-                                     "(kernel.keys.maxkeys / maxbytes)")
-    return e
-
-
-@dataclass(eq=False)
-class Listener:
-    """A seccomp listener handed over by a process forked into a container."""
-    key: str  # under which the keeper holds a copy
-    fd: int
-    closed: bool = False
-
-
-@dataclass(eq=False)
-class Waiter:
-    """One trapped request_key() call waiting for an answer."""
-    listener: Listener
-    notif_id: int
-    keep_key: str
-
-
-class Channel:
-    """A connection that carries trapped requests to a manager, in order: after the reply
-    that opened it, events only."""
-
-    def __init__(self, first: dict[str, Any]) -> None:
-        self._send, self._recv = trio.open_memory_channel[dict[str, Any]](math.inf)
-        self._send.send_nowait(first)
-        self.scope = trio.CancelScope()
-        self.closed = False
-
-    def push(self, event: dict[str, Any]) -> None:
-        if not self.closed:
-            self._send.send_nowait(event)
-
-    def close(self) -> None:
-        self.closed = True
-        self.scope.cancel()
-
-    async def serve(self, sock: trio.socket.SocketType) -> None:
-        """Send events until the manager hangs up (or close())."""
-        with self.scope:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._writer, sock, nursery.cancel_scope)
-                await self._until_hangup(sock)
-                nursery.cancel_scope.cancel()
-        self.closed = True
-
-    async def _writer(self, sock: trio.socket.SocketType, scope: trio.CancelScope) -> None:
-        try:
-            async for event in self._recv:
-                await sock.send(protocol.encode(event))
-        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
-            scope.cancel()
-
-    @staticmethod
-    async def _until_hangup(sock: trio.socket.SocketType) -> None:
-        # A manager sends nothing on this connection: anything it sends ends it, like EOF.
-        try:
-            _data, anc, _flags, _ = await sock.recvmsg(
-                protocol.MAX_MESSAGE, socket.CMSG_SPACE(protocol.MAX_FDS * 4),
-                socket.MSG_CMSG_CLOEXEC)
-        except OSError:
-            return
-        for fd in fds_from_ancdata(anc):
-            os.close(fd)
-
-
-@dataclass(eq=False)
-class Trap:
-    type: str
-    timeout: float
-    owner: int  # who set it: the records are theirs
-    group: int
-    record_ring: int = 0  # the keyring the records go in (linked by the setter into its own)
-    records_locked: bool = False
-    channel: Channel | None = None  # bound: lives as long as this manager's connection
-
-
-@dataclass(eq=False)
-class Upcall:
-    """A request the kernel made: our request-key.d rule's handler waits on its connection
-    to be told what to do with the key under construction."""
-    key: int
-    answer: dict[str, Any] | None = None
-    told: trio.Event = field(default_factory=trio.Event)
-    gone: bool = False  # the handler hung up before it was told
-    result: int | None = None  # after an instantiate: the handler's errno (0: made)
-    reported: trio.Event = field(default_factory=trio.Event)
-
-    def tell(self, answer: dict[str, Any]) -> None:
-        if self.answer is None:
-            self.answer = answer
-            self.told.set()
-
-
-@dataclass(eq=False)
-class Pending:
-    rid: int
-    trap: Trap
-    type: str
-    description: str
-    callout_info: str
-    uid: int
-    gid: int
-    pid: int
-    waiters: list[Waiter]
-    done: trio.Event = field(default_factory=trio.Event)
-    record: int = 0
-    finished: bool = False
-    upcall: Upcall | None = None  # made by the kernel (pid 0: the requester is not known)
-
-    @property
-    def what(self) -> tuple[str, str, int]:
-        return self.type, self.description, self.uid
-
-    def event(self, cid: int) -> dict[str, Any]:
-        return {"event": "request", "rid": self.rid, "container": cid, "operation": "create",
-                "type": self.type, "description": self.description,
-                "callout_info": self.callout_info, "uid": self.uid, "gid": self.gid,
-                "pid": self.pid}
-
-
-@dataclass(eq=False)
-class ContainerKeys:
-    cid: int
-    owner: int
-    group: int
-    session: int
-    name: str
-    slot: int = 0  # holds the attached keyring
-    stage: int = 0
-    stage_uid: int = -1
-    traps: dict[str, Trap] = field(default_factory=dict)
-    negative: dict[tuple[str, str], tuple[float, int]] = field(default_factory=dict)
-    pending: dict[int, Pending] = field(default_factory=dict)
-    waiting: dict[tuple[str, str, int], Pending] = field(default_factory=dict)
-    listeners: set[Channel] = field(default_factory=set)
-
-    def trap_for(self, key_type: str) -> Trap | None:
-        return self.traps.get(key_type) or self.traps.get("*")
-
-
-def _fs_ids(pid: int) -> tuple[int, int]:
-    """The fsuid and fsgid of `pid` (as the service sees them): what a key it asks for is
-    owned by when the kernel constructs one."""
-    uid = gid = -1
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("Uid:"):
-                uid = int(line.split()[4])
-            elif line.startswith("Gid:"):
-                gid = int(line.split()[4])
-                break
-    return uid, gid
 
 
 class KeyringService:
     def __init__(self, hooks: Hooks) -> None:
         self.hooks = hooks
         self.registry = Registry(hooks.runtime_dir)
-        self.containers: dict[int, ContainerKeys] = {}
-        self._rid = 0
-        self._boot = f"{os.getpid()}.{time.monotonic_ns()}"
-        self._nlisteners = 0
+        self.queue = RequestQueue(hooks)
+        self.containers = self.queue.containers  # one dict: every part sees the same
+        self.trapped = TrappedCalls(hooks, self.queue)
         self.rules = Rules(hooks.runtime_dir)
-        self._upcall_ok: bool | None = None  # probed when the first rule is to be written
-        self._probed: trio.Event | None = None
-
-    # ---- the container's life ---------------------------------------------------------
+        self.upcalls = Upcalls(hooks, self.queue, self.rules)
 
     def create_session(self, cid: int, owner: int, group: int) -> ContainerKeys:
         """Make container `cid`'s session keyring, owned by (and counted against) `owner`."""
@@ -247,7 +74,7 @@ class KeyringService:
             keys.chown(serial, owner, group)
         except OSError as e:
             destroy(serial)
-            raise _quota_error(e, owner, f"container {cid}'s session keyring") from None
+            raise quota_error(e, owner, f"container {cid}'s session keyring") from None
         ck = ContainerKeys(cid, owner, group, serial, Registry.name_of(cid, "s", secret))
         self.containers[cid] = ck
         return ck
@@ -258,7 +85,7 @@ class KeyringService:
         if ck is None:
             return
         for p in list(ck.pending.values()):
-            self._finish(ck, p, error=errno.ENOKEY)
+            self.queue.finish(ck, p, error=errno.ENOKEY)
         for trap in list(ck.traps.values()):
             self._drop_trap(ck, trap)
         for channel in list(ck.listeners):
@@ -281,17 +108,15 @@ class KeyringService:
             raise OSError(errno.ECANCELED, f"container {c.id} is dead")
         return ck
 
-    # ---- requests from clients --------------------------------------------------------
-
     async def dispatch(self, conn: Client, req: protocol.Request,
                        fds: list[int]) -> tuple[dict[str, Any] | None, list[int]]:
         """Serve one keyring request. A listener fd or a channel's handle is taken out of
         `fds` (the connection closes what is left in it)."""
         if isinstance(req, protocol.KeyListener):
-            self._take_listener(conn, fds)
+            self.trapped.take_listener(conn, fds)
             return None, []
         if isinstance(req, protocol.KeyUpcall):
-            return await self._serve_upcall(conn, req)
+            return await self.upcalls.serve(conn, req)
         if isinstance(req, protocol.KeyUpcallDone):
             raise protocol.ProtocolError("key_upcall_done outside an upcall")
         c = self.hooks.lookup(fds[0])
@@ -307,7 +132,7 @@ class KeyringService:
             self.hooks.check_manager(peer, c, "intercept key requests of")
             ck = self._keys_of(c)
             trap = self._add_trap(ck, peer, req)
-            await self._install_rules()  # "from now on" holds for the kernel's requests too
+            await self.upcalls.install_rules()  # "from now on" holds for the kernel's requests too
             reply = {"record_keyring": trap.record_ring}
             if not req.bind:
                 return reply, []
@@ -328,7 +153,7 @@ class KeyringService:
             return await self._serve_channel(conn, fds, self._keys_of(c), {}, None)
         if isinstance(req, protocol.KeyAnswer):
             self.hooks.check_manager(peer, c, "answer key requests of")
-            return await self._answer(self._keys_of(c), req), []
+            return await self.queue.answer(self._keys_of(c), req), []
         raise protocol.ProtocolError(f"unhandled op {req.op}")
 
     async def _serve_channel(self, conn: Client, fds: list[int], ck: ContainerKeys,
@@ -360,8 +185,6 @@ class KeyringService:
                 pass
         return None, []
 
-    # ---- keyctl_set_container_keyring ---------------------------------------------------
-
     def _stage(self, ck: ContainerKeys, peer: Peer) -> int:
         if ck.slot:
             raise OSError(errno.EBUSY, f"container {ck.cid} has a keyring already")
@@ -375,7 +198,7 @@ class KeyringService:
                 keys.chown(stage, peer.uid, peer.gid)
             except OSError as e:
                 destroy(stage)
-                raise _quota_error(e, peer.uid, "a keyring link") from None
+                raise quota_error(e, peer.uid, "a keyring link") from None
             ck.stage, ck.stage_uid = stage, peer.uid
         return ck.stage
 
@@ -395,12 +218,10 @@ class KeyringService:
             keys.link(slot, ck.session)
         except OSError as e:
             destroy(slot)
-            raise _quota_error(e, ck.owner, "the container keyring") from None
+            raise quota_error(e, ck.owner, "the container keyring") from None
         ck.slot = slot
         destroy(ck.stage)
         ck.stage, ck.stage_uid = 0, -1
-
-    # ---- traps -----------------------------------------------------------------------
 
     def _add_trap(self, ck: ContainerKeys, peer: Peer, req: protocol.KeyIntercept) -> Trap:
         keys.check_type(req.type)
@@ -421,7 +242,7 @@ class KeyringService:
                 keys.chown(ring, peer.uid, peer.gid)
             except OSError as e:
                 destroy(ring)
-                raise _quota_error(e, peer.uid, "a trap's record keyring") from None
+                raise quota_error(e, peer.uid, "a trap's record keyring") from None
             trap.record_ring = ring
         ck.traps[req.type] = trap
         return trap
@@ -431,381 +252,13 @@ class KeyringService:
             del ck.traps[trap.type]
         for p in list(ck.pending.values()):
             if p.trap is trap:
-                self._finish(ck, p, error=errno.ENOKEY)
+                self.queue.finish(ck, p, error=errno.ENOKEY)
         if trap.record_ring:
             destroy(trap.record_ring)
             trap.record_ring = 0
         if trap.channel is not None:
             trap.channel.close()
-        self._sync_rules()
-
-    # ---- answers ---------------------------------------------------------------------
-
-    async def _answer(self, ck: ContainerKeys, req: protocol.KeyAnswer) -> dict[str, Any]:
-        p = ck.pending.get(req.rid)
-        if p is None:
-            raise OSError(errno.ENOENT, f"no request {req.rid} waits in container {ck.cid} "
-                                        "(answered, timed out, or its caller died)")
-        if req.timeout_ms < 0:
-            raise OSError(errno.EINVAL, "negative timeout")
-        if req.action == "instantiate":
-            try:
-                payload = base64.b64decode(req.payload, validate=True)
-            except ValueError:
-                raise OSError(errno.EINVAL, "payload is not base64") from None
-            if p.upcall is not None:
-                return {"serial": await self._instantiate_upcall(ck, p, req.payload)}
-            return {"serial": self._instantiate(ck, p, payload)}
-        if req.action == "negate":
-            err = errno.ENOKEY
-        elif req.action == "reject":
-            err = req.errno
-            if not 0 < err < 4096:
-                raise OSError(errno.EINVAL, f"invalid errno {err}")
-        else:
-            raise OSError(errno.EINVAL, f"unknown answer {req.action!r}")
-        if req.timeout_ms:
-            # The kernel would keep a negative key this long: later requests fail at once.
-            ck.negative[(p.type, p.description)] = (time.monotonic() + req.timeout_ms / 1000, err)
-        self._finish(ck, p, error=err, timeout_ms=req.timeout_ms)
-        return {}
-
-    def _instantiate(self, ck: ContainerKeys, p: Pending, payload: bytes) -> int:
-        """Make the key in the container's session keyring, owned by the requester (so it
-        counts against the requester's quota), and let the requester's call find it."""
-        try:
-            try:
-                serial = keys.search(ck.session, p.type, p.description)
-            except OSError as e:
-                if e.errno not in _NOT_FOUND:
-                    raise
-                serial = keys.add_key(p.type, p.description, payload, ck.session)
-                try:
-                    keys.chown(serial, p.uid, p.gid)
-                except OSError:
-                    destroy(serial)
-                    raise
-        except OSError as e:
-            self._finish(ck, p, error=e.errno or errno.EIO)
-            if e.errno == errno.EDQUOT:
-                raise OSError(errno.EDQUOT, f"uid {p.uid} has no key quota left for the key "
-                                            "(kernel.keys.maxkeys / maxbytes)") from None
-            raise
-        # The key is known to exist now: the kernel's own request_key finds it, links it where
-        # the caller asked and returns it, with every check made as the caller.
-        self._finish(ck, p, continue_=True)
-        return serial
-
-    async def _instantiate_upcall(self, ck: ContainerKeys, p: Pending, payload: str) -> int:
-        """The handler instantiates the key under construction; its errno is the answer's."""
-        assert p.upcall is not None
-        up = p.upcall
-        self._finish(ck, p, payload=payload)
-        with trio.move_on_after(UPCALL_REPORT_S):
-            await up.reported.wait()
-        if up.result is None:
-            raise OSError(errno.EIO, f"the request-key handler of key {up.key} went away "
-                                     "before it said whether it made the key")
-        if up.result == errno.EDQUOT:
-            raise OSError(errno.EDQUOT, f"uid {p.uid} has no key quota left for the key "
-                                        "(kernel.keys.maxkeys / maxbytes)")
-        if up.result:
-            raise OSError(up.result, f"the kernel refused key {up.key}: "
-                                     f"{os.strerror(up.result)}")
-        return up.key
-
-    def _finish(self, ck: ContainerKeys, p: Pending, *, error: int = 0,
-                continue_: bool = False, timeout_ms: int = 0,
-                payload: str | None = None) -> None:
-        """Answer every waiter of `p`: fail with `error`, carry on, or (for a request the
-        kernel made) instantiate with `payload` / reject with `error` for `timeout_ms`."""
-        if p.finished:
-            return
-        p.finished = True
-        # Forget the request (and its record) before answering: a requester woken by the
-        # answer must find no trace of a request that is over.
-        ck.pending.pop(p.rid, None)
-        if ck.waiting.get(p.what) is p:
-            del ck.waiting[p.what]
-        if p.record:
-            destroy(p.record, p.trap.record_ring)
-        for w in p.waiters:
-            if not w.listener.closed:
-                seccomp_notify.notif_send(w.listener.fd, w.notif_id, error=error, continue_=continue_)
-            self.hooks.let_go(w.keep_key)
-        if p.upcall is not None:
-            p.upcall.tell({"action": "instantiate", "payload": payload} if payload is not None
-                          else {"action": "reject", "errno": error or errno.ENOKEY,
-                                "timeout_ms": timeout_ms})
-        p.done.set()
-
-    async def _expire(self, ck: ContainerKeys, p: Pending) -> None:
-        with trio.move_on_after(p.trap.timeout):
-            await p.done.wait()
-        if not p.finished:
-            log.info("container %d: request for %s %r not answered in %.1fs", ck.cid, p.type,
-                     p.description, p.trap.timeout)
-            self._finish(ck, p, error=errno.ENOKEY)
-
-    # ---- seccomp listeners -------------------------------------------------------------
-
-    def _take_listener(self, conn: Client, fds: list[int]) -> None:
-        """Keep the one seccomp listener of the process a connection forked; ignore anything
-        else (a flood of fds must never be kept, here or by the keeper)."""
-        # One way: this must never answer (the fork's caller reads that connection).
-        if conn.fork_container is None or conn.listener_taken:
-            log.warning("pid %d sent a seccomp listener without a fork of its own; ignored",
-                        conn.peer.pid)
-            return
-        if _linux.fd_link(fds[0]) != SECCOMP_NOTIFY_LINK:
-            log.warning("pid %d sent a %s as its seccomp listener; ignored", conn.peer.pid,
-                        _linux.fd_link(fds[0]))
-            return
-        conn.listener_taken = True
-        fd = fds.pop()
-        self._nlisteners += 1
-        self.add_listener(f"kl.{self._boot}.{self._nlisteners}", fd)
-
-    def add_listener(self, key: str, fd: int, keep: bool = True) -> None:
-        listener = Listener(key, fd)
-        if keep:
-            self.hooks.keep(key, {"l": fd})
-        self.hooks.nursery.start_soon(self._serve_listener, listener)
-
-    async def _serve_listener(self, listener: Listener) -> None:
-        poller = select.poll()
-        poller.register(listener.fd, select.POLLIN)
-        try:
-            while True:
-                await trio.lowlevel.wait_readable(listener.fd)
-                events = dict(poller.poll(0)).get(listener.fd, 0)
-                if events & select.POLLIN:
-                    notif = seccomp_notify.notif_recv(listener.fd)
-                    if notif is not None:
-                        self._on_notif(listener, notif)
-                elif events & (select.POLLHUP | select.POLLERR | select.POLLNVAL):
-                    return  # every process using this filter is gone
-        except Exception:  # a bug here must not take the service down
-            log.exception("seccomp listener %s failed; dropped", listener.key)
-        finally:
-            listener.closed = True
-            trio.lowlevel.notify_closing(listener.fd)
-            os.close(listener.fd)
-            self.hooks.let_go(listener.key)
-
-    def _on_notif(self, listener: Listener, n: seccomp_notify.Notification) -> None:
-        """Answer a trapped request_key() now, or queue it for the container's manager."""
-        try:
-            answer = self._classify(listener, n)
-        except Exception:
-            log.exception("trapped request_key of pid %d", n.pid)
-            answer = errno.ENOKEY
-        if answer is None:
-            return  # queued, or its caller is gone
-        if answer == 0:
-            seccomp_notify.notif_send(listener.fd, n.id, continue_=True)
-        else:
-            seccomp_notify.notif_send(listener.fd, n.id, error=answer)
-
-    def _classify(self, listener: Listener, n: seccomp_notify.Notification) -> int | None:
-        """0: let the kernel carry on; an errno: fail with it; None: queued (or gone).
-
-        Cheapest checks first: most calls are let through. A reply to a call that is no
-        longer waiting is harmless (the kernel refuses it), so only queueing needs the proof
-        that what was read belongs to the caller."""
-        if not n.args[2]:
-            return 0  # no callout info: the kernel constructs nothing (ENOKEY); nothing to trap
-        cid = self.hooks.container_id_of(n.pid)
-        ck = self.containers.get(cid) if cid is not None else None
-        if ck is None or not ck.traps:
-            return 0  # not in a container, or nothing trapped: untouched
-        try:
-            mem = os.open(f"/proc/{n.pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
-            return 0  # gone
-        try:
-            raw_type = seccomp_notify.read_cstring(mem, n.args[0], keys.KEY_TYPE_MAX)
-            key_type = raw_type.decode("utf-8", "surrogateescape") if raw_type else ""
-            trap = ck.trap_for(key_type) if key_type and not key_type.startswith(".") else None
-            if trap is None:
-                return 0
-            raw_desc = seccomp_notify.read_cstring(mem, n.args[1], keys.KEY_DESC_MAX)
-            raw_callout = seccomp_notify.read_cstring(mem, n.args[2], keys.CALLOUT_MAX)
-            if not raw_desc or raw_callout is None:
-                return 0  # the kernel's own EINVAL
-        except OSError:
-            return 0  # EFAULT: the kernel says so itself
-        finally:
-            os.close(mem)
-        desc = raw_desc.decode("utf-8", "surrogateescape")
-        negative = ck.negative.get((key_type, desc))
-        if negative is not None:
-            if negative[0] > time.monotonic():
-                return negative[1]
-            del ck.negative[(key_type, desc)]
-        try:
-            keys.search(ck.session, key_type, desc)
-            return 0  # found in the container's keyrings: the kernel finds it too
-        except OSError as e:
-            if e.errno not in _NOT_FOUND:
-                return 0  # an unknown type, say: the kernel's own answer
-        try:
-            uid, gid = _fs_ids(n.pid)
-        except OSError:
-            return None  # gone
-        # What was read belongs to the process that made the call only if the call is still
-        # waiting: then its pid cannot have been reused.
-        if not seccomp_notify.notif_id_valid(listener.fd, n.id):
-            return None
-        return self._queue(ck, trap, listener, n, key_type, desc,
-                           raw_callout.decode("utf-8", "surrogateescape"), uid, gid)
-
-    def _queue(self, ck: ContainerKeys, trap: Trap, listener: Listener, n: seccomp_notify.Notification,
-               key_type: str, desc: str, callout: str, uid: int, gid: int) -> int | None:
-        """Make the call wait for the creator's answer (or join one that waits already)."""
-        same = ck.waiting.get((key_type, desc, uid))
-        if same is None and len(ck.pending) >= MAX_PENDING:
-            return errno.EAGAIN
-        waiter = Waiter(listener, n.id, f"kn.{listener.key}.{n.id}")
-        # A copy of the listener under the call's cookie: a restarted service can still fail
-        # the call rather than leave it waiting forever.
-        self.hooks.keep(waiter.keep_key, {"l": listener.fd})
-        if same is not None:
-            same.waiters.append(waiter)  # one construction at a time, as the kernel does
-            return None
-        self._rid += 1
-        p = Pending(self._rid, trap, key_type, desc, callout, uid, gid, n.pid, [waiter])
-        ck.waiting[p.what] = p
-        self._open(ck, p)
-        return None
-
-    def _open(self, ck: ContainerKeys, p: Pending) -> None:
-        """Make `p` wait: recorded, sent to its trap's manager, failed after its timeout."""
-        ck.pending[p.rid] = p
-        self._record(ck, p)
-        event = p.event(ck.cid)
-        if p.trap.channel is not None:
-            p.trap.channel.push(event)
-        else:
-            for channel in ck.listeners:
-                channel.push(event)
-        self.hooks.nursery.start_soon(self._expire, ck, p)
-
-    def _record(self, ck: ContainerKeys, p: Pending) -> None:
-        """Link a record of the request into the trap's record keyring, owned by the trap's
-        setter: managers in the proposal's style find their work there."""
-        trap = p.trap
-        if not trap.record_ring:
-            return
-        try:
-            if not trap.records_locked:
-                keys.setperm(trap.record_ring, perm(pos=KEY_ALL))
-                trap.records_locked = True
-            payload = json.dumps({k: v for k, v in p.event(ck.cid).items() if k != "event"})
-            p.record = keys.add_key("user", f"containerfs:{ck.cid}:{p.rid}", payload.encode(),
-                                    trap.record_ring)
-            keys.chown(p.record, trap.owner, trap.group)
-        except OSError as e:
-            log.warning("container %d: no record of request %d: %s", ck.cid, p.rid, e)
-            if p.record:
-                destroy(p.record)
-                p.record = 0
-
-    # ---- requests the kernel makes (the request-key.d rule) -----------------------------
-
-    def _sync_rules(self) -> None:
-        """The rule file names the types trapped now; none while the upcall is not known to
-        work (a write waits for _install_rules' probe), none without traps."""
-        types = [t for ck in self.containers.values() for t in ck.traps]
-        if types and not self._upcall_ok:
-            if self._upcall_ok is None:
-                return
-            types = []
-        try:
-            self.rules.write(types)
-        except OSError as e:
-            log.warning("could not write the request-key rule %s: %s", self.rules.path, e)
-
-    async def _install_rules(self) -> None:
-        """Probe the upcall once (in a thread: the probe forks and waits for the kernel),
-        then write the rule file."""
-        if self._upcall_ok is None:
-            if self._probed is None:
-                self._probed = trio.Event()
-                try:
-                    reason = await trio.to_thread.run_sync(probe_upcall)
-                except Exception as e:  # a probe that cannot run says "no upcall" too
-                    reason = f"the upcall probe failed: {e!r}"
-                self._upcall_ok = reason is None
-                if reason is not None:
-                    log.info("no request-key.d rule for the kernel's own requests: %s", reason)
-                self._probed.set()
-            else:
-                await self._probed.wait()
-        self._sync_rules()
-
-    async def _serve_upcall(self, conn: Client, req: protocol.KeyUpcall
-                            ) -> tuple[dict[str, Any] | None, list[int]]:
-        """A key the kernel constructs, from our rule's handler: the host's business (the
-        handler hands it to the host's rules), or a container's request for its creator."""
-        peer = conn.peer
-        if peer.uid != 0 or self.hooks.member_of(peer) is not None:
-            raise OSError(errno.EPERM, "only the kernel's request-key handler (root, in no "
-                                       "container) may hand over key requests")
-        ck = next((k for k in self.containers.values() if k.session == req.session), None)
-        trap = (ck.trap_for(req.type) if ck is not None and req.type
-                and not req.type.startswith(".") else None)
-        if ck is None or trap is None:
-            return {"host": 1}, []
-        negative = ck.negative.get((req.type, req.description))
-        if negative is not None:
-            left = negative[0] - time.monotonic()
-            if left > 0:
-                return {"action": "reject", "errno": negative[1],
-                        "timeout_ms": math.ceil(left * 1000)}, []
-            del ck.negative[(req.type, req.description)]
-        if len(ck.pending) >= MAX_PENDING:
-            return {"action": "reject", "errno": errno.EAGAIN, "timeout_ms": 0}, []
-        self._rid += 1
-        up = Upcall(req.key)
-        # Not in ck.waiting: the kernel already makes one construction of a key at a time.
-        p = Pending(self._rid, trap, req.type, req.description, req.callout_info, req.uid,
-                    req.gid, 0, [], upcall=up)
-        self._open(ck, p)
-        sock = conn.sock
-        try:
-            await sock.send(protocol.encode({"queued": round(trap.timeout * 1000)}))
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._until_handler_gone, ck, p, sock)
-                await up.told.wait()
-                nursery.cancel_scope.cancel()
-            if not up.gone and up.answer is not None:
-                await sock.send(protocol.encode(up.answer))
-                if up.answer["action"] == "instantiate":
-                    with trio.move_on_after(UPCALL_REPORT_S):
-                        data = await sock.recv(protocol.MAX_MESSAGE)
-                        done = protocol.decode_request(data) if data else None
-                        if isinstance(done, protocol.KeyUpcallDone):
-                            up.result = done.errno
-        except (OSError, protocol.ProtocolError) as e:
-            log.info("container %d: request-key handler of key %d: %s", ck.cid, req.key, e)
-        finally:
-            self._finish(ck, p, error=errno.ENOKEY)  # if nobody answered it yet
-            up.reported.set()
-        return None, []
-
-    async def _until_handler_gone(self, ck: ContainerKeys, p: Pending,
-                                  sock: trio.socket.SocketType) -> None:
-        # The handler says nothing until it is told: anything it sends, like EOF, ends it.
-        try:
-            await sock.recv(protocol.MAX_MESSAGE)
-        except OSError:
-            pass
-        if p.upcall is not None:
-            p.upcall.gone = True
-        self._finish(ck, p, error=errno.ENOKEY)
-
-    # ---- restart ---------------------------------------------------------------------
+        self.upcalls.sync_rules()
 
     def recover(self, held: dict[str, dict[str, int]]) -> None:
         """Take back the keyrings of adopted containers and the listeners the keeper held;
@@ -843,7 +296,7 @@ class KeyringService:
                 ck.traps[trap.type] = trap
         for key in [k for k in held if k.startswith("kl.")]:
             fds = held.pop(key)
-            self.add_listener(key, fds["l"], keep=False)
+            self.trapped.add_listener(key, fds["l"], keep=False)
         for key in [k for k in held if k.startswith("kn.")]:
             fds = held.pop(key)
             notif_id = int(key.rsplit(".", 1)[1])
@@ -851,9 +304,9 @@ class KeyringService:
             os.close(fds["l"])
             self.hooks.let_go(key)
         # A rule file left by the previous service says what its traps were; now it says ours.
-        self._sync_rules()
+        self.upcalls.sync_rules()
         if any(ck.traps for ck in self.containers.values()):
-            self.hooks.nursery.start_soon(self._install_rules)
+            self.hooks.nursery.start_soon(self.upcalls.install_rules)
 
     def close(self) -> None:
         """The service stops: its request-key rule goes; with no container left, nothing of

@@ -28,7 +28,7 @@ import trio
 
 
 from ..states import State
-from .readers import HOST_ID, Reader, ViewKey, parse_id_map, read_text
+from .readers import HOST_ID, Reader, Readers, ViewKey
 from .records import ContainerLike, ServiceLike
 from . import render
 
@@ -144,16 +144,10 @@ class Model:
     _switching: dict[int, trio.Event] = field(default_factory=dict)
     _members: dict[int, int] = field(default_factory=dict)
     _members_at: tuple[int, float] = (-1, 0.0)
-    _own_userns: int = field(default_factory=lambda: os.stat("/proc/self/ns/user").st_ino)
-    _cg_prefix: bytes | None = None
+    _readers: Readers = field(init=False)
 
     def __post_init__(self) -> None:
-        cg = self.service.cgroups
-        base, mount = getattr(cg, "base", None), getattr(cg, "mount", None)
-        # The cgroup path prefix of container groups ("/<base>/c"), to find a reader's
-        # container from /proc/PID/cgroup without the general helper's cost on every open.
-        self._cg_prefix = (b"\n0::/" + os.path.relpath(base, mount).encode() + b"/c"
-                           if isinstance(base, str) and isinstance(mount, str) else None)
+        self._readers = Readers(self.service.cgroups)
         self._node_of[ROOT_INO] = Node(Kind.ROOT)
         self._node_of[BYNAME_INO] = Node(Kind.BYNAME)
         self._ino_of[Node(Kind.ROOT)] = ROOT_INO
@@ -177,33 +171,7 @@ class Model:
 
     def identify(self, pid: int, uid: int, gid: int) -> Reader:
         """The reader making a request, from the pid and credentials FUSE gives."""
-        if pid <= 0:  # not in the service's PID namespace: it sees what the host sees
-            return Reader(pid, uid, gid)
-        cid = self._container_id_of(pid)
-        uid_map = gid_map = None
-        if os.stat(f"/proc/{pid}/ns/user").st_ino != self._own_userns:
-            uid_map = parse_id_map(read_text(f"/proc/{pid}/uid_map"))
-            gid_map = parse_id_map(read_text(f"/proc/{pid}/gid_map"))
-        return Reader(pid, uid, gid, HOST_ID if cid is None else cid, uid_map, gid_map)
-
-    def _container_id_of(self, pid: int) -> int | None:
-        if self._cg_prefix is None:
-            return self.service.cgroups.container_id_of(pid)
-        fd = os.open(f"/proc/{pid}/cgroup", os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            data = b"\n" + os.read(fd, 65536)
-        finally:
-            os.close(fd)
-        at = data.find(self._cg_prefix)
-        if at < 0:
-            return None
-        at += len(self._cg_prefix)
-        end = at
-        while end < len(data) and data[end:end + 1].isdigit():
-            end += 1
-        if end == at or data[end:end + 1] not in (b"/", b"\n", b""):
-            return None
-        return int(data[at:end])
+        return self._readers.identify(pid, uid, gid)
 
     # ---- visibility -------------------------------------------------------------------------
 

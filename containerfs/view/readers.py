@@ -8,6 +8,8 @@ import fcntl
 import os
 from dataclasses import dataclass
 
+from .records import CgroupsLike
+
 HOST_ID = 1  # `.init`: the host itself, never a listed container
 OVERFLOW_ID = 65534  # what an id with no mapping in the reader's user namespace shows as
 
@@ -112,3 +114,46 @@ class PidView:
             return None
         finally:
             os.close(fd)
+
+
+class Readers:
+    """Tells who a reader is: its container (from its cgroup) and its user namespace's maps."""
+
+    def __init__(self, cgroups: CgroupsLike) -> None:
+        self.cgroups = cgroups
+        self._own_userns = os.stat("/proc/self/ns/user").st_ino
+        base, mount = getattr(cgroups, "base", None), getattr(cgroups, "mount", None)
+        # The cgroup path prefix of container groups ("/<base>/c"), to find a reader's
+        # container from /proc/PID/cgroup without the general helper's cost on every open.
+        self._cg_prefix = (b"\n0::/" + os.path.relpath(base, mount).encode() + b"/c"
+                           if isinstance(base, str) and isinstance(mount, str) else None)
+
+    def identify(self, pid: int, uid: int, gid: int) -> Reader:
+        """The reader making a request, from the pid and credentials FUSE gives."""
+        if pid <= 0:  # not in the service's PID namespace: it sees what the host sees
+            return Reader(pid, uid, gid)
+        cid = self.container_id_of(pid)
+        uid_map = gid_map = None
+        if os.stat(f"/proc/{pid}/ns/user").st_ino != self._own_userns:
+            uid_map = parse_id_map(read_text(f"/proc/{pid}/uid_map"))
+            gid_map = parse_id_map(read_text(f"/proc/{pid}/gid_map"))
+        return Reader(pid, uid, gid, HOST_ID if cid is None else cid, uid_map, gid_map)
+
+    def container_id_of(self, pid: int) -> int | None:
+        if self._cg_prefix is None:
+            return self.cgroups.container_id_of(pid)
+        fd = os.open(f"/proc/{pid}/cgroup", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            data = b"\n" + os.read(fd, 65536)
+        finally:
+            os.close(fd)
+        at = data.find(self._cg_prefix)
+        if at < 0:
+            return None
+        at += len(self._cg_prefix)
+        end = at
+        while end < len(data) and data[end:end + 1].isdigit():
+            end += 1
+        if end == at or data[end:end + 1] not in (b"/", b"\n", b""):
+            return None
+        return int(data[at:end])
