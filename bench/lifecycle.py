@@ -20,7 +20,7 @@ import time
 import syscalls
 from syscalls import (
     CONTAINER_FD_CLOEXEC, CONTAINER_KILL_ON_CLOSE, CONTAINER_NEW_FS_NS, CONTAINER_NEW_IPC_NS,
-    CONTAINER_NEW_NET_NS, CONTAINER_NEW_PID_NS, CONTAINER_NEW_UTS_NS, _linux,
+    CONTAINER_NEW_NET_NS, CONTAINER_NEW_PID_NS, CONTAINER_NEW_UTS_NS, linux,
 )
 
 from ._service import running_service
@@ -58,8 +58,8 @@ def one_python_unshare() -> None:
     pid = os.fork()
     if pid == 0:
         try:
-            _linux.unshare(_linux.CLONE_NEWPID | _linux.CLONE_NEWNS | _linux.NS_FLAGS["uts"]
-                           | _linux.NS_FLAGS["ipc"] | _linux.NS_FLAGS["net"])
+            linux.unshare(linux.CLONE_NEWPID | linux.CLONE_NEWNS | linux.NS_FLAGS["uts"]
+                           | linux.NS_FLAGS["ipc"] | linux.NS_FLAGS["net"])
             inner = os.fork()
             if inner == 0:
                 os.execv("/bin/true", ["/bin/true"])

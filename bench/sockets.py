@@ -28,7 +28,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import syscalls
-from syscalls import CONTAINER_NEW_NET_NS, CONTAINER_NEW_USER_NS, _linux, container_socket, socketns
+from syscalls import CONTAINER_NEW_NET_NS, CONTAINER_NEW_USER_NS, linux, container_socket, socketns
 
 ROOT = Path(__file__).resolve().parent.parent
 SIOCGSKNS = 0x894C
@@ -92,8 +92,8 @@ def fork_setns_socket(netfd: int, userfd: int = -1) -> int:
         if pid == 0:
             try:
                 if userfd >= 0:
-                    _linux.setns(userfd, _linux.CLONE_NEWUSER)
-                _linux.setns(netfd, _linux.CLONE_NEWNET)
+                    linux.setns(userfd, linux.CLONE_NEWUSER)
+                linux.setns(netfd, linux.CLONE_NEWNET)
                 s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
                 socket.send_fds(theirs, [b"\0"], [s.fileno()])
             finally:

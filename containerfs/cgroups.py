@@ -11,7 +11,7 @@ import os
 import signal
 import time
 
-from syscalls import _linux
+from syscalls import linux
 
 
 def cgroup2_mount() -> str:
@@ -92,7 +92,7 @@ class CgroupTree:
     def container_id_of_pidfd(self, pidfd: int, pid: int) -> int | None:
         """container_id_of for the process behind `pidfd` (its pid is `pid`): one ioctl,
         and a look under /proc only for a group not met before."""
-        info = _linux.pidfd_info(pidfd)
+        info = linux.pidfd_info(pidfd)
         if info is not None and info.pid <= 0:
             return None  # reaped: its pid may be another process's by now
         if info is None or not info.cgroup_id:
@@ -100,7 +100,7 @@ class CgroupTree:
         if info.cgroup_id in self._owner_of_group:
             return self._owner_of_group[info.cgroup_id]
         cid = self.container_id_of(pid)
-        again = _linux.pidfd_info(pidfd)
+        again = linux.pidfd_info(pidfd)
         if again is not None and again.pid == info.pid and again.cgroup_id == info.cgroup_id:
             # Still in that group after the look (so the path read was that group's).
             if len(self._owner_of_group) >= 4096:

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 
 import syscalls
-from syscalls import _client, protocol
+from syscalls import client, protocol
 
 NAMESPACE_OPTIONS = {
     "mount": syscalls.CONTAINER_NEW_FS_NS,
@@ -35,7 +35,7 @@ def _serve(args: argparse.Namespace) -> int:
     if os.geteuid() != 0:
         print("containerfs serve: must run as root (it plays the kernel's part)", file=sys.stderr)
         return 1
-    trio.run(serve, Config(socket=args.socket or _client.socket_path(),
+    trio.run(serve, Config(socket=args.socket or client.socket_path(),
                            runtime_dir=args.runtime_dir, cgroup=args.cgroup,
                            mount=args.mount))
     return 0
@@ -119,7 +119,7 @@ def _relay(master: int) -> None:
 
 
 def _open(cid: int) -> int:
-    _reply, fds = _client.call(protocol.Open(id=cid))
+    _reply, fds = client.call(protocol.Open(id=cid))
     return fds[0]
 
 
@@ -164,7 +164,7 @@ def _keys(args: argparse.Namespace) -> int:
 
 
 def _ls(args: argparse.Namespace) -> int:
-    reply, _ = _client.call(protocol.List())
+    reply, _ = client.call(protocol.List())
     print(f"{'ID':>6} {'NAME':<24} {'STATE':<8} {'INIT':>7} {'OWNER':>5} FLAGS")
     for row in reply["containers"]:
         print(f"{row['id']:>6} {row['name']:<24} {row['state']:<8} {row['init_pid'] or '-':>7} "
@@ -173,12 +173,12 @@ def _ls(args: argparse.Namespace) -> int:
 
 
 def _kill(args: argparse.Namespace) -> int:
-    _client.call(protocol.Kill(id=args.id))
+    client.call(protocol.Kill(id=args.id))
     return 0
 
 
 def _status(args: argparse.Namespace) -> int:
-    reply, _ = _client.call(protocol.List())
+    reply, _ = client.call(protocol.List())
     for row in reply["containers"]:
         if row["id"] == args.id:
             for key, value in row.items():

@@ -15,7 +15,7 @@ from typing import Any
 
 import trio
 
-from syscalls import _linux
+from syscalls import linux
 from syscalls.constants import CONTAINER_NEW_EMPTY_FS_NS, CONTAINER_NEW_PID_NS
 
 from . import namespaces
@@ -38,8 +38,8 @@ def proc_params(text: str) -> list[list[Any]]:
         ok = (isinstance(item, list) and len(item) == 3 and type(item[0]) is int
               and isinstance(item[1], str)
               and 0 < len(item[1]) < 256 and "\0" not in item[1] and item[1] != "pidns"
-              and ((item[0] == _linux.FSCONFIG_SET_FLAG and item[2] is None)
-                   or (item[0] == _linux.FSCONFIG_SET_STRING and isinstance(item[2], str)
+              and ((item[0] == linux.FSCONFIG_SET_FLAG and item[2] is None)
+                   or (item[0] == linux.FSCONFIG_SET_STRING and isinstance(item[2], str)
                        and len(item[2]) < 4096 and "\0" not in item[2])))
         if not ok:
             break
@@ -49,7 +49,7 @@ def proc_params(text: str) -> list[list[Any]]:
 
 
 def proc_attrs(attrs: int) -> int:
-    if attrs & ~_linux.FSMOUNT_VALID_ATTRS:
+    if attrs & ~linux.FSMOUNT_VALID_ATTRS:
         raise OSError(errno.EINVAL, f"unknown mount attributes {attrs:#x}")
     return attrs
 
@@ -119,7 +119,7 @@ class Filesystems:
         check_alive(c)
         placeholder: dict[str, Any] | None = None
         if proc and c.flags & CONTAINER_NEW_PID_NS:
-            placeholder = {"path": unsafe_path, "mnt_id": _linux.mount_id(mfd),
+            placeholder = {"path": unsafe_path, "mnt_id": linux.mount_id(mfd),
                            "params": proc_params(params), "attrs": proc_attrs(attrs)}
             while c.state == State.STARTING:  # init is being made: its PID namespace decides
                 await c.started.wait()

@@ -15,7 +15,7 @@ import signal
 
 import trio
 
-from syscalls import _linux, validate
+from syscalls import linux, validate
 from syscalls.constants import CONTAINER_KILL_ON_CLOSE, CONTAINER_NEW_EMPTY_FS_NS
 
 from . import namespaces
@@ -171,7 +171,7 @@ class Lifecycle:
     async def _exit_status(self, c: Container) -> int | None:
         """Init's wait status, whether or not its parent has reaped it yet."""
         for _ in range(200):
-            status = _linux.pidfd_exit_status(c.init_pidfd)
+            status = linux.pidfd_exit_status(c.init_pidfd)
             if status is not None:  # already reaped (Linux 6.15+ keeps it on the pidfd)
                 return status
             pid = pidfd_pid(c.init_pidfd)
@@ -237,7 +237,7 @@ class Lifecycle:
             c.kill_pending = True  # init is being made: kill it as soon as it is known
         elif c.state == State.RUNNING:
             try:
-                _linux.pidfd_send_signal(c.init_pidfd, signal.SIGKILL)
+                linux.pidfd_send_signal(c.init_pidfd, signal.SIGKILL)
             except ProcessLookupError:
                 pass
             self.reg.cgroups.kill(c.id)

@@ -17,7 +17,7 @@ import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from syscalls import _linux, fdpass
+from syscalls import linux, fdpass
 
 # Namespace types in the order /proc/PID/ns names them; "pid" is read as pid_for_children.
 NS_TYPES = ("user", "mnt", "uts", "ipc", "net", "cgroup", "pid")
@@ -70,7 +70,7 @@ def _take_credentials(creds: Credentials) -> None:
     os.setresgid(creds.gid, creds.gid, creds.gid)
     os.setresuid(creds.uid, creds.uid, creds.uid)
     # Dropping root makes us undumpable, and /proc/self/*_map root's; take them back.
-    _linux.prctl(_linux.PR_SET_DUMPABLE, 1)
+    linux.prctl(linux.PR_SET_DUMPABLE, 1)
 
 
 def _helper(new: list[str], creator: dict[str, int], creds: Credentials,
@@ -85,10 +85,10 @@ def _helper(new: list[str], creator: dict[str, int], creds: Credentials,
     _enter_view(creator)  # copy the creator's view, not the service's
     flags = 0
     for nstype in new:
-        flags |= _linux.NS_FLAGS[nstype]
+        flags |= linux.NS_FLAGS[nstype]
     if creds.uid != 0 or "user" in new:
         _take_credentials(creds)
-    _linux.unshare(flags)
+    linux.unshare(flags)
     if "user" in new:
         # The maps are written from outside, by the service: mapping uid 0 (root's own)
         # needs CAP_SETFCAP in the parent namespace, which nothing inside has.
@@ -130,12 +130,12 @@ def _thread_elsewhere(restore: list[str]) -> Iterator[None]:
     try:
         if "mnt" in restore:
             # A thread shares root and cwd with the others until it unshares them.
-            _linux.unshare(_linux.CLONE_FS)
+            linux.unshare(linux.CLONE_FS)
         yield
     finally:
         try:
             for nstype, fd in saved.items():
-                _linux.setns(fd, _linux.NS_FLAGS[nstype])
+                linux.setns(fd, linux.NS_FLAGS[nstype])
             if "mnt" in restore:
                 os.fchdir(saved_root)
                 os.chroot(".")
@@ -149,7 +149,7 @@ def _thread_elsewhere(restore: list[str]) -> Iterator[None]:
 
 def _enter_view(creator: dict[str, int]) -> None:
     """Stand in the creator's mount namespace, at its root."""
-    _linux.setns(creator["mnt"], _linux.CLONE_NEWNS)
+    linux.setns(creator["mnt"], linux.CLONE_NEWNS)
     os.fchdir(creator["root"])
     os.chroot(".")
 
@@ -168,8 +168,8 @@ def make_in_thread(new: list[str], creator: dict[str, int] | None) -> dict[str, 
                 _enter_view(creator)
             flags = 0
             for nstype in new:
-                flags |= _linux.NS_FLAGS[nstype]
-            _linux.unshare(flags)
+                flags |= linux.NS_FLAGS[nstype]
+            linux.unshare(flags)
             for nstype in new:
                 out[nstype] = os.open(f"/proc/thread-self/ns/{nstype}", os.O_RDONLY | os.O_CLOEXEC)
             if creator:
@@ -184,11 +184,11 @@ def _pivot_into(mfd: int) -> dict[str, int]:
     """In a fresh mount namespace: make mount `mfd` the root and only mount; return its fds."""
     mnt = os.open("/proc/thread-self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)  # while /proc is here
     # Private first, so nothing done here propagates back to the namespace it was copied from.
-    _linux.mount(None, "/", None, _linux.MS_REC | _linux.MS_PRIVATE)
-    _linux.move_mount(mfd, "", _linux.AT_FDCWD, "/", _linux.MOVE_MOUNT_F_EMPTY_PATH)
+    linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
+    linux.move_mount(mfd, "", linux.AT_FDCWD, "/", linux.MOVE_MOUNT_F_EMPTY_PATH)
     os.fchdir(mfd)
-    _linux.pivot_root(".", ".")  # the old root now sits on top of the new one...
-    _linux.umount2(".", _linux.MNT_DETACH)  # ...and goes, with everything under it
+    linux.pivot_root(".", ".")  # the old root now sits on top of the new one...
+    linux.umount2(".", linux.MNT_DETACH)  # ...and goes, with everything under it
     os.chdir("/")
     return {"mnt": mnt, "root": os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)}
 
@@ -204,15 +204,15 @@ def root_namespace(mfd: int, creator: dict[str, int], creds: Credentials,
     # Whose mount namespace is copied hardly matters: everything but `mfd` is detached.
     if userns is None:
         with _thread_elsewhere(["mnt"]):
-            _linux.setns(creator["mnt"], _linux.CLONE_NEWNS)
-            _linux.unshare(_linux.CLONE_NEWNS)
+            linux.setns(creator["mnt"], linux.CLONE_NEWNS)
+            linux.unshare(linux.CLONE_NEWNS)
             return _pivot_into(mfd)
 
     def helper(_parent: socket.socket) -> list[int]:
-        _linux.setns(creator["mnt"], _linux.CLONE_NEWNS)
+        linux.setns(creator["mnt"], linux.CLONE_NEWNS)
         _take_credentials(creds)
-        _linux.setns(userns, _linux.CLONE_NEWUSER)
-        _linux.unshare(_linux.CLONE_NEWNS)
+        linux.setns(userns, linux.CLONE_NEWUSER)
+        linux.unshare(linux.CLONE_NEWNS)
         made = _pivot_into(mfd)
         return [made["mnt"], made["root"]]
 
@@ -225,15 +225,15 @@ def mount_inside(mfd: int, mnt: int, root: int, unsafe_path: str, creds: Credent
 
     if userns is None:
         with _thread_elsewhere(["mnt"]):
-            _linux.setns(mnt, _linux.CLONE_NEWNS)
-            _linux.attach_in_root(mfd, root, unsafe_path)
+            linux.setns(mnt, linux.CLONE_NEWNS)
+            linux.attach_in_root(mfd, root, unsafe_path)
         return
 
     def helper(_parent: socket.socket) -> list[int]:
         _take_credentials(creds)
-        _linux.setns(userns, _linux.CLONE_NEWUSER)
-        _linux.setns(mnt, _linux.CLONE_NEWNS)
-        _linux.attach_in_root(mfd, root, unsafe_path)
+        linux.setns(userns, linux.CLONE_NEWUSER)
+        linux.setns(mnt, linux.CLONE_NEWNS)
+        linux.attach_in_root(mfd, root, unsafe_path)
         return []
 
     _in_helper(helper, 0)

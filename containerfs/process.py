@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from syscalls import _linux
+from syscalls import linux
 
 log = logging.getLogger("containerfs")
 T = TypeVar("T")
@@ -68,9 +68,9 @@ def pidfd_pid(pidfd: int) -> int:
 
     EINVAL for an fd that is not a pidfd (checked first: an ioctl is never tried on a file a
     client passed that may give it another meaning)."""
-    if not _linux.is_pidfd(pidfd):
+    if not linux.is_pidfd(pidfd):
         raise OSError(errno.EINVAL, "not a pidfd")
-    info = _linux.pidfd_info(pidfd)
+    info = linux.pidfd_info(pidfd)
     if info is not None:
         return info.pid if info.pid > 0 else -1
     with open(f"/proc/self/fdinfo/{pidfd}") as f:
@@ -84,7 +84,7 @@ def pid_namespace(pidfd: int, pid: int) -> int:
     """An fd of the PID namespace of the process behind `pidfd` (whose pid is `pid`);
     ProcessLookupError once it is reaped."""
     try:
-        return _linux.pidfd_namespace(pidfd, "pid")
+        return linux.pidfd_namespace(pidfd, "pid")
     except OSError as e:
         # ENOTTY before Linux 6.11; ESRCH for a zombie too (it has no namespaces left for
         # the ioctl), whose /proc entry still has them.

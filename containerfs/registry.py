@@ -18,7 +18,7 @@ from typing import Any
 
 import trio
 
-from syscalls import _linux
+from syscalls import linux
 from syscalls.constants import CONTAINER_NEW_USER_NS
 
 from .cgroups import CgroupTree
@@ -67,7 +67,7 @@ class Registry:
         Only an anonymous pipe is ever stat()ed: a file of a FUSE mount (this service's own
         view, or a server that never answers) would make fstat wait on that server, here on
         the event loop that serves it."""
-        if not _linux.fd_link(fd).startswith("pipe:["):
+        if not linux.fd_link(fd).startswith("pipe:["):
             raise OSError(errno.EINVAL, "fd is not a container handle")
         st = os.fstat(fd)
         key = (st.st_dev, st.st_ino)

@@ -20,20 +20,20 @@ from collections.abc import Iterator
 from typing import Any
 from contextlib import contextmanager
 
-from . import _linux, protocol
-from ._client import call
+from . import linux, protocol
+from .client import call
 
-AT_FDCWD = _linux.AT_FDCWD
-AT_EMPTY_PATH = _linux.AT_EMPTY_PATH
+AT_FDCWD = linux.AT_FDCWD
+AT_EMPTY_PATH = linux.AT_EMPTY_PATH
 AT_SYMLINK_NOFOLLOW = 0x100
 AT_REMOVEDIR = 0x200
 AT_SYMLINK_FOLLOW = 0x400
 AT_EACCESS = 0x200
 RESOLVE_NO_XDEV = 0x01
-RESOLVE_NO_MAGICLINKS = _linux.RESOLVE_NO_MAGICLINKS
+RESOLVE_NO_MAGICLINKS = linux.RESOLVE_NO_MAGICLINKS
 RESOLVE_NO_SYMLINKS = 0x04
 RESOLVE_BENEATH = 0x08
-RESOLVE_IN_ROOT = _linux.RESOLVE_IN_ROOT
+RESOLVE_IN_ROOT = linux.RESOLVE_IN_ROOT
 _CONFINED = RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS
 
 # Handle (pipe dev, ino) -> O_PATH fd of the container's root. Pipe inode numbers are not
@@ -83,7 +83,7 @@ def _dir(dirfd: int) -> int | None:
 @contextmanager
 def _resolved(root: int, unsafe_path: str, flags: int = 0) -> Iterator[int]:
     """An O_PATH fd of `unsafe_path` inside `root` (its final symlink followed, inside)."""
-    fd = _linux.openat2(root, unsafe_path, os.O_PATH | os.O_CLOEXEC | flags, resolve=_CONFINED)
+    fd = linux.openat2(root, unsafe_path, os.O_PATH | os.O_CLOEXEC | flags, resolve=_CONFINED)
     try:
         yield fd
     finally:
@@ -118,7 +118,7 @@ def resolve_in_container(dirfd: int, path: str, empty_path: int = 0) -> int | No
     root = _root_for(dirfd, path)
     if root is None:
         return None
-    return _linux.openat2(root, path, os.O_PATH | os.O_CLOEXEC, resolve=_CONFINED)
+    return linux.openat2(root, path, os.O_PATH | os.O_CLOEXEC, resolve=_CONFINED)
 
 
 def openat(dirfd: int, path: str, flags: int, mode: int = 0o777) -> int:
@@ -127,14 +127,14 @@ def openat(dirfd: int, path: str, flags: int, mode: int = 0o777) -> int:
         return os.open(path, flags, mode, dir_fd=_dir(dirfd))
     # openat2 wants mode 0 unless a file may be made (O_TMPFILE includes O_DIRECTORY's bit).
     creates = flags & os.O_CREAT or flags & os.O_TMPFILE == os.O_TMPFILE
-    return _linux.openat2(root, path, flags, mode & 0o7777 if creates else 0, resolve=_CONFINED)
+    return linux.openat2(root, path, flags, mode & 0o7777 if creates else 0, resolve=_CONFINED)
 
 
 def openat2(dirfd: int, path: str, flags: int, mode: int = 0, resolve: int = 0) -> int:
     root = _root_for(dirfd, path)
     if root is None:
-        return _linux.openat2(dirfd, path, flags, mode, resolve)
-    return _linux.openat2(root, path, flags, mode, resolve | _CONFINED)
+        return linux.openat2(dirfd, path, flags, mode, resolve)
+    return linux.openat2(root, path, flags, mode, resolve | _CONFINED)
 
 
 def mkdirat(dirfd: int, path: str, mode: int = 0o777) -> None:
@@ -176,17 +176,17 @@ def statx(dirfd: int, path: str, flags: int = 0, mask: int = STATX_BASIC_STATS) 
     """statx(2): the basic fields as a dict (mask, nlink, uid, gid, mode, ino, size...)."""
     root = _root_for(dirfd, path)
     if root is None:
-        raw = _linux.statx(dirfd, path, flags, mask)
+        raw = linux.statx(dirfd, path, flags, mask)
     elif flags & AT_SYMLINK_NOFOLLOW:
         with _parent(root, path) as (parent, name):
             if _dots(name):
                 with _resolved(root, path) as fd:
-                    raw = _linux.statx(fd, "", flags | AT_EMPTY_PATH, mask)
+                    raw = linux.statx(fd, "", flags | AT_EMPTY_PATH, mask)
             else:
-                raw = _linux.statx(parent, name, flags, mask)
+                raw = linux.statx(parent, name, flags, mask)
     else:
         with _resolved(root, path) as fd:
-            raw = _linux.statx(fd, "", flags | AT_EMPTY_PATH, mask)
+            raw = linux.statx(fd, "", flags | AT_EMPTY_PATH, mask)
     names = ("mask", "blksize", "attributes", "nlink", "uid", "gid", "mode", "ino", "size",
              "blocks")
     return dict(zip(names, _STATX.unpack_from(raw)))
@@ -204,10 +204,10 @@ def unlinkat(dirfd: int, path: str, flags: int = 0) -> None:
 def renameat2(olddirfd: int, oldpath: str, newdirfd: int, newpath: str, flags: int = 0) -> None:
     old_root, new_root = _root_for(olddirfd, oldpath), _root_for(newdirfd, newpath)
     if old_root is None and new_root is None:
-        return _linux.renameat2(olddirfd, oldpath, newdirfd, newpath, flags)
+        return linux.renameat2(olddirfd, oldpath, newdirfd, newpath, flags)
     with _maybe_parent(old_root, olddirfd, oldpath) as (odir, oname):
         with _maybe_parent(new_root, newdirfd, newpath) as (ndir, nname):
-            _linux.renameat2(odir, oname, ndir, nname, flags)
+            linux.renameat2(odir, oname, ndir, nname, flags)
 
 
 @contextmanager

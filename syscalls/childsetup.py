@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from . import _linux
+from . import linux
 
 
 def child_setup(reply: dict[str, Any], fds: list[int], visible_proc: int = -1,
@@ -40,22 +40,22 @@ def make_proc(entry: dict[str, Any], visible_proc: int, reply: dict[str, Any],
                fds: list[int]) -> int:
     """A detached mount of a proc of our own (new) PID namespace, with the parameters and
     mount attributes the caller gave."""
-    fs = _linux.fsopen("proc", _linux.FSOPEN_CLOEXEC)
+    fs = linux.fsopen("proc", linux.FSOPEN_CLOEXEC)
     try:
         for cmd, key, value in entry["params"]:
-            _linux.fsconfig(fs, cmd, key, value, 0)
-        _linux.fsconfig(fs, _linux.FSCONFIG_CMD_CREATE, None, None, 0)
+            linux.fsconfig(fs, cmd, key, value, 0)
+        linux.fsconfig(fs, linux.FSCONFIG_CMD_CREATE, None, None, 0)
         if visible_proc < 0:
-            return _linux.fsmount(fs, _linux.FSMOUNT_CLOEXEC, entry["attrs"])
+            return linux.fsmount(fs, linux.FSMOUNT_CLOEXEC, entry["attrs"])
         # In a user namespace, the kernel mounts a proc only where one is already fully
         # visible, which our own root (built empty) has not: mount it in that copy of the
         # caller's mount namespace, then come back to ours.
         names = reply["fds"]
-        _linux.setns(visible_proc, _linux.CLONE_NEWNS)
+        linux.setns(visible_proc, linux.CLONE_NEWNS)
         try:
-            return _linux.fsmount(fs, _linux.FSMOUNT_CLOEXEC, entry["attrs"])
+            return linux.fsmount(fs, linux.FSMOUNT_CLOEXEC, entry["attrs"])
         finally:
-            _linux.setns(fds[names.index("ns:mnt")], _linux.CLONE_NEWNS)
+            linux.setns(fds[names.index("ns:mnt")], linux.CLONE_NEWNS)
             os.fchdir(fds[names.index("root")])
             os.chroot(".")
             os.chdir("/")
@@ -74,19 +74,19 @@ def complete_proc(entry: dict[str, Any], placeholders: set[int], mine: set[int],
     try:
         target = open_in_root(entry["path"])
         try:
-            while (top := _linux.mount_id(target)) in placeholders:
+            while (top := linux.mount_id(target)) in placeholders:
                 os.fchdir(target)  # the placeholder's root: "." names that mount
                 try:
-                    _linux.umount2(".", _linux.MNT_DETACH)
+                    linux.umount2(".", linux.MNT_DETACH)
                 finally:
                     os.chdir("/")
                 os.close(target)
                 target = open_in_root(entry["path"])
             if top in mine:
                 return
-            _linux.move_mount(mnt, "", target, "",
-                              _linux.MOVE_MOUNT_F_EMPTY_PATH | _linux.MOVE_MOUNT_T_EMPTY_PATH)
-            mine.add(_linux.mount_id(mnt))
+            linux.move_mount(mnt, "", target, "",
+                              linux.MOVE_MOUNT_F_EMPTY_PATH | linux.MOVE_MOUNT_T_EMPTY_PATH)
+            mine.add(linux.mount_id(mnt))
         finally:
             os.close(target)
     finally:
@@ -97,8 +97,8 @@ def open_in_root(unsafe_path: str) -> int:
     """An O_PATH fd of `unsafe_path` resolved in our root, never outside it."""
     root = os.open("/", os.O_PATH | os.O_CLOEXEC)
     try:
-        return _linux.openat2(root, unsafe_path, os.O_PATH | os.O_CLOEXEC,
-                              resolve=_linux.RESOLVE_IN_ROOT | _linux.RESOLVE_NO_MAGICLINKS)
+        return linux.openat2(root, unsafe_path, os.O_PATH | os.O_CLOEXEC,
+                              resolve=linux.RESOLVE_IN_ROOT | linux.RESOLVE_NO_MAGICLINKS)
     finally:
         os.close(root)
 

@@ -9,9 +9,9 @@ import select
 import signal
 from typing import Any, NamedTuple
 
-from . import _linux, childsetup, keys, protocol, validate
+from . import linux, childsetup, keys, protocol, validate
 from .handle import check_handle
-from ._client import Connection, call, call_holding, give_back
+from .client import Connection, call, call_holding, give_back
 from .constants import CONTAINER_FD_CLOEXEC
 
 
@@ -79,7 +79,7 @@ def fork_into_container(fd: int) -> int:
         except BaseException:
             conn.close()
             raise
-        if "ns:user" not in reply["fds"] or _linux.same_file(
+        if "ns:user" not in reply["fds"] or linux.same_file(
                 fds[reply["fds"].index("ns:user")], "/proc/self/ns/user"):
             return _fork_here(conn, reply, fds)
         return _via_intermediate(fd, conn, reply, fds)
@@ -104,7 +104,7 @@ def _fork_here(conn: Connection, reply: dict[str, Any], fds: list[int],
     it comes at once; a reply that is not the plan, or that keeps us waiting (it is then read
     where signals can be taken), is followed instead."""
     # No Python signal handler may run while this thread stands in the container.
-    old_mask = _linux.block_signals()
+    old_mask = linux.block_signals()
     saved: list[tuple[str, int]] = []
     cwd = os.open(".", os.O_PATH | os.O_CLOEXEC)
     root = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -114,18 +114,18 @@ def _fork_here(conn: Connection, reply: dict[str, Any], fds: list[int],
         if plan is not None:
             got = _enter_planned(conn, plan, saved, cwd, root)
             if got is None:
-                _linux.restore_signals(old_mask)
+                linux.restore_signals(old_mask)
                 try:
                     reply, fds = conn.receive()
                 finally:
-                    old_mask = _linux.block_signals()
+                    old_mask = linux.block_signals()
             else:
                 reply, fds, cgroup_fd = got
         done_r, done_w = childsetup.done_pipe(reply)
         try:
             if cgroup_fd is None:
                 cgroup_fd = _enter(reply, fds, saved)
-            pid, pidfd = _linux.clone3_fork(0, signal.SIGCHLD, cgroup_fd)
+            pid, pidfd = linux.clone3_fork(0, signal.SIGCHLD, cgroup_fd)
         except OSError as e:
             _close_fds([fd for fd in (done_r, done_w) if fd >= 0])
             conn.send(protocol.ForkFailed(errno=e.errno or errno.EIO))
@@ -152,7 +152,7 @@ def _fork_here(conn: Connection, reply: dict[str, Any], fds: list[int],
             # report outlives a crash of the service and a new one reads it.
             conn.send(protocol.StartedNoReply(pid=pid), [pidfd])
         except BaseException:
-            _linux.pidfd_send_signal(pidfd, signal.SIGKILL)  # no half-made process is left
+            linux.pidfd_send_signal(pidfd, signal.SIGKILL)  # no half-made process is left
             os.waitpid(pid, 0)
             raise
         finally:
@@ -161,7 +161,7 @@ def _fork_here(conn: Connection, reply: dict[str, Any], fds: list[int],
     finally:
         if not in_child:
             _restore(saved, cwd, root)
-        _linux.restore_signals(old_mask)
+        linux.restore_signals(old_mask)
     return pid
 
 
@@ -201,7 +201,7 @@ class _Plans:
         if (st.st_dev, st.st_ino) != plan.handle:
             return None  # kept for its own container's first fork
         if plan.pid != os.getpid() or not _still(plan) or (
-                "ns:user" in plan.reply["fds"] and not _linux.same_file(
+                "ns:user" in plan.reply["fds"] and not linux.same_file(
                     plan.fds[plan.reply["fds"].index("ns:user")], "/proc/self/ns/user")):
             # Not this process's, its fds reused by the caller, or the caller moved to
             # another user namespace since.
@@ -313,7 +313,7 @@ def _enter_planned(conn: Connection, plan: _Plan, saved: list[tuple[str, int]], 
 def _confirms(plan: _Plan, reply: dict[str, Any], fds: list[int]) -> bool:
     """Whether the service's Fork reply is the plan the process was made from."""
     return (reply == plan.reply and len(fds) == len(plan.fds)
-            and all(_linux.same_file(a, b) for a, b in zip(fds, plan.fds)))
+            and all(linux.same_file(a, b) for a, b in zip(fds, plan.fds)))
 
 
 def _restore(saved: list[tuple[str, int]], cwd: int, root: int) -> None:
@@ -330,10 +330,10 @@ def _go_back(saved: list[tuple[str, int]], cwd: int, root: int) -> None:
     while saved:  # each taken off as it is left, so a failure never leaves it twice
         nstype, fd = saved.pop()
         try:
-            _linux.setns(fd, _linux.NS_FLAGS[nstype])
+            linux.setns(fd, linux.NS_FLAGS[nstype])
         finally:
             os.close(fd)
-    if not _linux.same_file(root, "/"):
+    if not linux.same_file(root, "/"):
         os.fchdir(root)
         os.chroot(".")
     os.fchdir(cwd)
@@ -403,7 +403,7 @@ def _enter(reply: dict[str, Any], fds: list[int],
         for name, fd in zip(reply["fds"], fds):
             kind, _, nstype = name.partition(":")
             if kind == "ns":
-                if not _linux.same_file(fd, own[nstype]):
+                if not linux.same_file(fd, own[nstype]):
                     if (nstype == "mnt" and in_userns and visible_proc is not None
                             and reply.get("proc_paths")):
                         # The kernel mounts a proc in a user namespace only where one is
@@ -411,15 +411,15 @@ def _enter(reply: dict[str, Any], fds: list[int],
                         # has none before init's. A copy of the caller's mount namespace
                         # (its own /proc in view) made here, in the container's user
                         # namespace, is where init will mount its own, then come back.
-                        _linux.unshare(_linux.CLONE_NEWNS)
+                        linux.unshare(linux.CLONE_NEWNS)
                         visible_proc.append(os.open("/proc/thread-self/ns/mnt",
                                                     os.O_RDONLY | os.O_CLOEXEC))
                     if saved is not None:
                         saved.append((nstype, own.pop(nstype)))
-                    _linux.setns(fd, _linux.NS_FLAGS[nstype])
+                    linux.setns(fd, linux.NS_FLAGS[nstype])
                     in_userns = in_userns or nstype == "user"
             elif kind == "root":
-                if not _linux.same_file(fd, own_root):
+                if not linux.same_file(fd, own_root):
                     os.fchdir(fd)
                     os.chroot(".")
                 os.chdir("/")
@@ -428,7 +428,7 @@ def _enter(reply: dict[str, Any], fds: list[int],
         if reply.get("new_pid_ns"):
             if saved is not None:
                 saved.append(("pid", own.pop("pid")))
-            _linux.unshare(_linux.CLONE_NEWPID)
+            linux.unshare(linux.CLONE_NEWPID)
     finally:
         for fd in own.values():
             os.close(fd)
@@ -457,7 +457,7 @@ def _intermediate(handle: int, wfd: int, conn: Connection | None, reply: dict[st
             cgroup_fd = _enter(reply, fds, visible_proc=visible_proc)
             # CLONE_PARENT makes the caller the parent; the kernel then wants exit_signal 0 and
             # gives the child the intermediate's own exit signal (SIGCHLD), so waitpid works.
-            pid, pidfd = _linux.clone3_fork(_linux.CLONE_PARENT, 0, cgroup_fd)
+            pid, pidfd = linux.clone3_fork(linux.CLONE_PARENT, 0, cgroup_fd)
         except OSError as e:
             conn.send(protocol.ForkFailed(errno=e.errno or errno.EIO))
             raise
@@ -478,7 +478,7 @@ def _intermediate(handle: int, wfd: int, conn: Connection | None, reply: dict[st
                 conn.call(protocol.Started(pid=pid), [pidfd])
         except OSError:
             # No half-made process is left: kill it; the caller, its parent, reaps it.
-            _linux.pidfd_send_signal(pidfd, signal.SIGKILL)
+            linux.pidfd_send_signal(pidfd, signal.SIGKILL)
             reap = pid
             raise
         result = {"pid": pid}

@@ -16,8 +16,8 @@ import os
 import struct
 from typing import Any
 
-from . import _linux, protocol
-from ._client import Connection, call
+from . import linux, protocol
+from .client import Connection, call
 from .handle import check_handle
 from .seccomp_notify import install_request_key_filter
 
@@ -69,12 +69,12 @@ def _arg(value: Any) -> Any:
 
 def keyctl(op: int, *args: Any) -> int:
     """keyctl(2) with up to four arguments (ints, bytes or ctypes buffers)."""
-    return _linux.syscall("keyctl", ctypes.c_int(op), *(_arg(a) for a in args))
+    return linux.syscall("keyctl", ctypes.c_int(op), *(_arg(a) for a in args))
 
 
 def add_key(key_type: str, description: str, payload: bytes | None, keyring: int) -> int:
     """add_key(2): create or update a key in `keyring`; return its serial."""
-    return _linux.syscall("add_key", key_type.encode(), _encode(description), payload,
+    return linux.syscall("add_key", key_type.encode(), _encode(description), payload,
                           ctypes.c_size_t(len(payload) if payload is not None else 0),
                           ctypes.c_int(keyring))
 
@@ -83,7 +83,7 @@ def request_key(key_type: str, description: str, callout_info: str | bytes | Non
                 dest_keyring: int = 0) -> int:
     """request_key(2): find (or have constructed) a key; return its serial."""
     callout = _encode(callout_info) if callout_info is not None else None
-    return _linux.syscall("request_key", key_type.encode(), _encode(description), callout,
+    return linux.syscall("request_key", key_type.encode(), _encode(description), callout,
                           ctypes.c_int(dest_keyring))
 
 
@@ -177,7 +177,7 @@ def reject(key: int, timeout_s: int, error: int, keyring: int = 0) -> None:
 
 def setfsuid(uid: int) -> int:
     """setfsuid(2) for the calling thread; returns the previous fsuid."""
-    return _linux.syscall("setfsuid", ctypes.c_int(uid))
+    return linux.syscall("setfsuid", ctypes.c_int(uid))
 
 
 def check_type(key_type: str) -> None:

@@ -22,21 +22,21 @@ import os
 import stat
 from dataclasses import dataclass, field
 
-from . import _linux, nsexec, protocol
-from ._client import call
+from . import linux, nsexec, protocol
+from .client import call
 from .constants import FSCONFIG_SET_CONTAINER, MOVE_MOUNT_T_CONTAINER_ROOT
 
-FSOPEN_CLOEXEC = _linux.FSOPEN_CLOEXEC
-FSCONFIG_SET_FLAG = _linux.FSCONFIG_SET_FLAG
-FSCONFIG_SET_STRING = _linux.FSCONFIG_SET_STRING
+FSOPEN_CLOEXEC = linux.FSOPEN_CLOEXEC
+FSCONFIG_SET_FLAG = linux.FSCONFIG_SET_FLAG
+FSCONFIG_SET_STRING = linux.FSCONFIG_SET_STRING
 FSCONFIG_SET_BINARY = 2
 FSCONFIG_SET_PATH = 3
 FSCONFIG_SET_PATH_EMPTY = 4
 FSCONFIG_SET_FD = 5
-FSCONFIG_CMD_CREATE = _linux.FSCONFIG_CMD_CREATE
+FSCONFIG_CMD_CREATE = linux.FSCONFIG_CMD_CREATE
 FSCONFIG_CMD_RECONFIGURE = 7
 FSCONFIG_CMD_CREATE_EXCL = 8
-FSMOUNT_CLOEXEC = _linux.FSMOUNT_CLOEXEC
+FSMOUNT_CLOEXEC = linux.FSMOUNT_CLOEXEC
 MOVE_MOUNT_F_SYMLINKS = 0x01
 MOVE_MOUNT_F_AUTOMOUNTS = 0x02
 MOVE_MOUNT_F_EMPTY_PATH = 0x04
@@ -92,7 +92,7 @@ def fsopen(fstype: str, flags: int = 0) -> int:
     owns), and EPERM from anything else done with it.
     """
     try:
-        fd = _linux.fsopen(fstype, flags)
+        fd = linux.fsopen(fstype, flags)
         refused = False
     except PermissionError:
         if os.geteuid() == 0:
@@ -124,7 +124,7 @@ def fsconfig(fsfd: int, cmd: int, key: str | None = None, value: str | bytes | N
         if ctx is not None and ctx.pending_proc:
             _pending_proc_config(fsfd, ctx, cmd, key, value, aux)
             return
-        _linux.fsconfig(fsfd, cmd, key, value, aux)
+        linux.fsconfig(fsfd, cmd, key, value, aux)
         if ctx is not None:
             ctx.configured = True
         return
@@ -154,11 +154,11 @@ def fsconfig(fsfd: int, cmd: int, key: str | None = None, value: str | bytes | N
             if inside_userns:
                 _mountable()
             if not pending:
-                return [_linux.fsopen(ctx.fstype, FSOPEN_CLOEXEC)]
+                return [linux.fsopen(ctx.fstype, FSOPEN_CLOEXEC)]
             # The caller's fd becomes the placeholder's context: whatever is done with it,
             # even by raw system calls, makes no proc. A proc context of our own, never
             # created, checks the parameters.
-            checker = _linux.fsopen("proc", FSOPEN_CLOEXEC)
+            checker = linux.fsopen("proc", FSOPEN_CLOEXEC)
             try:
                 return [_placeholder_context(), checker]
             except BaseException:
@@ -168,7 +168,7 @@ def fsconfig(fsfd: int, cmd: int, key: str | None = None, value: str | bytes | N
         made = nsexec.fds_in(order, make, 2 if pending else 1)
         try:
             if ctx.fstype == "proc" and "pid" in named:
-                _linux.fsconfig(made[0], FSCONFIG_SET_FD, "pidns", None, named["pid"])
+                linux.fsconfig(made[0], FSCONFIG_SET_FD, "pidns", None, named["pid"])
             os.dup2(made[0], fsfd, inheritable=not cloexec)  # the caller's fd number stays
         except BaseException:
             for fd in made[1:]:
@@ -200,16 +200,16 @@ def _pending_proc_config(fsfd: int, ctx: _Context, cmd: int, key: str | None,
     if ctx.created or cmd not in (FSCONFIG_SET_FLAG, FSCONFIG_SET_STRING, FSCONFIG_SET_BINARY,
                                   FSCONFIG_SET_PATH, FSCONFIG_SET_PATH_EMPTY, FSCONFIG_SET_FD,
                                   FSCONFIG_CMD_CREATE, FSCONFIG_CMD_CREATE_EXCL):
-        _linux.fsconfig(fsfd, cmd, key, value, aux)  # EBUSY, EOPNOTSUPP... as the kernel says
+        linux.fsconfig(fsfd, cmd, key, value, aux)  # EBUSY, EOPNOTSUPP... as the kernel says
         return
     if cmd in (FSCONFIG_CMD_CREATE, FSCONFIG_CMD_CREATE_EXCL):
-        _linux.fsconfig(fsfd, cmd, key, value, aux)  # creates the placeholder
+        linux.fsconfig(fsfd, cmd, key, value, aux)  # creates the placeholder
         ctx.created = True
         return
     if key == "pidns":
         raise OSError(errno.EINVAL, "FSCONFIG_SET_CONTAINER decides the PID namespace of this "
                                     "proc: it takes no pidns parameter")
-    _linux.fsconfig(ctx.checker, cmd, key, value, aux)
+    linux.fsconfig(ctx.checker, cmd, key, value, aux)
     if cmd in (FSCONFIG_SET_FLAG, FSCONFIG_SET_STRING) and key is not None:
         text = value.decode() if isinstance(value, bytes) else value
         ctx.params.append((cmd, key, text if cmd == FSCONFIG_SET_STRING else None))
@@ -222,11 +222,11 @@ def _pending_proc_config(fsfd: int, ctx: _Context, cmd: int, key: str | None,
 def _placeholder_context() -> int:
     """A context (not created yet) of an empty, read-only tmpfs: what a proc made before its
     container's init exists is, until init puts a proc of its PID namespace in its place."""
-    fs = _linux.fsopen("tmpfs", FSOPEN_CLOEXEC)
+    fs = linux.fsopen("tmpfs", FSOPEN_CLOEXEC)
     try:
-        _linux.fsconfig(fs, FSCONFIG_SET_STRING, "source", "proc-pending", 0)
-        _linux.fsconfig(fs, FSCONFIG_SET_STRING, "mode", "0555", 0)
-        _linux.fsconfig(fs, FSCONFIG_SET_FLAG, "ro", None, 0)
+        linux.fsconfig(fs, FSCONFIG_SET_STRING, "source", "proc-pending", 0)
+        linux.fsconfig(fs, FSCONFIG_SET_STRING, "mode", "0555", 0)
+        linux.fsconfig(fs, FSCONFIG_SET_FLAG, "ro", None, 0)
     except BaseException:
         os.close(fs)
         raise
@@ -236,7 +236,7 @@ def _placeholder_context() -> int:
 def _mountable() -> None:
     """In a helper that entered a user namespace: fsopen and fsmount want CAP_SYS_ADMIN over
     the mount namespace one stands in, so stand in one of that user namespace's own."""
-    _linux.unshare(_linux.CLONE_NEWNS)
+    linux.unshare(linux.CLONE_NEWNS)
 
 
 def fsmount(fsfd: int, flags: int = 0, attr_flags: int = 0) -> int:
@@ -247,14 +247,14 @@ def fsmount(fsfd: int, flags: int = 0, attr_flags: int = 0) -> int:
         # only in a mount namespace of the container's user namespace.
         def inside() -> int:
             _mountable()
-            return _linux.fsmount(fsfd, flags, attr_flags)
+            return linux.fsmount(fsfd, flags, attr_flags)
         mfd = nsexec.fd_in([("user", ctx.userns)], inside)
         os.set_inheritable(mfd, not flags & FSMOUNT_CLOEXEC)
     else:
-        mfd = _linux.fsmount(fsfd, flags, attr_flags)
+        mfd = linux.fsmount(fsfd, flags, attr_flags)
     if ctx is not None and ctx.pending_proc:
         try:
-            _pending_proc_mounts[_linux.mount_id(mfd)] = _PendingProc(
+            _pending_proc_mounts[linux.mount_id(mfd)] = _PendingProc(
                 tuple(ctx.params), attr_flags, ctx.handle)
         except BaseException:
             os.close(mfd)
@@ -267,7 +267,7 @@ def _pending_proc(mfd: int) -> _PendingProc | None:
     if not _pending_proc_mounts:
         return None
     try:
-        return _pending_proc_mounts.get(_linux.mount_id(mfd))
+        return _pending_proc_mounts.get(linux.mount_id(mfd))
     except OSError:
         return None
 
@@ -281,11 +281,11 @@ def close(fd: int) -> None:
 def open_tree(dfd: int, path: str, flags: int) -> int:
     """open_tree(2); a container handle as `dfd` resolves `path` in the container's root."""
     from .at import resolve_in_container
-    target = resolve_in_container(dfd, path, flags & _linux.AT_EMPTY_PATH)
+    target = resolve_in_container(dfd, path, flags & linux.AT_EMPTY_PATH)
     if target is None:
-        return _linux.open_tree(dfd, path, flags)
+        return linux.open_tree(dfd, path, flags)
     try:
-        return _linux.open_tree(target, "", flags | _linux.AT_EMPTY_PATH)
+        return linux.open_tree(target, "", flags | linux.AT_EMPTY_PATH)
     finally:
         os.close(target)
 
@@ -294,7 +294,7 @@ def move_mount(from_dfd: int, from_path: str, to_dfd: int, to_path: str, flags: 
     """move_mount(2), with a container handle as `to_dfd` (or `from_dfd`)."""
     from .at import resolve_in_container
     into = flags & MOVE_MOUNT_T_CONTAINER_ROOT or not to_path.startswith("/")
-    if to_dfd != _linux.AT_FDCWD and into and is_container_handle(to_dfd):
+    if to_dfd != linux.AT_FDCWD and into and is_container_handle(to_dfd):
         _move_into_container(from_dfd, from_path, to_dfd, to_path, flags)
         return
     if flags & MOVE_MOUNT_T_CONTAINER_ROOT:
@@ -304,10 +304,10 @@ def move_mount(from_dfd: int, from_path: str, to_dfd: int, to_path: str, flags: 
                                     "only be mounted in that container")
     source = resolve_in_container(from_dfd, from_path, flags & MOVE_MOUNT_F_EMPTY_PATH)
     if source is None:
-        _linux.move_mount(from_dfd, from_path, to_dfd, to_path, flags)
+        linux.move_mount(from_dfd, from_path, to_dfd, to_path, flags)
         return
     try:
-        _linux.move_mount(source, "", to_dfd, to_path, flags | MOVE_MOUNT_F_EMPTY_PATH)
+        linux.move_mount(source, "", to_dfd, to_path, flags | MOVE_MOUNT_F_EMPTY_PATH)
     finally:
         os.close(source)
 
@@ -317,7 +317,7 @@ def _move_into_container(from_dfd: int, from_path: str, cfd: int, to_path: str,
     if flags & MOVE_MOUNT_T_EMPTY_PATH or not to_path:
         raise OSError(errno.EINVAL, "an empty path with a container handle")
     if from_path or not flags & MOVE_MOUNT_F_EMPTY_PATH:
-        mfd = _linux.open_tree(from_dfd, from_path, OPEN_TREE_CLOEXEC |
+        mfd = linux.open_tree(from_dfd, from_path, OPEN_TREE_CLOEXEC |
                                (0 if flags & MOVE_MOUNT_F_SYMLINKS else 0x100))  # AT_SYMLINK_NOFOLLOW
     else:
         mfd = from_dfd
@@ -345,7 +345,7 @@ def _mount_pending_proc(mfd: int, cfd: int, to_path: str, pending: _PendingProc)
     reply, _ = call(protocol.MountAt(path=to_path, proc=1, attrs=pending.attrs,
                                      params=json.dumps(pending.params)), [cfd, mfd])
     if not reply.get("pid_born"):
-        _pending_proc_mounts.pop(_linux.mount_id(mfd), None)  # attached: init's to complete
+        _pending_proc_mounts.pop(linux.mount_id(mfd), None)  # attached: init's to complete
         return
     # The PID namespace exists now: make the proc the caller asked for, as if made now.
     fs = fsopen("proc", FSOPEN_CLOEXEC)

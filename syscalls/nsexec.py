@@ -16,7 +16,7 @@ import socket
 import struct
 from collections.abc import Callable, Sequence
 
-from . import _linux, fdpass
+from . import linux, fdpass
 
 _ERRNO = struct.Struct("i")
 
@@ -24,8 +24,8 @@ _ERRNO = struct.Struct("i")
 def _enter(namespaces: Sequence[tuple[str, int]]) -> None:
     for nstype, fd in namespaces:
         if nstype == "mnt":
-            _linux.unshare(_linux.CLONE_FS)  # a thread needs its own root/cwd to change mount ns
-        _linux.setns(fd, _linux.NS_FLAGS[nstype])
+            linux.unshare(linux.CLONE_FS)  # a thread needs its own root/cwd to change mount ns
+        linux.setns(fd, linux.NS_FLAGS[nstype])
 
 
 def fd_in(namespaces: Sequence[tuple[str, int]], make: Callable[[], int]) -> int:
@@ -43,7 +43,7 @@ def fds_in(namespaces: Sequence[tuple[str, int]], make: Callable[[], list[int]],
     # Skip the ones we stand in already: entering them is a no-op at best, and at worst
     # (a namespace of the host's, from inside a user namespace) refused.
     namespaces = [(t, fd) for t, fd in namespaces
-                  if not _linux.same_file(fd, f"/proc/thread-self/ns/{t}")]
+                  if not linux.same_file(fd, f"/proc/thread-self/ns/{t}")]
     if any(nstype == "user" for nstype, _ in namespaces):
         return _in_child(namespaces, make, count)
     return _in_thread(namespaces, make)
@@ -87,7 +87,7 @@ def _in_child(namespaces: Sequence[tuple[str, int]], make: Callable[[], list[int
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     with ours, theirs:
         # No Python signal handler may run in the child: it does one thing and _exits.
-        old_mask = _linux.block_signals()
+        old_mask = linux.block_signals()
         try:
             pid = os.fork()
             if pid == 0:
@@ -99,7 +99,7 @@ def _in_child(namespaces: Sequence[tuple[str, int]], make: Callable[[], list[int
                 finally:
                     os._exit(0)
         finally:
-            _linux.restore_signals(old_mask)
+            linux.restore_signals(old_mask)
         theirs.close()
         try:
             data, fds, _flags = fdpass.recv_fds(ours, 16, count)

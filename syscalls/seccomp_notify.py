@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from . import _linux
+from . import linux
 
 SECCOMP_SET_MODE_FILTER = 1
 SECCOMP_FILTER_FLAG_NEW_LISTENER = 1 << 3
@@ -84,13 +84,13 @@ def install_request_key_filter() -> int:
     afterwards no longer gain privileges). EBUSY: a filter with a listener is already installed.
     """
     def install() -> int:
-        return _linux.syscall("seccomp", ctypes.c_uint(SECCOMP_SET_MODE_FILTER),
+        return linux.syscall("seccomp", ctypes.c_uint(SECCOMP_SET_MODE_FILTER),
                               ctypes.c_uint(SECCOMP_FILTER_FLAG_NEW_LISTENER),
                               ctypes.byref(_FPROG))
     try:
         return install()
     except PermissionError:
-        _linux.prctl(PR_SET_NO_NEW_PRIVS, 1)
+        linux.prctl(PR_SET_NO_NEW_PRIVS, 1)
         return install()
 
 
@@ -131,12 +131,12 @@ class Notification:
 
 def _ioctl(fd: int, request: int, arg: Any) -> int:
     while True:
-        res = _linux._libc.ioctl(ctypes.c_int(fd), ctypes.c_ulong(request), arg)
+        res = linux._libc.ioctl(ctypes.c_int(fd), ctypes.c_ulong(request), arg)
         if res >= 0:
             return int(res)
         err = ctypes.get_errno()
         if err != errno.EINTR:
-            _linux._raise(err, "ioctl(seccomp listener)")
+            linux._raise(err, "ioctl(seccomp listener)")
 
 
 def notif_recv(listener: int) -> Notification | None:

@@ -24,8 +24,8 @@ import fcntl
 import os
 import socket
 
-from . import _linux, nsexec
-from ._client import call
+from . import linux, nsexec
+from .client import call
 from .handle import check_handle
 from .protocol import NetNs
 
@@ -65,11 +65,11 @@ def socketns(netns_fd: int, domain: int, type: int, protocol: int) -> int:
         nstype = fcntl.ioctl(netns_fd, _NS_GET_NSTYPE)
     except OSError:
         nstype = -1  # not an nsfs file at all
-    if nstype != _linux.CLONE_NEWNET:
+    if nstype != linux.CLONE_NEWNET:
         raise OSError(errno.EINVAL, f"fd {netns_fd} is not a network namespace")
     _check_args(domain, type, protocol)
     user = -1
-    if os.geteuid() != 0 and not _linux.same_file(netns_fd, "/proc/thread-self/ns/net"):
+    if os.geteuid() != 0 and not linux.same_file(netns_fd, "/proc/thread-self/ns/net"):
         try:
             user = fcntl.ioctl(netns_fd, _NS_GET_USERNS)
         except OSError:
@@ -91,7 +91,7 @@ def _check_args(*args: int) -> None:
 
 def _socket(domain: int, type: int, protocol: int) -> int:
     """socket(2) itself: the kernel's flags and errno, untouched (no forced close-on-exec)."""
-    fd = int(_linux._libc.socket(ctypes.c_int(domain), ctypes.c_int(type), ctypes.c_int(protocol)))
+    fd = int(linux._libc.socket(ctypes.c_int(domain), ctypes.c_int(type), ctypes.c_int(protocol)))
     if fd < 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import syscalls
-from syscalls import _client
+from syscalls import client
 
 from .conftest import OTHER_GID, OTHER_UID, child_result, start_service
 
@@ -48,7 +48,7 @@ def test_error_reply_keeps_the_connection(service: Any) -> None:
                 assert e.errno == errno.EINVAL
             else:
                 raise AssertionError("a plain pipe passed for a handle")
-        assert len(_client._idle) == 1
+        assert len(client._idle) == 1
     finally:
         os.close(r)
         os.close(w)
@@ -57,7 +57,7 @@ def test_error_reply_keeps_the_connection(service: Any) -> None:
 def test_forked_child_never_speaks_with_parents_connection(service: Any) -> None:
     cfd = syscalls.container_create("fork", 0)
     syscalls.container_status(cfd)
-    parent_conns = list(_client._idle)
+    parent_conns = list(client._idle)
     assert parent_conns
     r, w = os.pipe()
     pid = os.fork()

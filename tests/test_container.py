@@ -369,10 +369,10 @@ def test_without_kill_on_close_container_lives_on(service: Any) -> None:
     os.close(cfd)
     time.sleep(0.2)
     assert pid_alive(init)
-    from syscalls import _client, protocol
-    rows = _client.call(protocol.List())[0]["containers"]
+    from syscalls import client, protocol
+    rows = client.call(protocol.List())[0]["containers"]
     assert [r["state"] for r in rows if r["id"] == cid] == ["running"]
-    _client.call(protocol.Kill(id=cid))  # the owner can still kill it by id
+    client.call(protocol.Kill(id=cid))  # the owner can still kill it by id
     assert child_result(init) == -9
 
 

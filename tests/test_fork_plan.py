@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 import syscalls
-from syscalls import CONTAINER_NEW_FS_NS, CONTAINER_NEW_NET_NS, CONTAINER_NEW_PID_NS, _client, protocol
+from syscalls import CONTAINER_NEW_FS_NS, CONTAINER_NEW_NET_NS, CONTAINER_NEW_PID_NS, client, protocol
 
 from .conftest import child_result, hung_up, in_container
 
@@ -130,7 +130,7 @@ def test_signal_while_the_service_keeps_the_planned_fork_waiting(service: Any) -
     if helper == 0:  # another fork of init, begun and given up 3 s later, unreported
         try:
             os.close(r)
-            other = _client.Connection()
+            other = client.Connection()
             _reply, fds = other.call(protocol.Fork(), [cfd])
             os.write(w, b"1")
             time.sleep(3)

@@ -25,7 +25,7 @@ AS_OWNER = pytest.param((OTHER_UID, OTHER_GID), id="owner")
 PRELUDE = """
 import errno, json, os, select
 import syscalls as S
-from syscalls import _linux
+from syscalls import linux
 from syscalls import (CONTAINER_KILL_ON_CLOSE, CONTAINER_NEW_EMPTY_FS_NS, CONTAINER_NEW_PID_NS,
                       CONTAINER_NEW_USER_NS, FSCONFIG_SET_CONTAINER, MOVE_MOUNT_T_CONTAINER_ROOT)
 
@@ -164,10 +164,10 @@ def test_umount_proc_inside_uncovers_no_host_proc(service: Any, ids: tuple[int, 
 
         def attack():
             mounts = mounts_at()
-            _linux.umount2("/proc", 0)
+            linux.umount2("/proc", 0)
             under = sorted(os.listdir("/proc"))
             try:
-                _linux.umount2("/proc", _linux.MNT_DETACH)
+                linux.umount2("/proc", linux.MNT_DETACH)
                 again = 0
             except OSError as e:
                 again = e.errno
@@ -357,7 +357,7 @@ def test_callers_fd_never_makes_another_proc(service: Any, ids: tuple[int, int])
         cfd = container()
         fs = S.fsopen("proc", S.FSOPEN_CLOEXEC)
         S.fsconfig(fs, FSCONFIG_SET_CONTAINER, None, None, cfd)
-        _linux.fsconfig(fs, 8, None, None, 0)  # FSCONFIG_CMD_CREATE_EXCL, bypassing syscalls
+        linux.fsconfig(fs, 8, None, None, 0)  # FSCONFIG_CMD_CREATE_EXCL, bypassing syscalls
         raw = S.fsmount(fs, S.FSMOUNT_CLOEXEC)
         d = os.open(".", os.O_RDONLY | os.O_DIRECTORY, dir_fd=raw)
         raw_listing = sorted(os.listdir(d))
@@ -474,7 +474,7 @@ def test_service_checks_what_init_will_be_given(service: Any) -> None:
     mounts anything: init must never be handed something it cannot apply."""
     got = scenario((0, 0), """
         from syscalls import protocol
-        from syscalls._client import call
+        from syscalls.client import call
         cfd = container()
         mfd = make_proc(cfd)
         errs = []
@@ -487,7 +487,7 @@ def test_service_checks_what_init_will_be_given(service: Any) -> None:
                 errs.append(0)
             except OSError as e:
                 errs.append(e.errno)
-        on = [_linux.mount_id(S.openat(cfd, path, os.O_PATH)) for path in (".", "proc")]
+        on = [linux.mount_id(S.openat(cfd, path, os.O_PATH)) for path in (".", "proc")]
         return {"errs": errs, "same_mount": on[0] == on[1]}
     """)
     assert got["errs"] == [errno.EINVAL] * 6

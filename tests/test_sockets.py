@@ -19,7 +19,7 @@ from syscalls import (
     CONTAINER_NEW_NET_NS,
     CONTAINER_NEW_PID_NS,
     CONTAINER_NEW_UTS_NS,
-    _linux,
+    linux,
     container_create,
     container_socket,
     socketns,
@@ -270,9 +270,9 @@ def test_callers_netns_never_changes(service: Any) -> None:
     # The sampler can see a change when there is one: the main thread in another namespace.
     saved = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
     with NetnsSampler() as bad:
-        _linux.unshare(_linux.CLONE_NEWNET)
+        linux.unshare(linux.CLONE_NEWNET)
         time.sleep(0.02)
-        _linux.setns(saved, _linux.CLONE_NEWNET)
+        linux.setns(saved, linux.CLONE_NEWNET)
     os.close(saved)
     assert len(bad.seen) == 2
 

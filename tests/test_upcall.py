@@ -290,7 +290,7 @@ def rule_follows(rule_file: Path, service: Any, host_rule: str, ring: int) -> No
 def test_only_root_outside_containers_may_hand_over_requests(service: Any) -> None:
     """A process in a container cannot make up a kernel request for the creator."""
     from syscalls import protocol
-    from syscalls._client import Connection
+    from syscalls.client import Connection
 
     with running("f") as cfd, intercept(cfd, "user") as requests:
         serial = Inside(cfd, session_info).result()["serial"]

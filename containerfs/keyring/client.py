@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Self
 
 from syscalls import keys, protocol
-from syscalls._client import Connection
+from syscalls.client import Connection
 from syscalls.fdpass import recv_fds
 from syscalls.keys import DEFAULT_INTERCEPT_TIMEOUT
 

@@ -12,7 +12,7 @@ import time
 
 import trio
 
-from syscalls import _linux, keys, seccomp_notify
+from syscalls import linux, keys, seccomp_notify
 
 from .hooks import Client, Hooks
 from .state import (
@@ -48,9 +48,9 @@ class TrappedCalls:
             log.warning("pid %d sent a seccomp listener without a fork of its own; ignored",
                         conn.peer.pid)
             return
-        if _linux.fd_link(fds[0]) != SECCOMP_NOTIFY_LINK:
+        if linux.fd_link(fds[0]) != SECCOMP_NOTIFY_LINK:
             log.warning("pid %d sent a %s as its seccomp listener; ignored", conn.peer.pid,
-                        _linux.fd_link(fds[0]))
+                        linux.fd_link(fds[0]))
             return
         conn.listener_taken = True
         fd = fds.pop()

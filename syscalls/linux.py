@@ -1,6 +1,7 @@
 """Raw Linux system calls that the standard library lacks, typed and errno-exact.
 
-Only this module (and its siblings in `syscalls/`) touches ctypes. Every wrapper raises a plain
+Public on purpose: the service (containerfs) makes these calls too. Only this module (and its
+siblings in `syscalls/`) touches ctypes. Every wrapper raises a plain
 `OSError(errno, strerror)` on failure, so Python's own subclasses (FileNotFoundError...) appear,
 and retries EINTR where the call is restartable.
 """

@@ -1,4 +1,5 @@
-"""Request/response exchanges with the service over its control socket."""
+"""Request/response exchanges with the service over its control socket (public on purpose:
+the command line and the keyring manager speak to the service through it too)."""
 
 from __future__ import annotations
 
