@@ -14,16 +14,9 @@ from collections.abc import Sequence
 
 import syscalls
 from syscalls import client, protocol
+from syscalls.nstypes import NAMESPACES
 
-NAMESPACE_OPTIONS = {
-    "mount": syscalls.CONTAINER_NEW_FS_NS,
-    "uts": syscalls.CONTAINER_NEW_UTS_NS,
-    "ipc": syscalls.CONTAINER_NEW_IPC_NS,
-    "net": syscalls.CONTAINER_NEW_NET_NS,
-    "pid": syscalls.CONTAINER_NEW_PID_NS,
-    "user": syscalls.CONTAINER_NEW_USER_NS,
-    "cgroupns": syscalls.CONTAINER_NEW_CGROUP_NS,
-}
+NAMESPACE_OPTIONS = {t.option: t.container_flag for t in NAMESPACES}
 
 
 def _serve(args: argparse.Namespace) -> int:

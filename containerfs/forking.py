@@ -17,6 +17,7 @@ from typing import Any
 import trio
 
 from syscalls.constants import CONTAINER_NEW_PID_NS
+from syscalls.nstypes import NAMES
 
 from .cgroups import process_cgroup
 from .keyring.service import KeyringService
@@ -32,7 +33,7 @@ log = logging.getLogger("containerfs")
 # Order in which a forking process enters namespaces. The creator's own (not asked-for) ones
 # come first, while the process still has its host privileges; then the new user namespace,
 # whose capabilities it needs to enter the others the container owns.
-ENTRY_ORDER = ("mnt", "uts", "ipc", "net", "cgroup")
+ENTRY_ORDER = tuple(t for t in NAMES if t not in ("user", "pid"))
 
 
 class Forks:

@@ -9,18 +9,16 @@ namespaces apply to the creator, never to the service.
 
 from __future__ import annotations
 
-import contextlib
 import errno
-import json
 import os
 import socket
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from syscalls import linux, fdpass
+from syscalls import linux, nsexec, nstypes
+from syscalls.nsexec import step
 
-# Namespace types in the order /proc/PID/ns names them; "pid" is read as pid_for_children.
-NS_TYPES = ("user", "mnt", "uts", "ipc", "net", "cgroup", "pid")
+# Namespace types in the order they are made; "pid" is read as pid_for_children.
+NS_TYPES = nstypes.NAMES
 
 
 @dataclass(frozen=True)
@@ -81,18 +79,22 @@ def _helper(new: list[str], creator: dict[str, int], creds: Credentials,
     stands in the creator's, a path could name whatever the creator mounted there."""
     if "cgroup" in new and cgroup_procs is not None:
         # A cgroup namespace is rooted where its creator stands: stand in the container's group.
-        os.write(cgroup_procs, b"0")
-    _enter_view(creator)  # copy the creator's view, not the service's
+        with step("joining the container's cgroup"):
+            os.write(cgroup_procs, b"0")
+    with step("entering the creator's mount namespace"):
+        _enter_view(creator)  # copy the creator's view, not the service's
     flags = 0
     for nstype in new:
         flags |= linux.NS_FLAGS[nstype]
     if creds.uid != 0 or "user" in new:
-        _take_credentials(creds)
-    linux.unshare(flags)
+        with step("taking the creator's credentials"):
+            _take_credentials(creds)
+    with step("unshare"):
+        linux.unshare(flags)
     if "user" in new:
         # The maps are written from outside, by the service: mapping uid 0 (root's own)
         # needs CAP_SETFCAP in the parent namespace, which nothing inside has.
-        parent.send(b"maps")
+        parent.send(b"ask")
         if parent.recv(16) != b"ok":
             raise OSError(errno.EPERM, "the service could not write the id maps")
     out = [os.open(f"/proc/self/ns/{t}", os.O_RDONLY | os.O_CLOEXEC) for t in new]
@@ -112,41 +114,6 @@ def make_namespaces(new: list[str], creator: dict[str, int], creds: Credentials,
     return _make_in_helper(new, creator, creds, cgroup_procs)
 
 
-@contextlib.contextmanager
-def _thread_elsewhere(restore: list[str]) -> Iterator[None]:
-    """Let the calling thread move into other namespaces (and root) and bring it back after.
-
-    Namespaces belong to a thread, so nothing else in the service moves. If the thread cannot
-    come back, the process exits: a worker left in a container would do its next job there.
-    """
-    saved: dict[str, int] = {}
-    try:
-        for t in restore:
-            saved[t] = os.open(f"/proc/thread-self/ns/{t}", os.O_RDONLY | os.O_CLOEXEC)
-        saved_root = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    except BaseException:
-        close_all(saved)
-        raise
-    try:
-        if "mnt" in restore:
-            # A thread shares root and cwd with the others until it unshares them.
-            linux.unshare(linux.CLONE_FS)
-        yield
-    finally:
-        try:
-            for nstype, fd in saved.items():
-                linux.setns(fd, linux.NS_FLAGS[nstype])
-            if "mnt" in restore:
-                os.fchdir(saved_root)
-                os.chroot(".")
-                os.chdir("/")
-        except OSError:
-            os._exit(70)
-        finally:
-            close_all(saved)
-            os.close(saved_root)
-
-
 def _enter_view(creator: dict[str, int]) -> None:
     """Stand in the creator's mount namespace, at its root."""
     linux.setns(creator["mnt"], linux.CLONE_NEWNS)
@@ -162,7 +129,7 @@ def make_in_thread(new: list[str], creator: dict[str, int] | None) -> dict[str, 
     With `creator`, the copy of the mount namespace is of the creator's, and "root" is returned.
     """
     out: dict[str, int] = {}
-    with _thread_elsewhere(list(dict.fromkeys((["mnt"] if creator else []) + new))):
+    with nsexec.elsewhere(list(dict.fromkeys((["mnt"] if creator else []) + new))):
         try:
             if creator:
                 _enter_view(creator)
@@ -203,20 +170,25 @@ def root_namespace(mfd: int, creator: dict[str, int], creds: Credentials,
     """
     # Whose mount namespace is copied hardly matters: everything but `mfd` is detached.
     if userns is None:
-        with _thread_elsewhere(["mnt"]):
+        with nsexec.elsewhere(["mnt"]):
             linux.setns(creator["mnt"], linux.CLONE_NEWNS)
             linux.unshare(linux.CLONE_NEWNS)
             return _pivot_into(mfd)
 
     def helper(_parent: socket.socket) -> list[int]:
-        linux.setns(creator["mnt"], linux.CLONE_NEWNS)
-        _take_credentials(creds)
-        linux.setns(userns, linux.CLONE_NEWUSER)
-        linux.unshare(linux.CLONE_NEWNS)
-        made = _pivot_into(mfd)
+        with step("entering the creator's mount namespace"):
+            linux.setns(creator["mnt"], linux.CLONE_NEWNS)
+        with step("taking the caller's credentials"):
+            _take_credentials(creds)
+        with step("entering the container's user namespace"):
+            linux.setns(userns, linux.CLONE_NEWUSER)
+        with step("unshare(CLONE_NEWNS)"):
+            linux.unshare(linux.CLONE_NEWNS)
+        with step("making the mount the root"):
+            made = _pivot_into(mfd)
         return [made["mnt"], made["root"]]
 
-    return dict(zip(["mnt", "root"], _in_helper(helper, 2)))
+    return dict(zip(["mnt", "root"], nsexec.in_child(helper, 2)))
 
 
 def mount_inside(mfd: int, mnt: int, root: int, unsafe_path: str, creds: Credentials,
@@ -224,19 +196,23 @@ def mount_inside(mfd: int, mnt: int, root: int, unsafe_path: str, creds: Credent
     """Attach mount `mfd` at `unsafe_path`, resolved from `root` and never outside it."""
 
     if userns is None:
-        with _thread_elsewhere(["mnt"]):
+        with nsexec.elsewhere(["mnt"]):
             linux.setns(mnt, linux.CLONE_NEWNS)
             linux.attach_in_root(mfd, root, unsafe_path)
         return
 
     def helper(_parent: socket.socket) -> list[int]:
-        _take_credentials(creds)
-        linux.setns(userns, linux.CLONE_NEWUSER)
-        linux.setns(mnt, linux.CLONE_NEWNS)
-        linux.attach_in_root(mfd, root, unsafe_path)
+        with step("taking the caller's credentials"):
+            _take_credentials(creds)
+        with step("entering the container's user namespace"):
+            linux.setns(userns, linux.CLONE_NEWUSER)
+        with step("entering the container's mount namespace"):
+            linux.setns(mnt, linux.CLONE_NEWNS)
+        with step(f"attaching the mount at {unsafe_path!r}"):
+            linux.attach_in_root(mfd, root, unsafe_path)
         return []
 
-    _in_helper(helper, 0)
+    nsexec.in_child(helper, 0)
 
 
 class NamespacePool:
@@ -284,54 +260,8 @@ def _make_in_helper(new: list[str], creator: dict[str, int], creds: Credentials,
         _write(f"/proc/{pid}/gid_map", f"0 {creds.gid} 1\n")
 
     try:
-        fds = _in_helper(lambda sock: _helper(new, creator, creds, cgroup_procs, sock),
-                         len(new) + 1, write_maps)
+        fds = nsexec.in_child(lambda sock: _helper(new, creator, creds, cgroup_procs, sock),
+                              len(new) + 1, write_maps)
     except OSError as e:
         raise OSError(e.errno, f"making namespaces {'+'.join(new)}: {e.strerror}") from None
     return dict(zip([*new, "root"], fds))
-
-
-def _in_helper(work: Callable[[socket.socket], list[int]], nfds: int,
-               on_maps: Callable[[int], None] | None = None) -> list[int]:
-    """Run `work` in a forked helper process; return the fds it made (its OSError if not).
-
-    `work` may ask, by sending b"maps" on the socket it is given, for `on_maps(pid)` to run
-    here, outside it; it then reads b"ok". Blocking: run it in a worker thread. The helper
-    changes only itself and exits.
-    """
-    parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    with parent_sock, child_sock:
-        pid = os.fork()
-        if pid == 0:
-            code = 0
-            try:
-                parent_sock.close()
-                made = work(child_sock)
-                if made:
-                    socket.send_fds(child_sock, [b"{}"], made)
-                else:
-                    child_sock.send(b"{}")
-            except OSError as e:
-                child_sock.send(json.dumps({"errno": e.errno or errno.EIO,
-                                            "message": e.strerror or str(e)}).encode())
-            except BaseException:
-                code = 1
-            os._exit(code)
-        child_sock.close()
-        try:
-            data, fds, _flags = fdpass.recv_fds(parent_sock, 4096, max(nfds, 1))
-            if data == b"maps" and on_maps is not None:
-                try:
-                    on_maps(pid)
-                    parent_sock.send(b"ok")
-                except OSError:
-                    parent_sock.send(b"no")
-                data, fds, _flags = fdpass.recv_fds(parent_sock, 4096, max(nfds, 1))
-        finally:
-            os.waitpid(pid, 0)
-    reply = json.loads(data) if data else {"errno": errno.EIO, "message": "helper died"}
-    if "errno" in reply:
-        for fd in fds:
-            os.close(fd)
-        raise OSError(reply["errno"], reply["message"])
-    return fds

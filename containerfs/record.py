@@ -7,7 +7,8 @@ from typing import Any
 
 import trio
 
-from syscalls.constants import CONTAINER_NEW_EMPTY_FS_NS, FLAG_NAMESPACES
+from syscalls.constants import CONTAINER_NEW_EMPTY_FS_NS
+from syscalls.nstypes import FLAG_NAMESPACES
 
 from .states import State
 

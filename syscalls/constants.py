@@ -18,19 +18,6 @@ CONTAINER_NS_FLAGS = (
 )
 CONTAINER_ALL_FLAGS = CONTAINER_NS_FLAGS | CONTAINER_KILL_ON_CLOSE | CONTAINER_FD_CLOEXEC
 
-# Namespace type (as named in /proc/PID/ns) that each flag asks for. NEW_EMPTY_FS_NS also makes
-# a mount namespace; it differs in what the namespace holds.
-FLAG_NAMESPACES: dict[int, str] = {
-    CONTAINER_NEW_USER_NS: "user",
-    CONTAINER_NEW_FS_NS: "mnt",
-    CONTAINER_NEW_EMPTY_FS_NS: "mnt",
-    CONTAINER_NEW_UTS_NS: "uts",
-    CONTAINER_NEW_IPC_NS: "ipc",
-    CONTAINER_NEW_NET_NS: "net",
-    CONTAINER_NEW_CGROUP_NS: "cgroup",
-    CONTAINER_NEW_PID_NS: "pid",
-}
-
 # A container name is shorter than this many bytes of UTF-8.
 CONTAINER_NAME_MAX = 24
 

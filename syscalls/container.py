@@ -11,6 +11,10 @@ from typing import Any, NamedTuple
 
 from . import linux, childsetup, keys, protocol, validate
 from .handle import check_handle
+from .nstypes import NAMESPACES
+
+# Each type, and the /proc/self/ns file that names ours (for children, for pid).
+_OWN_NS_FILES = [(t.name, t.for_children) for t in NAMESPACES]
 from .client import Connection, call, call_holding, give_back
 from .constants import CONTAINER_FD_CLOEXEC
 
@@ -379,8 +383,7 @@ def _via_intermediate(handle: int, conn: Connection | None, reply: dict[str, Any
     return int(result["pid"])
 
 
-_OWN_NS_FILES = {"user": "user", "mnt": "mnt", "uts": "uts", "ipc": "ipc", "net": "net",
-                 "cgroup": "cgroup", "pid": "pid_for_children"}
+
 
 
 def _enter(reply: dict[str, Any], fds: list[int],
@@ -395,7 +398,7 @@ def _enter(reply: dict[str, Any], fds: list[int],
     namespace we stand in (where a proc is fully visible) is appended to it.
     """
     own = {t: os.open(f"/proc/thread-self/ns/{name}", os.O_RDONLY | os.O_CLOEXEC)
-           for t, name in _OWN_NS_FILES.items()}
+           for t, name in _OWN_NS_FILES}
     own_root = os.open("/", os.O_PATH | os.O_CLOEXEC)
     cgroup_fd = -1
     in_userns = False

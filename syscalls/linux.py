@@ -15,6 +15,9 @@ import platform
 import struct
 from typing import Any, NamedTuple
 
+from . import nstypes
+from .nstypes import NS_FLAGS as NS_FLAGS  # re-exported: setns() callers name types
+
 # One table of syscall numbers per architecture. Calls added after 4.x (clone3, pidfd_*, the
 # mount API) share one number on every architecture, so only the old ones differ.
 _ARCH_NUMBERS: dict[str, dict[str, int]] = {
@@ -44,27 +47,17 @@ NR: dict[str, int] = {**_COMMON_NUMBERS, **_ARCH_NUMBERS.get(platform.machine(),
 
 # clone(2) and namespace flags.
 CLONE_FS = 0x00000200
-CLONE_NEWNS = 0x00020000
-CLONE_NEWCGROUP = 0x02000000
-CLONE_NEWUTS = 0x04000000
-CLONE_NEWIPC = 0x08000000
-CLONE_NEWUSER = 0x10000000
-CLONE_NEWPID = 0x20000000
-CLONE_NEWNET = 0x40000000
+CLONE_NEWNS = NS_FLAGS["mnt"]
+CLONE_NEWCGROUP = NS_FLAGS["cgroup"]
+CLONE_NEWUTS = NS_FLAGS["uts"]
+CLONE_NEWIPC = NS_FLAGS["ipc"]
+CLONE_NEWUSER = NS_FLAGS["user"]
+CLONE_NEWPID = NS_FLAGS["pid"]
+CLONE_NEWNET = NS_FLAGS["net"]
 CLONE_PARENT = 0x00008000
 CLONE_PIDFD = 0x00001000
 CLONE_INTO_CGROUP = 0x200000000
 
-# Namespace type name (as in /proc/PID/ns) to its clone flag.
-NS_FLAGS: dict[str, int] = {
-    "user": CLONE_NEWUSER,
-    "mnt": CLONE_NEWNS,
-    "uts": CLONE_NEWUTS,
-    "ipc": CLONE_NEWIPC,
-    "net": CLONE_NEWNET,
-    "cgroup": CLONE_NEWCGROUP,
-    "pid": CLONE_NEWPID,
-}
 
 PR_SET_DUMPABLE = 4
 PR_SET_PDEATHSIG = 1
@@ -176,9 +169,8 @@ def is_pidfd(fd: int) -> bool:
 
 
 # PIDFD_GET_<TYPE>_NAMESPACE: _IO(PIDFS_IOCTL_MAGIC=0xFF, n)
-_PIDFD_GET_NAMESPACE = {"cgroup": 1, "ipc": 2, "mnt": 3, "net": 4, "pid": 5,
-                        "pid_for_children": 6, "time": 7, "time_for_children": 8, "user": 9,
-                        "uts": 10}
+_PIDFD_GET_NAMESPACE = {**{t.name: t.pidfd_ioctl for t in nstypes.NAMESPACES},
+                        "pid_for_children": 6, "time": 7, "time_for_children": 8}
 
 
 def pidfd_namespace(pidfd: int, nstype: str) -> int:

@@ -1,24 +1,38 @@
-"""Make one fd inside other namespaces without moving the caller or any of its threads.
+"""Work done in other namespaces without moving the caller: the one place that runs a step
+in a short-lived thread or child process and hands fds back.
 
 Network, mount, UTS and IPC namespaces belong to a thread: a private, short-lived thread can
-enter them, make the fd and end, and no other thread ever stands anywhere else. A user
-namespace can only be entered by a single-threaded process that can never leave it: then a
-forked child enters, makes the fd, sends it back over SCM_RIGHTS (its errno otherwise) and
-exits. Either way the fd is made with the caller's own credentials.
+enter them, make the fd and end, and no other thread ever stands anywhere else (`fds_in`);
+or a thread can go there and come back (`elsewhere`). A user namespace can only be entered
+by a single-threaded process that can never leave it: then a forked child does the work,
+sends the fds back over SCM_RIGHTS (its error otherwise) and exits (`in_child`). An error
+names the step that failed (`step`), wherever it happened.
 """
 
 from __future__ import annotations
 
 import _thread
+import contextlib
 import errno
+import json
 import os
 import socket
-import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
-from . import linux, fdpass
+from . import fdpass, linux
 
-_ERRNO = struct.Struct("i")
+
+
+@contextlib.contextmanager
+def step(name: str) -> Iterator[None]:
+    """Name the step an OSError comes from: its message says `name: <strerror>`."""
+    try:
+        yield
+    except OSError as e:
+        if getattr(e, "step", None) is None:
+            e.step = name  # type: ignore[attr-defined]
+            e.strerror = f"{name}: {e.strerror or os.strerror(e.errno or errno.EIO)}"
+        raise
 
 
 def _enter(namespaces: Sequence[tuple[str, int]]) -> None:
@@ -84,6 +98,21 @@ def _in_thread(namespaces: Sequence[tuple[str, int]],
 
 def _in_child(namespaces: Sequence[tuple[str, int]], make: Callable[[], list[int]],
               count: int) -> list[int]:
+    def work(_parent: socket.socket) -> list[int]:
+        with step("entering the namespaces"):
+            _enter(namespaces)
+        return make()
+    return in_child(work, count)
+
+
+def in_child(work: Callable[[socket.socket], list[int]], count: int,
+             on_ask: Callable[[int], None] | None = None) -> list[int]:
+    """Run `work` in a forked child; return the `count` fds it returns (its OSError if not,
+    with the step that failed in the message). The child changes only itself, then exits.
+
+    `work` may ask, by sending b"ask" on the socket it is given, for `on_ask(child's pid)` to
+    run here, outside it (writing its id maps, say); it then reads b"ok" or b"no". Blocking:
+    from the service, run it in a worker thread."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     with ours, theirs:
         # No Python signal handler may run in the child: it does one thing and _exits.
@@ -92,27 +121,74 @@ def _in_child(namespaces: Sequence[tuple[str, int]], make: Callable[[], list[int
             pid = os.fork()
             if pid == 0:
                 try:
-                    _enter(namespaces)
-                    socket.send_fds(theirs, [b"\0"], make())
+                    ours.close()
+                    made = work(theirs)
+                    if made:
+                        socket.send_fds(theirs, [b"{}"], made)
+                    else:
+                        theirs.send(b"{}")
                 except OSError as e:
-                    theirs.send(_ERRNO.pack(e.errno or errno.EIO))
+                    theirs.send(json.dumps({"errno": e.errno or errno.EIO,
+                                            "message": e.strerror or str(e)}).encode())
                 finally:
                     os._exit(0)
         finally:
             linux.restore_signals(old_mask)
         theirs.close()
         try:
-            data, fds, _flags = fdpass.recv_fds(ours, 16, count)
+            data, fds, _flags = fdpass.recv_fds(ours, 4096, max(count, 1))
+            if data == b"ask" and on_ask is not None:
+                try:
+                    on_ask(pid)
+                    ours.send(b"ok")
+                except OSError:
+                    ours.send(b"no")
+                data, fds, _flags = fdpass.recv_fds(ours, 4096, max(count, 1))
         finally:
             try:
                 os.waitpid(pid, 0)
             except ChildProcessError:
                 pass  # reaped by the caller's own SIGCHLD handling
-    if len(fds) == count:
-        return fds
-    for fd in fds:
-        os.close(fd)
-    if len(data) == _ERRNO.size:
-        err = _ERRNO.unpack(data)[0]
-        raise OSError(err, os.strerror(err))
-    raise OSError(errno.EIO, "the namespace helper process died")
+    reply = json.loads(data) if data else {"errno": errno.EIO, "message": "the helper died"}
+    if "errno" in reply or len(fds) != count:
+        for fd in fds:
+            os.close(fd)
+        raise OSError(reply.get("errno", errno.EIO), reply.get("message", "the helper failed"))
+    return fds
+
+
+@contextlib.contextmanager
+def elsewhere(restore: list[str]) -> Iterator[None]:
+    """Let the calling thread move into other namespaces (and root) and bring it back after.
+
+    Namespaces belong to a thread, so nothing else in the process moves. If the thread cannot
+    come back, the process exits: a worker left in a container would do its next job there.
+    """
+    saved: dict[str, int] = {}
+    try:
+        for t in restore:
+            saved[t] = os.open(f"/proc/thread-self/ns/{t}", os.O_RDONLY | os.O_CLOEXEC)
+        saved_root = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except BaseException:
+        for fd in saved.values():
+            os.close(fd)
+        raise
+    try:
+        if "mnt" in restore:
+            # A thread shares root and cwd with the others until it unshares them.
+            linux.unshare(linux.CLONE_FS)
+        yield
+    finally:
+        try:
+            for nstype, fd in saved.items():
+                linux.setns(fd, linux.NS_FLAGS[nstype])
+            if "mnt" in restore:
+                os.fchdir(saved_root)
+                os.chroot(".")
+                os.chdir("/")
+        except OSError:
+            os._exit(70)
+        finally:
+            for fd in saved.values():
+                os.close(fd)
+            os.close(saved_root)

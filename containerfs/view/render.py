@@ -21,6 +21,8 @@ import errno
 import os
 from collections.abc import Callable, Mapping
 
+from syscalls.nstypes import NAMES
+
 from ..states import State
 from .readers import HOST_ID, PidView, Reader, map_id
 from .records import ContainerLike
@@ -47,8 +49,8 @@ FLAG_NAMES = (
     (CONTAINER_FD_CLOEXEC, "FD_CLOEXEC"),
 )
 
-# Namespace types in the order /proc/PID/ns lists them.
-NS_ORDER = ("cgroup", "ipc", "mnt", "net", "pid", "user", "uts")
+# Namespace types in the order /proc/PID/ns lists them (alphabetical).
+NS_ORDER = tuple(sorted(NAMES))
 
 
 
