@@ -134,10 +134,10 @@ def view_mounted(path: str) -> bool:
         return any(line.split(" ")[4] == path for line in f)
 
 
-@pytest.fixture
-def service(request: pytest.FixtureRequest,
-            monkeypatch: pytest.MonkeyPatch) -> Iterator[ServiceUnderTest]:
-    """A fresh service for one test; everything it made is killed and removed afterwards."""
+def fresh_service(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch,
+                  nofile: int | None = None) -> Iterator[ServiceUnderTest]:
+    """A fresh service for one test (under an fd limit of `nofile`, if given); everything it
+    made is killed and removed afterwards."""
     if SKIP_REASON:
         print(f"skipping: {SKIP_REASON}")
         pytest.skip(SKIP_REASON)
@@ -146,7 +146,7 @@ def service(request: pytest.FixtureRequest,
     # reach the socket.
     where = Path(tempfile.mkdtemp(prefix="cfs-test-"))
     request.addfinalizer(lambda: shutil.rmtree(where, ignore_errors=True))
-    svc = start_service(where, cgroup)
+    svc = start_service(where, cgroup, nofile)
     monkeypatch.setenv("CONTAINERFS_SOCKET", svc.socket)
     try:
         yield svc
@@ -155,6 +155,61 @@ def service(request: pytest.FixtureRequest,
         svc.cleanup()
         leftover = os.path.exists(svc.cgroups.base)
         assert not leftover, f"cgroup {svc.cgroups.base} was left behind"
+
+
+@pytest.fixture
+def service(request: pytest.FixtureRequest,
+            monkeypatch: pytest.MonkeyPatch) -> Iterator[ServiceUnderTest]:
+    """A fresh service for one test."""
+    yield from fresh_service(request, monkeypatch)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests that start a service are marked `service`: `pytest -m "not service"` runs the
+    fast tier, which needs none."""
+    for item in items:
+        if any("service" in name for name in getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.service)
+
+
+# ---- raw clients and what the service holds --------------------------------------------------
+
+def raw(service: ServiceUnderTest) -> socket.socket:
+    """A connection to the service that speaks the protocol by hand (5 s timeout)."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    s.connect(service.socket)
+    s.settimeout(5)
+    return s
+
+
+def service_holds(service: ServiceUnderTest, fd: int) -> int:
+    """How many of the service's fds refer to the same file as our `fd`."""
+    target = os.readlink(f"/proc/self/fd/{fd}")
+    base = f"/proc/{service.proc.pid}/fd"
+    count = 0
+    for name in os.listdir(base):
+        try:
+            count += os.readlink(f"{base}/{name}") == target
+        except FileNotFoundError:
+            pass
+    return count
+
+
+def still_serves() -> None:
+    """The service still makes containers (for root)."""
+    fd = syscalls.container_create("after", 0)
+    assert syscalls.container_status(fd)["state"] == "created"
+    os.close(fd)
+
+
+def tmpfs() -> int:
+    """A detached mount of a fresh tmpfs (a root for an empty-fs container)."""
+    fs = syscalls.fsopen("tmpfs", syscalls.FSOPEN_CLOEXEC)
+    try:
+        syscalls.fsconfig(fs, syscalls.FSCONFIG_CMD_CREATE)
+        return syscalls.fsmount(fs, syscalls.FSMOUNT_CLOEXEC)
+    finally:
+        os.close(fs)
 
 
 def run_as(uid: int, gid: int, code: str, *, pass_fds: tuple[int, ...] = (),

@@ -27,14 +27,16 @@ from .conftest import (
     OTHER_GID,
     OTHER_UID,
     ROOT,
-    SKIP_REASON,
     ServiceUnderTest,
     child_result,
+    fresh_service,
+    raw,
     run_as,
-    start_service,
+    service_holds,
+    still_serves,
+    tmpfs,
     users_handle,
 )
-from .test_bad_clients import raw, service_holds, still_serves
 
 SET_ROOT = S.MOVE_MOUNT_F_EMPTY_PATH | S.MOVE_MOUNT_T_CONTAINER_ROOT
 
@@ -234,18 +236,7 @@ def test_one_user_cannot_hold_every_connection(service: ServiceUnderTest) -> Non
 def small_service(request: pytest.FixtureRequest,
                   monkeypatch: pytest.MonkeyPatch) -> Iterator[ServiceUnderTest]:
     """A service whose fd limit is 200, so that floods reach it in a test."""
-    if SKIP_REASON:
-        print(f"skipping: {SKIP_REASON}")
-        pytest.skip(SKIP_REASON)
-    where = Path(tempfile.mkdtemp(prefix="cfs-test-"))
-    svc = start_service(where, f"cfs-test-{os.getpid()}-{time.monotonic_ns()}", nofile=200)
-    monkeypatch.setenv("CONTAINERFS_SOCKET", svc.socket)
-    try:
-        yield svc
-        assert svc.alive(), f"the service died during the test:\n{svc.log.read_text()}"
-    finally:
-        svc.cleanup()
-        shutil.rmtree(where, ignore_errors=True)
+    yield from fresh_service(request, monkeypatch, nofile=200)
 
 
 def test_running_out_of_fds_does_not_end_the_service(small_service: ServiceUnderTest) -> None:
@@ -338,15 +329,6 @@ def test_a_flood_of_listener_fds_is_not_kept(service: ServiceUnderTest) -> None:
 
 
 # ---- what a dead container keeps ---------------------------------------------------------------
-
-def tmpfs() -> int:
-    fs = S.fsopen("tmpfs", S.FSOPEN_CLOEXEC)
-    try:
-        S.fsconfig(fs, S.FSCONFIG_CMD_CREATE)
-        return S.fsmount(fs, S.FSMOUNT_CLOEXEC)
-    finally:
-        os.close(fs)
-
 
 def lifecycle(mfd: int) -> None:
     """The proposal's sample: a root set from outside, an init that exits, a last close."""

@@ -13,33 +13,7 @@ import pytest
 import syscalls
 from syscalls import CONTAINER_NEW_PID_NS, fdpass, protocol
 
-from .conftest import child_result
-
-
-def raw(service: Any) -> socket.socket:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    s.connect(service.socket)
-    s.settimeout(5)
-    return s
-
-
-def service_holds(service: Any, fd: int) -> int:
-    """How many of the service's fds refer to the same file as our `fd`."""
-    target = os.readlink(f"/proc/self/fd/{fd}")
-    base = f"/proc/{service.proc.pid}/fd"
-    count = 0
-    for name in os.listdir(base):
-        try:
-            count += os.readlink(f"{base}/{name}") == target
-        except FileNotFoundError:
-            pass
-    return count
-
-
-def still_serves() -> None:
-    fd = syscalls.container_create("after", 0)
-    assert syscalls.container_status(fd)["state"] == "created"
-    os.close(fd)
+from .conftest import child_result, raw, service_holds, still_serves
 
 
 @pytest.mark.parametrize("data", [b"\xff garbage", b"[]", b'{"op":"fork"}', b'{"op":"started","pid":1}',

@@ -21,18 +21,10 @@ from syscalls import (
     MOVE_MOUNT_T_CONTAINER_ROOT,
 )
 
-from .conftest import OTHER_GID, OTHER_UID, child_result, run_as
+from .conftest import OTHER_GID, OTHER_UID, child_result, run_as, tmpfs
 
 AT_RECURSIVE = 0x8000
 SET_ROOT = S.MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_CONTAINER_ROOT
-
-
-def tmpfs() -> int:
-    fs = S.fsopen("tmpfs", S.FSOPEN_CLOEXEC)
-    S.fsconfig(fs, S.FSCONFIG_CMD_CREATE)
-    mfd = S.fsmount(fs, S.FSMOUNT_CLOEXEC)
-    os.close(fs)
-    return mfd
 
 
 @pytest.fixture
