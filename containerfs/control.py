@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import array
 import collections
-import dataclasses
 import errno
 import logging
 import os
@@ -21,6 +20,7 @@ from typing import Any
 import trio
 
 from syscalls import fdpass, protocol
+from syscalls.fd import Fd
 
 from .process import Peer
 from .record import Container
@@ -43,7 +43,7 @@ def _peer(sock: trio.socket.SocketType) -> Peer:
         if e.errno != errno.ESRCH:
             raise
         pidfd = -1
-    return Peer(pid=pid, uid=uid, gid=gid, pidfd=pidfd)
+    return Peer(pid=pid, uid=uid, gid=gid, pidfd=Fd(pidfd))
 
 
 async def _send(sock: trio.socket.SocketType, reply: dict[str, Any], fds: list[int]) -> None:
@@ -143,23 +143,19 @@ class Connection:
             if self.keep_key:
                 self.service.reg.fdstore.drop(self.keep_key)
             self.sock.close()
-            if self.peer.pidfd >= 0:
-                os.close(self.peer.pidfd)
+            self.peer.pidfd.close()
 
     def close(self) -> None:
         """Close a connection never served (its run() closes the others)."""
         self.sock.close()
-        if self.peer.pidfd >= 0:
-            os.close(self.peer.pidfd)
+        self.peer.pidfd.close()
 
     async def refuse(self, error: OSError) -> None:
         """Answer the first request with `error` (waiting a second at most) and close.
 
         Its request is read first: a connection closed with a request unread would make the
         client's recv() fail with ECONNRESET rather than read the answer."""
-        if self.peer.pidfd >= 0:
-            os.close(self.peer.pidfd)
-            self.peer = dataclasses.replace(self.peer, pidfd=-1)
+        self.peer.pidfd.close()
         try:
             with trio.move_on_after(REFUSAL_WAIT):
                 data, fds, _flags = await self._receive(0)

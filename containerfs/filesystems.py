@@ -69,7 +69,7 @@ def _dups(c: Container, names: list[str]) -> list[int]:
     fds: list[int] = []
     try:
         for name in names:
-            fds.append(os.dup(c.ns[name]))
+            fds.append(c.ns.dup(name))
     except BaseException:
         for fd in fds:
             os.close(fd)
@@ -87,7 +87,7 @@ class Filesystems:
         ECANCELED once it is dead: its root was released at death."""
         if c.state == State.DEAD:
             raise OSError(errno.ECANCELED, f"container {c.id} is dead; its root is released")
-        return [os.dup(c.ns["root"])] if "root" in c.ns else []
+        return [c.ns.dup("root")] if "root" in c.ns else []
 
     async def set_root(self, peer: Peer, c: Container, mfd: int) -> None:
         """MOVE_MOUNT_T_CONTAINER_ROOT: mount `mfd` becomes the root of an empty-fs container."""
@@ -101,8 +101,8 @@ class Filesystems:
         if "root" in c.ns:  # set by a racing call while we worked: keep the first
             namespaces.close_all(made)
             raise OSError(errno.EBUSY, f"container {c.id} already has a mount namespace")
-        os.close(c.ns.pop("mnt"))
-        c.ns.update(made)
+        for name, fd in made.items():  # the new mount namespace replaces the one made empty
+            c.ns.put(name, fd)
         c.new_ns = c.new_ns | {"mnt"}
         self.reg.keep(c)
 

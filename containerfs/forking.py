@@ -17,6 +17,7 @@ from typing import Any
 import trio
 
 from syscalls.constants import CONTAINER_NEW_PID_NS
+from syscalls.fd import Fd
 from syscalls.nstypes import NAMES
 
 from .cgroups import process_cgroup
@@ -43,7 +44,7 @@ class Forks:
         self.policy = policy
         self.life = life
         self.keyrings = keyrings
-        self._origins: dict[int, str] = {}  # a non-root intermediate's pidfd -> its cgroup
+        self._origins: dict[Peer, str] = {}  # a non-root intermediate -> its own cgroup
         # Forks whose connections the keeper held across a restart (see recover).
         self._pending: list[tuple[str, int, Container, str]] = []
         self._boot = os.urandom(4).hex()  # keeper keys of this run never meet an older one's
@@ -81,7 +82,7 @@ class Forks:
                     os.close(fd)
                 raise
             if origin is not None:
-                self._origins[peer.pidfd] = origin
+                self._origins[peer] = origin
         if role == "init":
             check_transition(c.state, State.STARTING)
             c.state = State.STARTING
@@ -184,12 +185,10 @@ class Forks:
         if role != "init":
             os.close(pidfd)
             return pid
-        c.init_pid, c.init_pidfd = pid, pidfd
+        c.init_pid, c.init_pidfd = pid, Fd(pidfd)
         if c.flags & CONTAINER_NEW_PID_NS and placed:
             try:
-                pidns = pid_namespace(pidfd, pid)
-                os.close(c.ns["pid"])
-                c.ns["pid"] = pidns
+                c.ns.put("pid", pid_namespace(pidfd, pid))
             except (FileNotFoundError, ProcessLookupError):
                 pass  # init already reaped: nobody can join its PID namespace anyway
         check_transition(c.state, State.RUNNING)
@@ -205,7 +204,7 @@ class Forks:
 
     def return_intermediate(self, peer: Peer) -> None:
         """Move a non-root caller's intermediate back to its own cgroup after a fork."""
-        origin = self._origins.pop(peer.pidfd, None)
+        origin = self._origins.pop(peer, None)
         if origin is not None:
             try:
                 peer.at_pid(lambda pid: self.reg.cgroups.move_to(origin, pid))

@@ -17,6 +17,7 @@ import trio
 
 from syscalls import linux, validate
 from syscalls.constants import CONTAINER_KILL_ON_CLOSE, CONTAINER_NEW_EMPTY_FS_NS
+from syscalls.fd import Fd, FdMap
 
 from . import namespaces
 from .keyring.service import KeyringService
@@ -80,8 +81,8 @@ class Lifecycle:
         st = os.fstat(rfd)
         parent = self.reg.containers.get(self.reg.member_of(peer) or 0)
         c = Container(id=cid, name=raw_name, flags=flags, owner=peer.uid, group=peer.gid,
-                      parent=parent.id if parent else 1, pipe=(st.st_dev, st.st_ino), wfd=wfd,
-                      ns=ns, new_ns=requested_namespaces(flags))
+                      parent=parent.id if parent else 1, pipe=(st.st_dev, st.st_ino), wfd=Fd(wfd),
+                      ns=FdMap(ns), new_ns=requested_namespaces(flags))
         self.reg.store.save(c.row(), new_pipe=True)
         self.reg.keep(c)
         self.reg.add(c)
@@ -148,7 +149,7 @@ class Lifecycle:
 
     def init_gone(self, c: Container) -> bool:
         """Whether init has exited though its death may not have been dealt with yet."""
-        if c.state != State.RUNNING or c.init_pidfd < 0:
+        if c.state != State.RUNNING or c.init_pidfd.closed:
             return False
         poller = select.poll()  # any fd number (select() stops at 1024)
         poller.register(c.init_pidfd, select.POLLIN)
@@ -171,14 +172,14 @@ class Lifecycle:
     async def _exit_status(self, c: Container) -> int | None:
         """Init's wait status, whether or not its parent has reaped it yet."""
         for _ in range(200):
-            status = linux.pidfd_exit_status(c.init_pidfd)
+            status = linux.pidfd_exit_status(c.init_pidfd.fileno())
             if status is not None:  # already reaped (Linux 6.15+ keeps it on the pidfd)
                 return status
-            pid = pidfd_pid(c.init_pidfd)
+            pid = pidfd_pid(c.init_pidfd.fileno())
             fields = stat_fields(pid) if pid > 0 else None
             # Still a zombie: field 52 holds the status. The pid was init's all along if
             # init is still unreaped after the look (a pid is reused only once reaped).
-            if fields and fields[0] == "Z" and pidfd_pid(c.init_pidfd) == pid:
+            if fields and fields[0] == "Z" and pidfd_pid(c.init_pidfd.fileno()) == pid:
                 return int(fields[49])
             await trio.sleep(0.001)
         log.warning("container %d: could not read init's exit status", c.id)
@@ -197,12 +198,10 @@ class Lifecycle:
         self.reg.close_write_end(c)
         self.reg.fdstore.drop(f"c{c.id}")  # the keeper's copy too: now holders see POLLHUP
         self.keyrings.container_died(c)
-        if c.init_pidfd >= 0:
-            os.close(c.init_pidfd)
-            c.init_pidfd = -1
+        c.init_pidfd.close()
         # Every kernel resource goes now (a root may pin a filesystem and its loop device);
         # what lingers is data. A holder that used the root before keeps its own copy.
-        namespaces.close_all(c.ns)
+        c.ns.close_all()
         self.reg.save_later(c.row())
         self.reg.nursery.start_soon(self.remove_cgroup, c.id)
         if not c.handle_open:
@@ -237,7 +236,7 @@ class Lifecycle:
             c.kill_pending = True  # init is being made: kill it as soon as it is known
         elif c.state == State.RUNNING:
             try:
-                linux.pidfd_send_signal(c.init_pidfd, signal.SIGKILL)
+                linux.pidfd_send_signal(c.init_pidfd.fileno(), signal.SIGKILL)
             except ProcessLookupError:
                 pass
             self.reg.cgroups.kill(c.id)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import os
 import socket
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from syscalls import linux, nsexec, nstypes
@@ -71,7 +72,7 @@ def _take_credentials(creds: Credentials) -> None:
     linux.prctl(linux.PR_SET_DUMPABLE, 1)
 
 
-def _helper(new: list[str], creator: dict[str, int], creds: Credentials,
+def _helper(new: list[str], creator: Mapping[str, int], creds: Credentials,
             cgroup_procs: int | None, parent: socket.socket) -> list[int]:
     """In the forked helper: make the namespaces; return the fds to send (new..., root).
 
@@ -102,7 +103,7 @@ def _helper(new: list[str], creator: dict[str, int], creds: Credentials,
     return out
 
 
-def make_namespaces(new: list[str], creator: dict[str, int], creds: Credentials,
+def make_namespaces(new: list[str], creator: Mapping[str, int], creds: Credentials,
                     cgroup_procs: int | None = None) -> dict[str, int]:
     """Create namespaces of the types in `new` as `creds` would; return {type: fd, "root": fd}.
 
@@ -114,14 +115,14 @@ def make_namespaces(new: list[str], creator: dict[str, int], creds: Credentials,
     return _make_in_helper(new, creator, creds, cgroup_procs)
 
 
-def _enter_view(creator: dict[str, int]) -> None:
+def _enter_view(creator: Mapping[str, int]) -> None:
     """Stand in the creator's mount namespace, at its root."""
     linux.setns(creator["mnt"], linux.CLONE_NEWNS)
     os.fchdir(creator["root"])
     os.chroot(".")
 
 
-def make_in_thread(new: list[str], creator: dict[str, int] | None) -> dict[str, int]:
+def make_in_thread(new: list[str], creator: Mapping[str, int] | None) -> dict[str, int]:
     """Root's namespaces, made by the calling thread itself and left behind: no fork.
 
     Mount, UTS, IPC and network namespaces belong to a thread, not a process, so a thread can
@@ -160,7 +161,7 @@ def _pivot_into(mfd: int) -> dict[str, int]:
     return {"mnt": mnt, "root": os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)}
 
 
-def root_namespace(mfd: int, creator: dict[str, int], creds: Credentials,
+def root_namespace(mfd: int, creator: Mapping[str, int], creds: Credentials,
                    userns: int | None) -> dict[str, int]:
     """A new mount namespace whose root, and only mount, is `mfd`: {"mnt", "root"} fds.
 
@@ -250,7 +251,7 @@ class NamespacePool:
             fds.clear()
 
 
-def _make_in_helper(new: list[str], creator: dict[str, int], creds: Credentials,
+def _make_in_helper(new: list[str], creator: Mapping[str, int], creds: Credentials,
                     cgroup_procs: int | None) -> dict[str, int]:
     """Anything with a user namespace (or as non-root): in a forked helper with the creds."""
     def write_maps(pid: int) -> None:

@@ -12,10 +12,11 @@ import errno
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 from syscalls import linux
+from syscalls.fd import Fd
 
 log = logging.getLogger("containerfs")
 T = TypeVar("T")
@@ -24,17 +25,17 @@ T = TypeVar("T")
 @dataclass(frozen=True)
 class Peer:
     """Who is at the other end of a connection, as the kernel recorded it at connect(): the
-    credentials, and a pidfd of the process (owned by the connection; -1 if it had gone
+    credentials, and a pidfd of the process (owned by the connection; closed if it had gone
     already). `pid` is only ever used while `present()` shows it still names that process."""
     pid: int
     uid: int
     gid: int
-    pidfd: int = -1
+    pidfd: Fd = field(default_factory=Fd)
 
     def present(self) -> bool:
         """Whether the process that connected is not reaped yet: only then is `pid` its own
         (a pid number is given to another process only once the old one is reaped)."""
-        return self.pidfd >= 0 and pidfd_pid(self.pidfd) > 0
+        return not self.pidfd.closed and pidfd_pid(self.pidfd.fileno()) > 0
 
     def at_pid(self, act: Callable[[int], T], undo: Callable[[T], None] | None = None) -> T:
         """`act(pid)`, proven to have met the process that connected: present before and

@@ -8,6 +8,7 @@ from typing import Any
 import trio
 
 from syscalls.constants import CONTAINER_NEW_EMPTY_FS_NS
+from syscalls.fd import Fd, FdMap
 from syscalls.nstypes import FLAG_NAMESPACES
 
 from .states import State
@@ -22,13 +23,13 @@ class Container:
     group: int
     parent: int
     pipe: tuple[int, int]
-    wfd: int  # the service's write end of the handle pipe; closing it is the death notice
-    ns: dict[str, int]  # every namespace the container's processes enter, by type
+    wfd: Fd  # the service's write end of the handle pipe; closing it is the death notice
+    ns: FdMap  # every namespace the container's processes enter, by type (and "root")
     new_ns: frozenset[str]
     state: State = State.CREATED
     handle_open: bool = True
     init_pid: int | None = None
-    init_pidfd: int = -1
+    init_pidfd: Fd = field(default_factory=Fd)
     exit_status: int | None = None
     kill_pending: bool = False
     death_seen: trio.Event | None = None  # set once init's exit has been dealt with

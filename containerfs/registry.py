@@ -20,6 +20,7 @@ import trio
 
 from syscalls import linux
 from syscalls.constants import CONTAINER_NEW_USER_NS
+from syscalls.fd import Fd, FdMap
 
 from .cgroups import CgroupTree
 from .fdstore import FdStore
@@ -86,14 +87,15 @@ class Registry:
                  ns: dict[str, int]) -> Container:
         """A container record rebuilt from its registry row."""
         return Container(id=row["id"], name=row["name"], flags=row["flags"], owner=row["owner"],
-                         group=row["grp"], parent=row["parent"], pipe=pipe, wfd=wfd, ns=ns,
+                         group=row["grp"], parent=row["parent"], pipe=pipe, wfd=Fd(wfd),
+                         ns=FdMap(ns),
                          new_ns=requested_namespaces(row["flags"]), init_pid=row["init_pid"],
                          exit_status=row["exit_status"])
 
     def member_of(self, peer: Peer) -> int | None:
         """The id of the container whose group holds the process that connected, None if
         none; ESRCH once that process is reaped (nobody can tell where it was)."""
-        return peer.at_pid(lambda pid: self.cgroups.container_id_of_pidfd(peer.pidfd, pid))
+        return peer.at_pid(lambda pid: self.cgroups.container_id_of_pidfd(peer.pidfd.fileno(), pid))
 
     def owned_by(self, uid: int) -> int:
         """How many live containers `uid` owns."""
@@ -113,8 +115,8 @@ class Registry:
         """List `c` and find it by its handle and write end from now on."""
         self.containers[c.id] = c
         self.by_pipe[c.pipe] = c
-        if c.wfd >= 0:
-            self.by_wfd[c.wfd] = c
+        if not c.wfd.closed:
+            self.by_wfd[c.wfd.fileno()] = c
         self.changed()
 
     def remove(self, c: Container) -> None:
@@ -136,33 +138,32 @@ class Registry:
 
     def watch_handle(self, c: Container) -> None:
         """Start noticing the last close of `c`'s handle (once the service holds no reader)."""
-        if c.wfd >= 0:
+        if not c.wfd.closed:
             try:
-                self.epoll.register(c.wfd, 0)
+                self.epoll.register(c.wfd.fileno(), 0)
             except FileExistsError:
                 pass  # watched already (another handle of it is open)
 
     def close_write_end(self, c: Container) -> None:
         """Close the service's write end: every holder sees POLLHUP (with the keeper's)."""
-        if c.wfd >= 0:
+        if not c.wfd.closed:
             try:
-                self.epoll.unregister(c.wfd)
+                self.epoll.unregister(c.wfd.fileno())
             except (KeyError, FileNotFoundError, OSError):
                 pass
-            self.by_wfd.pop(c.wfd, None)
-            os.close(c.wfd)
-            c.wfd = -1
+            self.by_wfd.pop(c.wfd.fileno(), None)
+            c.wfd.close()
 
     def open_handle(self, peer: Peer, cid: int) -> int:
         """A new handle (read end) for container `cid`, for its owner or root."""
         c = self.containers.get(cid)
         if c is None or (peer.uid != 0 and peer.uid != c.owner):
             raise OSError(errno.ESRCH, f"no container {cid} of yours")
-        if c.wfd < 0:
+        if c.wfd.closed:
             raise OSError(errno.ECANCELED, f"container {cid} is dead")
         # Reopening the pipe through /proc gives another reader of the same pipe: a handle
         # like the first, counted like it (a reader again, if the last one had gone).
-        rfd = os.open(f"/proc/self/fd/{c.wfd}", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        rfd = os.open(f"/proc/self/fd/{c.wfd.fileno()}", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         os.set_blocking(rfd, True)
         if not c.handle_open:
             c.handle_open = True
@@ -173,9 +174,9 @@ class Registry:
 
     def keep(self, c: Container) -> None:
         """Hand the keeper copies of what must outlive a crash of the service."""
-        fds = {"w": c.wfd, **{f"ns:{t}": fd for t, fd in c.ns.items()}}
-        if c.init_pidfd >= 0:
-            fds["init"] = c.init_pidfd
+        fds = {"w": c.wfd.fileno(), **{f"ns:{t}": fd for t, fd in c.ns.items()}}
+        if not c.init_pidfd.closed:
+            fds["init"] = c.init_pidfd.fileno()
         self.fdstore.put(f"c{c.id}", fds)
 
     def save_later(self, row: dict[str, Any]) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 import trio
 
 from syscalls.constants import CONTAINER_NEW_EMPTY_FS_NS
+from syscalls.fd import Fd
 
 from .cgroups import CgroupTree
 from .fdstore import FdStore
@@ -106,7 +107,7 @@ class Service:
         if c.flags & CONTAINER_NEW_EMPTY_FS_NS and "root" in ns:
             c.new_ns = c.new_ns | {"mnt"}  # its root was set before the restart
         if init_pidfd >= 0:
-            c.init_pidfd = init_pidfd
+            c.init_pidfd = Fd(init_pidfd)
             c.state = State.RUNNING
             pid = pidfd_pid(init_pidfd)
             if pid > 0:  # the row's init_pid may not have been written before a crash

@@ -20,8 +20,10 @@ class ContainerLike(Protocol):
     handle_open: bool
     init_pid: int | None
     exit_status: int | None
-    ns: dict[str, int]
     new_ns: frozenset[str]
+
+    @property
+    def ns(self) -> Mapping[str, int]: ...  # read only: the view never changes it
 
 
 class CgroupsLike(Protocol):
