@@ -21,6 +21,7 @@ import trio
 
 from syscalls import fdpass, protocol
 from syscalls.fd import Fd
+from syscalls.replies import ContainerList, Created, ErrorReply, Reply, Reported
 
 from .process import Peer
 from .record import Container
@@ -46,7 +47,7 @@ def _peer(sock: trio.socket.SocketType) -> Peer:
     return Peer(pid=pid, uid=uid, gid=gid, pidfd=Fd(pidfd))
 
 
-async def _send(sock: trio.socket.SocketType, reply: dict[str, Any], fds: list[int]) -> None:
+async def _send(sock: trio.socket.SocketType, reply: Reply, fds: list[int]) -> None:
     anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
     await sock.sendmsg([protocol.encode(reply)], anc)
 
@@ -120,9 +121,9 @@ class Connection:
                             self.keep_key = ""
                         await self._consume()
                 if reply is None or req is not None and req.one_way:
-                    if reply is not None and "errno" in reply:  # an error nobody would read
+                    if isinstance(reply, ErrorReply):  # an error nobody would read
                         log.info("one-way %s from pid %d failed: %s", req.op if req else "?",
-                                 self.peer.pid, reply.get("message"))
+                                 self.peer.pid, reply.message)
                     continue
                 try:
                     await _send(self.sock, reply, out)
@@ -200,8 +201,7 @@ class Connection:
             if c is not None:
                 self.service.reg.watch_handle(c)
 
-    async def dispatch(self, req: protocol.Request,
-                       fds: list[int]) -> tuple[dict[str, Any] | None, list[int]]:
+    async def dispatch(self, req: protocol.Request, fds: list[int]) -> Answer:
         """Do one request; return the reply (None for a one-way message) and fds to send."""
         if isinstance(req, protocol.KEY_REQUESTS):
             if req.nfds and not isinstance(req, protocol.KeyListener):
@@ -214,7 +214,7 @@ class Connection:
 
     # ---- one handler per request type (see _HANDLERS) -----------------------------------
 
-    async def _create(self, req: protocol.Create, fds: list[int]) -> Reply:
+    async def _create(self, req: protocol.Create, fds: list[int]) -> Answer:
         svc = self.service
         raw = req.name.encode("utf-8", "surrogateescape")
         c, rfd = await svc.life.create(self.peer, raw, req.flags)
@@ -224,26 +224,26 @@ class Connection:
             log.warning("container %d: no plan of its first fork: %s", c.id, e)
             plan = None
         if plan is not None:
-            return {"id": c.id, "plan": plan[0]}, [rfd, *plan[1]]
-        return {"id": c.id}, [rfd]
+            return Created(c.id, plan=plan[0]), [rfd, *plan[1]]
+        return Created(c.id), [rfd]
 
-    async def _fork(self, req: protocol.Fork, fds: list[int]) -> Reply:
+    async def _fork(self, req: protocol.Fork, fds: list[int]) -> Answer:
         svc = self.service
         if self.fork_container is not None:
             # One fork per connection: the keeper's record of it names that fork.
             raise protocol.ProtocolError("a connection forks once")
         c = await self._container(fds[0])
         reply, ns_fds = await svc.forks.begin(self.peer, c)
-        self.forking = (c, reply["role"])
+        self.forking = (c, reply.role)
         self.fork_container = c
         if req.keep:
             # Before the reply: whatever the caller reports from now on outlives a crash.
-            self.keep_key = svc.forks.key(c, reply["role"])
+            self.keep_key = svc.forks.key(c, reply.role)
             svc.reg.fdstore.put(self.keep_key, {"s": self.sock.fileno()})
         return reply, ns_fds
 
     async def _reported(self, req: protocol.Started | protocol.ForkFailed,
-                        fds: list[int]) -> Reply:
+                        fds: list[int]) -> Answer:
         forks = self.service.forks
         if not self.forking:
             raise protocol.ProtocolError(f"{req.op} without a fork")
@@ -257,12 +257,12 @@ class Connection:
                                req.pid if root_report else 0)
         finally:
             forks.return_intermediate(self.peer)
-        return {"pid": pid}, []
+        return Reported(pid), []
 
-    async def _status(self, req: protocol.Status, fds: list[int]) -> Reply:
+    async def _status(self, req: protocol.Status, fds: list[int]) -> Answer:
         return self.service.reg.describe(await self._container(fds[0])), []
 
-    async def _kill(self, req: protocol.Kill, fds: list[int]) -> Reply:
+    async def _kill(self, req: protocol.Kill, fds: list[int]) -> Answer:
         reg = self.service.reg
         if fds:
             c = reg.lookup(fds[0])  # a kill during a fork waits for its report itself
@@ -271,40 +271,40 @@ class Connection:
         else:
             raise OSError(errno.ESRCH, f"no container with id {req.id}")
         self.service.life.kill_by(self.peer, c)
-        return {}, []
+        return Reply(), []
 
-    async def _netns(self, req: protocol.NetNs, fds: list[int]) -> Reply:
+    async def _netns(self, req: protocol.NetNs, fds: list[int]) -> Answer:
         return self.service.fs.netns_fds(self.peer, await self._container(fds[0]))
 
-    async def _list(self, req: protocol.List, fds: list[int]) -> Reply:
+    async def _list(self, req: protocol.List, fds: list[int]) -> Answer:
         reg = self.service.reg
         rows = [reg.describe(c) for c in reg.containers.values()
                 if self.peer.uid == 0 or c.owner == self.peer.uid]
-        return {"containers": rows}, []
+        return ContainerList(rows), []
 
-    async def _root(self, req: protocol.Root, fds: list[int]) -> Reply:
-        return {}, self.service.fs.root_fd(self.service.reg.lookup(fds[0]))
+    async def _root(self, req: protocol.Root, fds: list[int]) -> Answer:
+        return Reply(), self.service.fs.root_fd(self.service.reg.lookup(fds[0]))
 
-    async def _set_root(self, req: protocol.SetRoot, fds: list[int]) -> Reply:
+    async def _set_root(self, req: protocol.SetRoot, fds: list[int]) -> Answer:
         await self.service.fs.set_root(self.peer, await self._container(fds[0]), fds[1])
-        return {}, []
+        return Reply(), []
 
-    async def _mount_at(self, req: protocol.MountAt, fds: list[int]) -> Reply:
+    async def _mount_at(self, req: protocol.MountAt, fds: list[int]) -> Answer:
         c = await self._container(fds[0])
         return await self.service.fs.mount_at(self.peer, c, fds[1], req.path, bool(req.proc),
                                               req.attrs, req.params), []
 
-    async def _fs_namespaces(self, req: protocol.FsNamespaces, fds: list[int]) -> Reply:
+    async def _fs_namespaces(self, req: protocol.FsNamespaces, fds: list[int]) -> Answer:
         return self.service.fs.fs_namespaces(self.peer, await self._container(fds[0]))
 
-    async def _open(self, req: protocol.Open, fds: list[int]) -> Reply:
-        return {}, [self.service.reg.open_handle(self.peer, req.id)]
+    async def _open(self, req: protocol.Open, fds: list[int]) -> Answer:
+        return Reply(), [self.service.reg.open_handle(self.peer, req.id)]
 
 
 # A reply and the fds that go with it; None for a one-way message.
-Reply = tuple[dict[str, Any] | None, list[int]]
+Answer = tuple[Reply | None, list[int]]
 # The handler of each request type (the keyring's own go to the keyring service).
-_HANDLERS: dict[type[protocol.Request], Callable[[Connection, Any, list[int]], Awaitable[Reply]]] = {
+_HANDLERS: dict[type[protocol.Request], Callable[[Connection, Any, list[int]], Awaitable[Answer]]] = {
     protocol.Create: Connection._create,
     protocol.Fork: Connection._fork,
     protocol.Started: Connection._reported,

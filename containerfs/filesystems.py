@@ -17,6 +17,7 @@ import trio
 
 from syscalls import linux
 from syscalls.constants import CONTAINER_NEW_EMPTY_FS_NS, CONTAINER_NEW_PID_NS
+from syscalls.replies import Mounted, NamespaceFds
 
 from . import namespaces
 from .policy import Policy
@@ -107,7 +108,7 @@ class Filesystems:
         self.reg.keep(c)
 
     async def mount_at(self, peer: Peer, c: Container, mfd: int, unsafe_path: str,
-                       proc: bool = False, attrs: int = 0, params: str = "[]") -> dict[str, Any]:
+                       proc: bool = False, attrs: int = 0, params: str = "[]") -> Mounted:
         """move_mount into the container at `unsafe_path`, resolved from its root.
 
         With `proc`, `mfd` is a placeholder for a proc of the container's PID namespace: init
@@ -124,7 +125,7 @@ class Filesystems:
             while c.state == State.STARTING:  # init is being made: its PID namespace decides
                 await c.started.wait()
             if c.state == State.RUNNING:
-                return {"pid_born": 1}
+                return Mounted(pid_born=True)
             check_alive(c)  # killed while we waited
             if not c.proc_mounts:
                 c.proc_mounts_idle = trio.Event()
@@ -140,9 +141,9 @@ class Filesystems:
                 c.proc_mounts -= 1
                 if not c.proc_mounts:
                     c.proc_mounts_idle.set()
-        return {}
+        return Mounted()
 
-    def fs_namespaces(self, peer: Peer, c: Container) -> tuple[dict[str, Any], list[int]]:
+    def fs_namespaces(self, peer: Peer, c: Container) -> tuple[NamespaceFds, list[int]]:
         """FSCONFIG_SET_CONTAINER: the container's user (own), network and PID namespaces."""
         self.policy.mounter(peer, c, "create a filesystem in")
         check_alive(c)
@@ -150,12 +151,12 @@ class Filesystems:
         pid_born = c.state == State.RUNNING or not c.flags & CONTAINER_NEW_PID_NS
         if pid_born:
             names.append("pid")
-        return {"fds": names, "pid_pending": not pid_born}, _dups(c, names)
+        return NamespaceFds(names, pid_pending=not pid_born), _dups(c, names)
 
-    def netns_fds(self, peer: Peer, c: Container) -> tuple[dict[str, Any], list[int]]:
+    def netns_fds(self, peer: Peer, c: Container) -> tuple[NamespaceFds, list[int]]:
         """container_socket: the container's network namespace (and its own user namespace,
         if it has one) for a caller that could enter it: root, the owner, or a member."""
         self.policy.enterer(peer, c, "open a socket in")
         check_alive(c)
         names = (["user"] if "user" in c.new_ns else []) + ["net"]
-        return {"fds": names}, _dups(c, names)
+        return NamespaceFds(names), _dups(c, names)

@@ -12,12 +12,12 @@ import errno
 import logging
 import os
 from collections.abc import Callable
-from typing import Any
 
 import trio
 
 from syscalls.constants import CONTAINER_NEW_PID_NS
 from syscalls.fd import Fd
+from syscalls.replies import ForkGrant
 from syscalls.nstypes import NAMES
 
 from .cgroups import process_cgroup
@@ -52,7 +52,7 @@ class Forks:
 
     # ---- granting a fork ----------------------------------------------------------------
 
-    async def begin(self, peer: Peer, c: Container) -> tuple[dict[str, Any], list[int]]:
+    async def begin(self, peer: Peer, c: Container) -> tuple[ForkGrant, list[int]]:
         """Check a fork and return what the intermediate must enter: (reply, fds it names)."""
         self.policy.owner(peer, c, "fork into")
         while True:
@@ -90,7 +90,7 @@ class Forks:
             self.reg.changed()
         return reply, fds
 
-    def creator_plan(self, peer: Peer, c: Container) -> tuple[dict[str, Any], list[int]] | None:
+    def creator_plan(self, peer: Peer, c: Container) -> tuple[ForkGrant, list[int]] | None:
         """For root's container_create: what its first fork will be told to enter, so it can
         make the process while the Fork request is on its way (the reply then confirms it).
         None where that fork takes an intermediate anyway (a user namespace) or cannot be."""
@@ -98,7 +98,7 @@ class Forks:
             return None
         return self._plan(peer, c, "init")
 
-    def _plan(self, peer: Peer, c: Container, role: str) -> tuple[dict[str, Any], list[int]]:
+    def _plan(self, peer: Peer, c: Container, role: str) -> tuple[ForkGrant, list[int]]:
         """What a fork in `role` enters, in order: (reply, the fds it names). No side effect
         but the fds, which are the reply's own copies."""
         names: list[str] = []
@@ -110,10 +110,10 @@ class Forks:
 
         try:
             self._add_fds(peer, c, role, add)
-            reply = {"role": role, "fds": names, "id": c.id,
-                     "new_pid_ns": role == "init" and bool(c.flags & CONTAINER_NEW_PID_NS),
-                     "proc_paths": c.proc_paths if role == "init" else []}
-            reply.update(self.keyrings.fork_info(c))
+            reply = ForkGrant(role=role, fds=names, id=c.id,
+                              new_pid_ns=role == "init" and bool(c.flags & CONTAINER_NEW_PID_NS),
+                              proc_paths=list(c.proc_paths) if role == "init" else [],
+                              keyring=self.keyrings.fork_info(c))
         except BaseException:
             for fd in fds:
                 os.close(fd)

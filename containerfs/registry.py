@@ -21,6 +21,7 @@ import trio
 from syscalls import linux
 from syscalls.constants import CONTAINER_NEW_USER_NS
 from syscalls.fd import Fd, FdMap
+from syscalls.replies import ContainerStatus
 
 from .cgroups import CgroupTree
 from .fdstore import FdStore
@@ -197,13 +198,14 @@ class Registry:
 
     # ---- reading ------------------------------------------------------------------------
 
-    def describe(self, c: Container) -> dict[str, Any]:
+    def describe(self, c: Container) -> ContainerStatus:
         """container_status: the public fields of `c`."""
-        return {"id": c.id, "name": c.name.decode("utf-8", "surrogateescape"), "flags": c.flags,
-                "owner": c.owner, "group": c.group, "parent": c.parent, "state": c.state.value,
-                "init_pid": c.init_pid, "exit_status": c.exit_status,
-                "members": self.cgroups.procs(c.id) if c.state != State.DEAD else [],
-                "user_ns": bool(c.flags & CONTAINER_NEW_USER_NS)}
+        return ContainerStatus(
+            id=c.id, name=c.name.decode("utf-8", "surrogateescape"), flags=c.flags,
+            owner=c.owner, group=c.group, parent=c.parent, state=c.state.value,
+            init_pid=c.init_pid, exit_status=c.exit_status,
+            members=self.cgroups.procs(c.id) if c.state != State.DEAD else [],
+            user_ns=bool(c.flags & CONTAINER_NEW_USER_NS))
 
     def close(self) -> None:
         self.epoll.close()

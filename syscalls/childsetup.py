@@ -8,9 +8,10 @@ import os
 from typing import Any
 
 from . import linux
+from .replies import ForkGrant
 
 
-def child_setup(reply: dict[str, Any], fds: list[int], visible_proc: int = -1,
+def child_setup(reply: ForkGrant, fds: list[int], visible_proc: int = -1,
                  done: int = -1) -> None:
     """In the new process, before any of the caller's code runs in it: umask, and init's
     procs. `fds` are the Fork reply's; `visible_proc` is a mount namespace where a proc
@@ -18,7 +19,7 @@ def child_setup(reply: dict[str, Any], fds: list[int], visible_proc: int = -1,
     os.umask(0o022)
     unsafe_path = ""
     try:
-        entries = reply.get("proc_paths") or []
+        entries = reply.proc_paths
         placeholders = {entry["mnt_id"] for entry in entries}
         mine: set[int] = set()
         for entry in entries:
@@ -36,7 +37,7 @@ def child_setup(reply: dict[str, Any], fds: list[int], visible_proc: int = -1,
         os.close(done)
 
 
-def make_proc(entry: dict[str, Any], visible_proc: int, reply: dict[str, Any],
+def make_proc(entry: dict[str, Any], visible_proc: int, reply: ForkGrant,
                fds: list[int]) -> int:
     """A detached mount of a proc of our own (new) PID namespace, with the parameters and
     mount attributes the caller gave."""
@@ -50,7 +51,7 @@ def make_proc(entry: dict[str, Any], visible_proc: int, reply: dict[str, Any],
         # In a user namespace, the kernel mounts a proc only where one is already fully
         # visible, which our own root (built empty) has not: mount it in that copy of the
         # caller's mount namespace, then come back to ours.
-        names = reply["fds"]
+        names = reply.fds
         linux.setns(visible_proc, linux.CLONE_NEWNS)
         try:
             return linux.fsmount(fs, linux.FSMOUNT_CLOEXEC, entry["attrs"])
@@ -103,11 +104,11 @@ def open_in_root(unsafe_path: str) -> int:
         os.close(root)
 
 
-def done_pipe(reply: dict[str, Any]) -> tuple[int, int]:
+def done_pipe(reply: ForkGrant) -> tuple[int, int]:
     """For init with procs to put in place: a pipe whose write end init closes once they are
     (so that the process is reported, and the container seen running, only then); else
     (-1, -1)."""
-    if not reply.get("proc_paths"):
+    if not reply.proc_paths:
         return -1, -1
     return os.pipe2(os.O_CLOEXEC)
 

@@ -10,7 +10,8 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-from . import fdpass, protocol
+from . import fdpass, protocol, replies
+from .replies import R
 from .constants import DEFAULT_SOCKET
 
 
@@ -39,10 +40,11 @@ class Connection:
         self.identity = (os.getpid(), os.geteuid(), os.getegid(), path)
         self.hung_up = False
 
-    def call(self, req: protocol.Request, fds: Sequence[int] = ()) -> tuple[dict[str, Any], list[int]]:
-        """Send `req` with `fds`; return the reply and the fds it carried, or raise its OSError."""
+    def call(self, req: protocol.Request, fds: Sequence[int] = ()) -> tuple[Any, list[int]]:
+        """Send `req` with `fds`; return its reply (a `req.answer`) and the fds it carried, or
+        raise the error the service answered."""
         self.send(req, fds)
-        return self.receive()
+        return self.receive(req.answer)
 
     def send(self, req: protocol.Request, fds: Sequence[int] = ()) -> None:
         data = protocol.encode(req)
@@ -51,18 +53,25 @@ class Connection:
         else:
             self.sock.send(data)
 
-    def receive(self) -> tuple[dict[str, Any], list[int]]:
+    def receive(self, cls: type[R]) -> tuple[R, list[int]]:
+        """The next reply, as a `cls`, and its fds; the service's error raised as OSError."""
         data, fds, _flags = fdpass.recv_fds(self.sock, protocol.MAX_MESSAGE, protocol.MAX_FDS)
         if not data:
             for fd in fds:
                 os.close(fd)
             self.hung_up = True
             raise OSError(errno.EIO, "the containerfs service closed the connection")
-        reply = protocol.decode_reply(data)
-        if "errno" in reply:
+        try:
+            reply = replies.decode(data, cls)
+        except replies.ProtocolError as e:
             for fd in fds:
                 os.close(fd)
-            raise OSError(int(reply["errno"]), str(reply.get("message") or os.strerror(reply["errno"])))
+            raise OSError(errno.EPROTO, f"a reply from the containerfs service is malformed: "
+                                        f"{e}") from None
+        if isinstance(reply, replies.ErrorReply):
+            for fd in fds:
+                os.close(fd)
+            raise OSError(reply.errno, reply.message or os.strerror(reply.errno))
         return reply, fds
 
     def close(self) -> None:
@@ -122,7 +131,7 @@ def _forget_after_fork() -> None:
 os.register_at_fork(after_in_child=_forget_after_fork)
 
 
-def call(req: protocol.Request, fds: Sequence[int] = ()) -> tuple[dict[str, Any], list[int]]:
+def call(req: protocol.Request, fds: Sequence[int] = ()) -> tuple[Any, list[int]]:
     """One request and its reply, on an idle connection of this process or a new one."""
     reply, conn = call_holding(req, fds)
     give_back(conn)
@@ -130,7 +139,7 @@ def call(req: protocol.Request, fds: Sequence[int] = ()) -> tuple[dict[str, Any]
 
 
 def call_holding(req: protocol.Request, fds: Sequence[int] = ()
-                 ) -> tuple[tuple[dict[str, Any], list[int]], Connection]:
+                 ) -> tuple[tuple[Any, list[int]], Connection]:
     """call(), but the connection is the caller's afterwards (to give back, or to fork on)."""
     conn, reused = _take()
     try:
@@ -148,7 +157,7 @@ def call_holding(req: protocol.Request, fds: Sequence[int] = ()
         conn.close()
         raise
     try:
-        reply = conn.receive()
+        reply = conn.receive(req.answer)
     except OSError:
         if conn.hung_up:
             conn.close()

@@ -9,7 +9,7 @@ import select
 import signal
 from typing import Any, NamedTuple
 
-from . import linux, childsetup, keys, protocol, validate
+from . import childsetup, keys, linux, protocol, replies, validate
 from .handle import check_handle
 from .nstypes import NAMESPACES
 
@@ -30,7 +30,7 @@ def container_create(name: str | bytes, flags: int) -> int:
         name=raw.decode("utf-8", "surrogateescape"), flags=flags, plan=int(plan)))
     fd, plan_fds = fds[0], fds[1:]
     if plan_fds:
-        _plans.keep(fd, reply.get("plan") or {}, plan_fds, conn)  # its fork goes on conn
+        _plans.keep(fd, reply.plan, plan_fds, conn)  # its fork goes on conn
     else:
         give_back(conn)
     if not flags & CONTAINER_FD_CLOEXEC:
@@ -41,8 +41,8 @@ def container_create(name: str | bytes, flags: int) -> int:
 def container_status(fd: int) -> dict[str, Any]:
     """The service's record of the container behind `fd` (id, name, state, init pid...)."""
     check_handle(fd)
-    reply, _ = call(protocol.Status(), [fd])
-    return reply
+    reply: replies.ContainerStatus = call(protocol.Status(), [fd])[0]
+    return replies.to_json(reply)
 
 
 def container_kill(fd: int) -> None:
@@ -83,11 +83,11 @@ def fork_into_container(fd: int) -> int:
         except BaseException:
             conn.close()
             raise
-        if "ns:user" not in reply["fds"] or linux.same_file(
-                fds[reply["fds"].index("ns:user")], "/proc/self/ns/user"):
+        if "ns:user" not in reply.fds or linux.same_file(
+                fds[reply.fds.index("ns:user")], "/proc/self/ns/user"):
             return _fork_here(conn, reply, fds)
         return _via_intermediate(fd, conn, reply, fds)
-    return _via_intermediate(fd, None, {}, [])
+    return _via_intermediate(fd, None, None, [])
 
 
 def _single_threaded() -> bool:
@@ -101,7 +101,7 @@ def _close(conn: Connection, fds: list[int]) -> None:
         os.close(fd)
 
 
-def _fork_here(conn: Connection, reply: dict[str, Any], fds: list[int],
+def _fork_here(conn: Connection, reply: replies.ForkGrant | None, fds: list[int],
                plan: _Plan | None = None) -> int:
     """Enter, fork once, and restore the caller's namespaces, root and cwd. With `plan` (its
     Fork request sent, not answered), the plan is entered first and the reply read there if
@@ -120,11 +120,12 @@ def _fork_here(conn: Connection, reply: dict[str, Any], fds: list[int],
             if got is None:
                 linux.restore_signals(old_mask)
                 try:
-                    reply, fds = conn.receive()
+                    reply, fds = conn.receive(replies.ForkGrant)
                 finally:
                     old_mask = linux.block_signals()
             else:
                 reply, fds, cgroup_fd = got
+        assert reply is not None  # given, or read above
         done_r, done_w = childsetup.done_pipe(reply)
         try:
             if cgroup_fd is None:
@@ -170,7 +171,7 @@ def _fork_here(conn: Connection, reply: dict[str, Any], fds: list[int],
 
 
 class _Plan(NamedTuple):
-    reply: dict[str, Any]  # the Fork reply the service expects to give
+    reply: replies.ForkGrant  # the Fork reply the service expects to give
     fds: list[int]
     ids: list[tuple[int, int]]  # what each fd was, so a reused fd number is never taken
     handle: tuple[int, int]
@@ -186,9 +187,10 @@ class _Plans:
         self.plan: _Plan | None = None
         os.register_at_fork(after_in_child=self.drop)
 
-    def keep(self, handle: int, reply: dict[str, Any], fds: list[int], conn: Connection) -> None:
+    def keep(self, handle: int, reply: replies.ForkGrant | None, fds: list[int],
+             conn: Connection) -> None:
         self.drop()
-        if reply.get("role") != "init" or len(reply.get("fds", ())) != len(fds):
+        if reply is None or reply.role != "init" or len(reply.fds) != len(fds):
             _close_fds(fds)
             give_back(conn)
             return
@@ -205,8 +207,8 @@ class _Plans:
         if (st.st_dev, st.st_ino) != plan.handle:
             return None  # kept for its own container's first fork
         if plan.pid != os.getpid() or not _still(plan) or (
-                "ns:user" in plan.reply["fds"] and not linux.same_file(
-                    plan.fds[plan.reply["fds"].index("ns:user")], "/proc/self/ns/user")):
+                "ns:user" in plan.reply.fds and not linux.same_file(
+                    plan.fds[plan.reply.fds.index("ns:user")], "/proc/self/ns/user")):
             # Not this process's, its fds reused by the caller, or the caller moved to
             # another user namespace since.
             self.drop()
@@ -268,7 +270,7 @@ def _fork_ahead(handle: int, plan: _Plan) -> int:
         _close_fds(plan.fds)
         raise
     try:
-        return _fork_here(conn, {}, [], plan)
+        return _fork_here(conn, None, [], plan)
     except BaseException:
         conn.close()
         raise
@@ -280,7 +282,7 @@ PLAN_WAIT_MS = 50
 
 
 def _enter_planned(conn: Connection, plan: _Plan, saved: list[tuple[str, int]], cwd: int,
-                   root: int) -> tuple[dict[str, Any], list[int], int | None] | None:
+                   root: int) -> tuple[replies.ForkGrant, list[int], int | None] | None:
     """Enter the plan, then read the Fork reply: (reply, its fds, the cgroup fd to fork
     into), the cgroup fd None if the reply is not the plan; None if the reply is slow to
     come. In both of those cases nothing of the plan is entered any more. Raises the
@@ -296,13 +298,13 @@ def _enter_planned(conn: Connection, plan: _Plan, saved: list[tuple[str, int]], 
             _go_back(saved, cwd, root)
             return None
         try:
-            reply, fds = conn.receive()
+            reply, fds = conn.receive(replies.ForkGrant)
         except BaseException:
             _go_back(saved, cwd, root)
             raise
         try:
             if cgroup_fd is not None and _confirms(plan, reply, fds):
-                cgroup_fd = fds[reply["fds"].index("cgroup")] if "cgroup" in reply["fds"] else -1
+                cgroup_fd = fds[reply.fds.index("cgroup")] if "cgroup" in reply.fds else -1
             else:
                 _go_back(saved, cwd, root)
                 cgroup_fd = None
@@ -314,7 +316,7 @@ def _enter_planned(conn: Connection, plan: _Plan, saved: list[tuple[str, int]], 
     return reply, fds, cgroup_fd
 
 
-def _confirms(plan: _Plan, reply: dict[str, Any], fds: list[int]) -> bool:
+def _confirms(plan: _Plan, reply: replies.ForkGrant, fds: list[int]) -> bool:
     """Whether the service's Fork reply is the plan the process was made from."""
     return (reply == plan.reply and len(fds) == len(plan.fds)
             and all(linux.same_file(a, b) for a, b in zip(fds, plan.fds)))
@@ -343,7 +345,8 @@ def _go_back(saved: list[tuple[str, int]], cwd: int, root: int) -> None:
     os.fchdir(cwd)
 
 
-def _via_intermediate(handle: int, conn: Connection | None, reply: dict[str, Any],
+def _via_intermediate(handle: int, conn: Connection | None,
+                      reply: replies.ForkGrant | None,
                       fds: list[int]) -> int:
     """Fork an intermediate that enters and makes the process with CLONE_PARENT."""
     rfd, wfd = os.pipe2(os.O_CLOEXEC)
@@ -386,7 +389,7 @@ def _via_intermediate(handle: int, conn: Connection | None, reply: dict[str, Any
 
 
 
-def _enter(reply: dict[str, Any], fds: list[int],
+def _enter(reply: replies.ForkGrant, fds: list[int],
            saved: list[tuple[str, int]] | None = None,
            visible_proc: list[int] | None = None) -> int:
     """Enter what the service handed over; return the cgroup fd or -1.
@@ -403,12 +406,12 @@ def _enter(reply: dict[str, Any], fds: list[int],
     cgroup_fd = -1
     in_userns = False
     try:
-        for name, fd in zip(reply["fds"], fds):
+        for name, fd in zip(reply.fds, fds):
             kind, _, nstype = name.partition(":")
             if kind == "ns":
                 if not linux.same_file(fd, own[nstype]):
                     if (nstype == "mnt" and in_userns and visible_proc is not None
-                            and reply.get("proc_paths")):
+                            and reply.proc_paths):
                         # The kernel mounts a proc in a user namespace only where one is
                         # fully visible already (mount_too_revealing); the container's root
                         # has none before init's. A copy of the caller's mount namespace
@@ -428,7 +431,7 @@ def _enter(reply: dict[str, Any], fds: list[int],
                 os.chdir("/")
             elif kind == "cgroup":
                 cgroup_fd = fd
-        if reply.get("new_pid_ns"):
+        if reply.new_pid_ns:
             if saved is not None:
                 saved.append(("pid", own.pop("pid")))
             linux.unshare(linux.CLONE_NEWPID)
@@ -439,7 +442,8 @@ def _enter(reply: dict[str, Any], fds: list[int],
     return cgroup_fd
 
 
-def _intermediate(handle: int, wfd: int, conn: Connection | None, reply: dict[str, Any],
+def _intermediate(handle: int, wfd: int, conn: Connection | None,
+                  reply: replies.ForkGrant | None,
                   fds: list[int]) -> bool:
     """Run in the short-lived intermediate; True only in the new process, which must return 0."""
     result: dict[str, Any]
@@ -452,6 +456,7 @@ def _intermediate(handle: int, wfd: int, conn: Connection | None, reply: dict[st
         if conn is None:
             conn = Connection()
             reply, fds = conn.call(protocol.Fork(), [handle])
+        assert reply is not None  # the caller's, or read above
         visible_proc: list[int] = []
         done_r, done_w = childsetup.done_pipe(reply)
         try:

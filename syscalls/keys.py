@@ -16,9 +16,10 @@ import os
 import struct
 from typing import Any
 
-from . import linux, protocol
+from . import linux, protocol, replies
 from .client import Connection, call
 from .handle import check_handle
+from .replies import ForkGrant
 from .seccomp_notify import install_request_key_filter
 
 # Special keyring ids (linux/keyctl.h).
@@ -189,7 +190,7 @@ def check_type(key_type: str) -> None:
 
 # ---- entering a container's keyring (fork_into_container) ------------------------------
 
-def join_container_keyring(reply: dict[str, Any]) -> None:
+def join_container_keyring(reply: ForkGrant) -> None:
     """Make the container's session keyring (named in the service's Fork reply) the calling
     process's own.
 
@@ -198,7 +199,7 @@ def join_container_keyring(reply: dict[str, Any]) -> None:
     container's owner and grants only its owner search (the right to join it): root forking
     into another user's container joins with that user's fsuid, for this one call.
     """
-    info = reply.get("keyring")
+    info = reply.keyring
     if not info:
         return
     name, serial, owner = str(info["name"]), int(info["serial"]), int(info["owner"])
@@ -218,11 +219,11 @@ def join_container_keyring(reply: dict[str, Any]) -> None:
             pass
 
 
-def enter_container(conn: Connection, reply: dict[str, Any], *, join: bool) -> None:
+def enter_container(conn: Connection, reply: ForkGrant, *, join: bool) -> None:
     """In a process just forked into a container, before the caller's code runs in it: join
     the container's session keyring (`join`: the intermediate did it otherwise), then trap
     request_key() and hand the listener to the service over the fork's open connection."""
-    if not reply.get("keyring"):
+    if not reply.keyring:
         return
     if join:
         try:
@@ -293,7 +294,7 @@ def keyctl_set_container_keyring(cfd: int, keyring: int) -> None:
         reply, _ = conn.call(protocol.KeyringStage(), [cfd])
         # The link is made here, with the caller's permission to link its keyring; the service
         # then takes it from the staging keyring it gave us, and nothing else.
-        link(serial, int(reply["stage"]))
+        link(serial, reply.stage)
         conn.call(protocol.KeyringAttach(keyring=serial), [cfd])
 
 
@@ -323,9 +324,9 @@ def keyctl_container_intercept(cfd: int, key_type: str | None, ns_id: int, dest_
     if dest_keyring == 0:
         if key_type is not None:
             check_type(key_type)
-        reply, _ = call(protocol.KeyUnintercept(
-            type=key_type if key_type is not None else "", all=int(key_type is None)), [cfd])
-        return int(reply["removed"])
+        reply: replies.Removed = call(protocol.KeyUnintercept(
+            type=key_type if key_type is not None else "", all=int(key_type is None)), [cfd])[0]
+        return reply.removed
     if key_type is None:
         raise OSError(errno.EINVAL, "a trap needs a key type (\"*\" for any)")
     check_type(key_type)
@@ -333,9 +334,9 @@ def keyctl_container_intercept(cfd: int, key_type: str | None, ns_id: int, dest_
         raise OSError(errno.EINVAL, "the answer timeout must be positive")
     dest = _probe_keyring(dest_keyring, "write")
     with Connection() as conn:
-        reply, _ = conn.call(protocol.KeyIntercept(
-            type=key_type, dest=dest, timeout_ms=max(1, round(timeout * 1000)), bind=0), [cfd])
-        _link_records(conn, cfd, key_type, int(reply["record_keyring"]), dest)
+        trap: replies.Intercepting = conn.call(protocol.KeyIntercept(
+            type=key_type, dest=dest, timeout_ms=max(1, round(timeout * 1000)), bind=0), [cfd])[0]
+        _link_records(conn, cfd, key_type, trap.record_keyring, dest)
     return 0
 
 
@@ -363,7 +364,7 @@ def open_intercept(cfd: int, key_type: str | None, *, timeout: float = DEFAULT_I
                 [cfd])
             if dest:
                 # The trap is this connection's: closing it on failure removes it.
-                link(int(reply["record_keyring"]), dest)
+                link(reply.record_keyring, dest)
     except BaseException:
         conn.close()
         raise

@@ -139,7 +139,7 @@ def fsconfig(fsfd: int, cmd: int, key: str | None = None, value: str | bytes | N
         raise OSError(errno.EINVAL, f"fd {aux} is not a container handle")
     reply, fds = call(protocol.FsNamespaces(), [aux])
     try:
-        named = dict(zip(reply["fds"], fds))
+        named = dict(zip(reply.fds, fds))
         if ctx.refused and "user" not in named:
             raise OSError(errno.EPERM, "fsopen was refused and the container has no user "
                                        "namespace of its own")
@@ -148,7 +148,7 @@ def fsconfig(fsfd: int, cmd: int, key: str | None = None, value: str | bytes | N
         # fsopen wants CAP_SYS_ADMIN over the mount namespace one stands in: once in the
         # container's user namespace, root too must stand in a mount namespace of its own.
         inside_userns = "user" in named
-        pending = ctx.fstype == "proc" and bool(reply.get("pid_pending"))
+        pending = ctx.fstype == "proc" and reply.pid_pending
 
         def make() -> list[int]:
             if inside_userns:
@@ -344,7 +344,7 @@ def _mount_pending_proc(mfd: int, cfd: int, to_path: str, pending: _PendingProc)
                                     "(FSCONFIG_SET_CONTAINER): mount it in that container")
     reply, _ = call(protocol.MountAt(path=to_path, proc=1, attrs=pending.attrs,
                                      params=json.dumps(pending.params)), [cfd, mfd])
-    if not reply.get("pid_born"):
+    if not reply.pid_born:
         _pending_proc_mounts.pop(linux.mount_id(mfd), None)  # attached: init's to complete
         return
     # The PID namespace exists now: make the proc the caller asked for, as if made now.

@@ -11,12 +11,12 @@ import dataclasses
 import json
 from typing import Any, ClassVar
 
+from . import replies
+from .replies import ProtocolError as ProtocolError  # one error for requests and replies
+from .replies import Reply
+
 MAX_MESSAGE = 65536
 MAX_FDS = 16
-
-
-class ProtocolError(ValueError):
-    """The bytes are not a message of this protocol."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,6 +26,8 @@ class Request:
     nfds: ClassVar[int] = 0
     # Sent without waiting: the service never replies, not even with an error.
     one_way: ClassVar[bool] = False
+    # The reply it gets (replies.py), unless an error.
+    answer: ClassVar[type[Reply]] = Reply
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +36,7 @@ class Create(Request):
     what the first fork will be told to enter ("plan", a Fork reply for init, and its fds
     after the handle's), so that fork can make the process before its reply is back."""
     op: ClassVar[str] = "create"
+    answer: ClassVar[type[Reply]] = replies.Created
     name: str  # UTF-8 with surrogateescape, so any bytes survive JSON
     flags: int
     plan: int = 0
@@ -45,6 +48,7 @@ class Fork(Request):
     `keep`: the report will be one way (StartedNoReply), so the service must keep this
     connection where a crash cannot lose it."""
     op: ClassVar[str] = "fork"
+    answer: ClassVar[type[Reply]] = replies.ForkGrant
     nfds: ClassVar[int] = 1
     keep: int = 0
 
@@ -53,6 +57,7 @@ class Fork(Request):
 class Started(Request):
     """The process was made; its pidfd comes along. Reply: its pid, once recorded."""
     op: ClassVar[str] = "started"
+    answer: ClassVar[type[Reply]] = replies.Reported
     nfds: ClassVar[int] = 1
     pid: int
 
@@ -78,6 +83,7 @@ class ForkFailed(Request):
 class Status(Request):
     """The container behind the handle. Reply: its public fields."""
     op: ClassVar[str] = "status"
+    answer: ClassVar[type[Reply]] = replies.ContainerStatus
     nfds: ClassVar[int] = 1
 
 
@@ -92,12 +98,14 @@ class Kill(Request):
 class List(Request):
     """The containers the caller may see. Reply: rows."""
     op: ClassVar[str] = "list"
+    answer: ClassVar[type[Reply]] = replies.ContainerList
 
 
 @dataclasses.dataclass(frozen=True)
 class NetNs(Request):
     """container_socket: the container's network (and own user) namespace. Reply: ns fds."""
     op: ClassVar[str] = "netns"
+    answer: ClassVar[type[Reply]] = replies.NamespaceFds
     nfds: ClassVar[int] = 1
 
 
@@ -125,6 +133,7 @@ class MountAt(Request):
     the fsmount attributes `attrs`, and puts in the placeholder's stead. Reply: {"pid_born":
     1}, and nothing mounted, if init exists already (the caller then makes the proc now)."""
     op: ClassVar[str] = "mount_at"
+    answer: ClassVar[type[Reply]] = replies.Mounted
     nfds: ClassVar[int] = 2
     path: str
     proc: int = 0
@@ -136,6 +145,7 @@ class MountAt(Request):
 class FsNamespaces(Request):
     """FSCONFIG_SET_CONTAINER: the user, network and PID namespaces a superblock belongs in."""
     op: ClassVar[str] = "fs_namespaces"
+    answer: ClassVar[type[Reply]] = replies.NamespaceFds
     nfds: ClassVar[int] = 1
 
 
@@ -167,6 +177,7 @@ class KeyringStage(Request):
     """keyctl_set_container_keyring, step 1. Reply: `stage`, a keyring the caller may link
     its keyring into (the link is made with the caller's own permissions)."""
     op: ClassVar[str] = "keyring_stage"
+    answer: ClassVar[type[Reply]] = replies.Staged
     nfds: ClassVar[int] = 1
 
 
@@ -184,6 +195,7 @@ class KeyIntercept(Request):
     trap lives as long as this connection, which then carries {"event": "request"} messages
     and nothing else."""
     op: ClassVar[str] = "key_intercept"
+    answer: ClassVar[type[Reply]] = replies.Intercepting
     nfds: ClassVar[int] = 1
     type: str
     dest: int = 0
@@ -195,6 +207,7 @@ class KeyIntercept(Request):
 class KeyUnintercept(Request):
     """Remove the trap for `type` (every trap with `all`). Reply: `removed`."""
     op: ClassVar[str] = "key_unintercept"
+    answer: ClassVar[type[Reply]] = replies.Removed
     nfds: ClassVar[int] = 1
     type: str = ""
     all: int = 0
@@ -212,6 +225,7 @@ class KeyAnswer(Request):
     """Answer request `rid`: `action` instantiate (base64 `payload`), negate or reject
     (`errno`); `timeout_ms` caches a negation. Reply: `serial` for instantiate."""
     op: ClassVar[str] = "key_answer"
+    answer: ClassVar[type[Reply]] = replies.Instantiated
     nfds: ClassVar[int] = 1
     rid: int
     action: str
@@ -226,12 +240,12 @@ REQUESTS.update({cls.op: cls for cls in KEY_REQUESTS})
 _FIELD_TYPES: dict[str, type] = {"int": int, "str": str}
 
 
-def encode(msg: Request | dict[str, Any]) -> bytes:
-    """Encode a request (dataclass) or a reply (dict) as one datagram."""
+def encode(msg: Request | Reply) -> bytes:
+    """Encode a request or a reply (replies.py) as one datagram."""
     if isinstance(msg, Request):
         body = {"op": msg.op, **dataclasses.asdict(msg)}
     else:
-        body = msg
+        body = replies.to_json(msg)
     data = json.dumps(body, separators=(",", ":")).encode()
     if len(data) > MAX_MESSAGE:
         raise ProtocolError(f"message of {len(data)} bytes exceeds {MAX_MESSAGE}")
@@ -271,12 +285,13 @@ def decode_request(data: bytes) -> Request:
 
 
 def decode_reply(data: bytes) -> dict[str, Any]:
-    """Decode a reply datagram (a JSON object)."""
+    """A reply datagram as its raw JSON object, for tests and tools that speak the protocol
+    by hand (programs decode typed replies: replies.decode)."""
     return _load(data)
 
 
-def error_reply(err: int, message: str) -> dict[str, Any]:
-    return {"errno": err, "message": message}
+def error_reply(err: int, message: str) -> replies.ErrorReply:
+    return replies.ErrorReply(err, message)
 
 
 # ---- the kernel's own key requests (the request-key.d rule's handler) --------------------
@@ -291,6 +306,7 @@ class KeyUpcall(Request):
     {"action": "instantiate", "payload": base64} or {"action": "reject", "errno": n,
     "timeout_ms": t}. After an instantiate the handler sends KeyUpcallDone."""
     op: ClassVar[str] = "key_upcall"
+    answer: ClassVar[type[Reply]] = replies.UpcallReply
     key: int
     type: str
     description: str

@@ -44,7 +44,7 @@ def container_socket(cfd: int, domain: int, type: int, protocol: int) -> int:
     _check_args(domain, type, protocol)
     reply, fds = call(NetNs(), [cfd])
     try:
-        ns = dict(zip(reply["fds"], fds))
+        ns = dict(zip(reply.fds, fds))
         return _socket_in(ns["net"], ns.get("user"), domain, type, protocol)
     finally:
         for fd in fds:

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from syscalls import protocol
+from syscalls import protocol, replies
 
 
 @pytest.mark.parametrize("req", [
@@ -45,5 +45,41 @@ def test_random_bytes_never_crash() -> None:
 
 def test_oversized_message_refused() -> None:
     with pytest.raises(protocol.ProtocolError):
-        protocol.encode({"x": "y" * protocol.MAX_MESSAGE})
-    assert json.loads(protocol.encode({"errno": 1}))["errno"] == 1
+        protocol.encode(replies.ErrorReply(1, "y" * protocol.MAX_MESSAGE))
+    assert json.loads(protocol.encode(replies.ErrorReply(1, "m")))["errno"] == 1
+
+
+GRANT = replies.ForkGrant(role="init", fds=["ns:user", "root"], id=2, new_pid_ns=True,
+                          proc_paths=[{"path": "proc", "mnt_id": 7, "params": [], "attrs": 0}],
+                          keyring={"name": "k", "serial": 9, "owner": 0})
+
+
+@pytest.mark.parametrize("reply", [
+    replies.Reply(), replies.Created(2), replies.Created(3, plan=GRANT), GRANT,
+    replies.Reported(12),
+    replies.ContainerList([replies.ContainerStatus(2, "a", 0, 0, 0, 1, "running", 5, None,
+                                                   [5, 6], False)]),
+    replies.NamespaceFds(["user", "net"], pid_pending=True), replies.Mounted(pid_born=True),
+    replies.Staged(4), replies.Intercepting(0), replies.Removed(2), replies.Instantiated(8),
+    replies.KeyRequest("request", 1, 2, "create", "user", "d", "c", 0, 0, 9),
+    replies.UpcallReply(action="reject", reject_errno=13, timeout_ms=5),
+])
+def test_reply_round_trip(reply: replies.Reply) -> None:
+    assert replies.decode(protocol.encode(reply), type(reply)) == reply
+
+
+def test_an_error_is_an_error_whatever_was_asked() -> None:
+    got = replies.decode(protocol.encode(protocol.error_reply(13, "no")), replies.Created)
+    assert got == replies.ErrorReply(13, "no")
+
+
+@pytest.mark.parametrize("cls,data", [
+    (replies.Created, b"{}"), (replies.Created, b'{"id": "2"}'), (replies.Created, b'{"id": true}'),
+    (replies.Created, b'{"id": 2, "plan": {"role": "init"}}'), (replies.Created, b"[]"),
+    (replies.Reported, b'{"pid": 1, "extra": 0}'), (replies.ForkGrant, b'{"role": "x", "fds": "ab", "id": 1}'),
+    (replies.ContainerList, b'{"containers": [{"id": 1}]}'), (replies.Mounted, b'{"pid_born": 1}'),
+    (replies.Reply, b"not json"), (replies.ErrorReply, b'{"errno": "x", "message": "m"}'),
+])
+def test_malformed_reply_is_protocol_error(cls: type[replies.Reply], data: bytes) -> None:
+    with pytest.raises(protocol.ProtocolError):
+        replies.decode(data, cls)

@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Self
 
-from syscalls import keys, protocol
+from syscalls import keys, protocol, replies
 from syscalls.client import Connection
 from syscalls.fdpass import recv_fds
 from syscalls.keys import DEFAULT_INTERCEPT_TIMEOUT
@@ -46,7 +46,7 @@ class Request:
         data = payload.encode() if isinstance(payload, str) else bytes(payload)
         reply = self._requests._answer(self.rid, "instantiate",
                                        payload=base64.b64encode(data).decode())
-        return int(reply["serial"])
+        return reply.serial
 
     def negate(self, timeout_s: float = 0.0) -> None:
         """The requester gets ENOKEY; so does every request for this key for `timeout_s`."""
@@ -83,15 +83,16 @@ class Requests:
         if not data:
             raise EOFError("no more key requests: the container died, the trap was removed "
                            "or the service stopped")
-        event = protocol.decode_reply(data)
-        return self._request(event)
-
-    def _request(self, event: dict[str, Any]) -> Request:
-        return Request(rid=int(event["rid"]), operation=str(event["operation"]),
-                       type=str(event["type"]), description=str(event["description"]),
-                       callout_info=str(event["callout_info"]), uid=int(event["uid"]),
-                       gid=int(event["gid"]), pid=int(event["pid"]),
-                       container=int(event["container"]), _requests=self)
+        try:
+            event = replies.decode(data, replies.KeyRequest)
+        except replies.ProtocolError as e:
+            raise OSError(errno.EPROTO, f"a key request from the service is malformed: {e}") from None
+        if isinstance(event, replies.ErrorReply):
+            raise OSError(event.errno, event.message)
+        return Request(rid=event.rid, operation=event.operation, type=event.type,
+                       description=event.description, callout_info=event.callout_info,
+                       uid=event.uid, gid=event.gid, pid=event.pid, container=event.container,
+                       _requests=self)
 
     def get(self, timeout: float | None = None) -> Request:
         """The next request; TimeoutError if none comes within `timeout` seconds."""
@@ -117,11 +118,11 @@ class Requests:
             except EOFError:
                 return
 
-    def _answer(self, rid: int, action: str, **fields: Any) -> dict[str, Any]:
+    def _answer(self, rid: int, action: str, **fields: Any) -> replies.Instantiated:
         if self._answers is None:
             self._answers = Connection()
-        reply, _ = self._answers.call(protocol.KeyAnswer(rid=rid, action=action, **fields),
-                                      [self._cfd])
+        reply: replies.Instantiated = self._answers.call(
+            protocol.KeyAnswer(rid=rid, action=action, **fields), [self._cfd])[0]
         return reply
 
     def close(self) -> None:

@@ -10,11 +10,11 @@ import json
 import logging
 import os
 import time
-from typing import Any
 
 import trio
 
-from syscalls import keys, protocol, seccomp_notify
+from syscalls import keys, protocol, replies, seccomp_notify
+from syscalls.replies import Instantiated, UpcallReply
 from syscalls.keys import KEY_ALL
 
 from .hooks import Hooks
@@ -63,7 +63,8 @@ class RequestQueue:
             if not trap.records_locked:
                 keys.setperm(trap.record_ring, perm(pos=KEY_ALL))
                 trap.records_locked = True
-            payload = json.dumps({k: v for k, v in p.event(ck.cid).items() if k != "event"})
+            payload = json.dumps({k: v for k, v in replies.to_json(p.event(ck.cid)).items()
+                                  if k != "event"})
             p.record = keys.add_key("user", f"containerfs:{ck.cid}:{p.rid}", payload.encode(),
                                     trap.record_ring)
             keys.chown(p.record, trap.owner, trap.group)
@@ -93,9 +94,10 @@ class RequestQueue:
                 seccomp_notify.notif_send(w.listener.fd, w.notif_id, error=error, continue_=continue_)
             self.hooks.let_go(w.keep_key)
         if p.upcall is not None:
-            p.upcall.tell({"action": "instantiate", "payload": payload} if payload is not None
-                          else {"action": "reject", "errno": error or errno.ENOKEY,
-                                "timeout_ms": timeout_ms})
+            p.upcall.tell(UpcallReply(action="instantiate", payload=payload)
+                          if payload is not None else
+                          UpcallReply(action="reject", reject_errno=error or errno.ENOKEY,
+                                      timeout_ms=timeout_ms))
         p.done.set()
 
     async def _expire(self, ck: ContainerKeys, p: Pending) -> None:
@@ -106,7 +108,7 @@ class RequestQueue:
                      p.description, p.trap.timeout)
             self.finish(ck, p, error=errno.ENOKEY)
 
-    async def answer(self, ck: ContainerKeys, req: protocol.KeyAnswer) -> dict[str, Any]:
+    async def answer(self, ck: ContainerKeys, req: protocol.KeyAnswer) -> Instantiated:
         p = ck.pending.get(req.rid)
         if p is None:
             raise OSError(errno.ENOENT, f"no request {req.rid} waits in container {ck.cid} "
@@ -119,8 +121,8 @@ class RequestQueue:
             except ValueError:
                 raise OSError(errno.EINVAL, "payload is not base64") from None
             if p.upcall is not None:
-                return {"serial": await self._instantiate_upcall(ck, p, req.payload)}
-            return {"serial": self._instantiate(ck, p, payload)}
+                return Instantiated(await self._instantiate_upcall(ck, p, req.payload))
+            return Instantiated(self._instantiate(ck, p, payload))
         if req.action == "negate":
             err = errno.ENOKEY
         elif req.action == "reject":
@@ -133,7 +135,7 @@ class RequestQueue:
             # The kernel would keep a negative key this long: later requests fail at once.
             ck.negative[(p.type, p.description)] = (time.monotonic() + req.timeout_ms / 1000, err)
         self.finish(ck, p, error=err, timeout_ms=req.timeout_ms)
-        return {}
+        return Instantiated()
 
     def _instantiate(self, ck: ContainerKeys, p: Pending, payload: bytes) -> int:
         """Make the key in the container's session keyring, owned by the requester (so it

@@ -30,6 +30,7 @@ from typing import Any
 
 
 from syscalls import keys, protocol, seccomp_notify
+from syscalls.replies import Intercepting, Removed, Reply, Staged
 from syscalls.keys import KEY_ALL, KEY_LINK, KEY_VIEW, KEY_WRITE
 
 from ..process import Peer
@@ -100,7 +101,7 @@ class KeyringService:
     def fork_info(self, c: Container) -> dict[str, Any]:
         """What a process forking into `c` needs to join the container's session keyring."""
         ck = self.containers.get(c.id) or self.create_session(c.id, c.owner, c.group)
-        return {"keyring": {"name": ck.name, "serial": ck.session, "owner": ck.owner}}
+        return {"name": ck.name, "serial": ck.session, "owner": ck.owner}
 
     def _keys_of(self, c: Container) -> ContainerKeys:
         ck = self.containers.get(c.id)
@@ -109,7 +110,7 @@ class KeyringService:
         return ck
 
     async def dispatch(self, conn: Client, req: protocol.Request,
-                       fds: list[int]) -> tuple[dict[str, Any] | None, list[int]]:
+                       fds: list[int]) -> tuple[Reply | None, list[int]]:
         """Serve one keyring request. A listener fd or a channel's handle is taken out of
         `fds` (the connection closes what is left in it)."""
         if isinstance(req, protocol.KeyListener):
@@ -123,17 +124,17 @@ class KeyringService:
         peer = conn.peer
         if isinstance(req, protocol.KeyringStage):
             self.hooks.check_manager(peer, c, "set the keyring of")
-            return {"stage": self._stage(self._keys_of(c), peer)}, []
+            return Staged(self._stage(self._keys_of(c), peer)), []
         if isinstance(req, protocol.KeyringAttach):
             self.hooks.check_manager(peer, c, "set the keyring of")
             self._attach(self._keys_of(c), peer, req.keyring)
-            return {}, []
+            return Reply(), []
         if isinstance(req, protocol.KeyIntercept):
             self.hooks.check_manager(peer, c, "intercept key requests of")
             ck = self._keys_of(c)
             trap = self._add_trap(ck, peer, req)
             await self.upcalls.install_rules()  # "from now on" holds for the kernel's requests too
-            reply = {"record_keyring": trap.record_ring}
+            reply = Intercepting(trap.record_ring)
             if not req.bind:
                 return reply, []
             return await self._serve_channel(conn, fds, ck, reply, trap)
@@ -147,18 +148,17 @@ class KeyringService:
                 traps = [ck.traps[req.type]] if req.type in ck.traps else []
             for trap in traps:
                 self._drop_trap(ck, trap)
-            return {"removed": len(traps)}, []
+            return Removed(len(traps)), []
         if isinstance(req, protocol.KeyListen):
             self.hooks.check_manager(peer, c, "intercept key requests of")
-            return await self._serve_channel(conn, fds, self._keys_of(c), {}, None)
+            return await self._serve_channel(conn, fds, self._keys_of(c), Reply(), None)
         if isinstance(req, protocol.KeyAnswer):
             self.hooks.check_manager(peer, c, "answer key requests of")
             return await self.queue.answer(self._keys_of(c), req), []
         raise protocol.ProtocolError(f"unhandled op {req.op}")
 
     async def _serve_channel(self, conn: Client, fds: list[int], ck: ContainerKeys,
-                             reply: dict[str, Any], trap: Trap | None
-                             ) -> tuple[dict[str, Any] | None, list[int]]:
+                             reply: Reply, trap: Trap | None) -> tuple[Reply | None, list[int]]:
         # The service must not hold the handle while the channel lasts: its last close
         # (kill-on-close) is the manager's business, not ours.
         for fd in fds:

@@ -9,12 +9,12 @@ import math
 import os
 import socket
 from dataclasses import dataclass, field
-from typing import Any
 
 import trio
 
 from syscalls import protocol
 from syscalls.fdpass import fds_from_ancdata
+from syscalls.replies import KeyRequest, Reply, UpcallReply
 from syscalls.keys import KEY_ALL, KEY_LINK, KEY_READ, KEY_SEARCH, KEY_VIEW
 
 from .registry import perm
@@ -63,13 +63,13 @@ class Channel:
     """A connection that carries trapped requests to a manager, in order: after the reply
     that opened it, events only."""
 
-    def __init__(self, first: dict[str, Any]) -> None:
-        self._send, self._recv = trio.open_memory_channel[dict[str, Any]](math.inf)
+    def __init__(self, first: Reply) -> None:
+        self._send, self._recv = trio.open_memory_channel[Reply](math.inf)
         self._send.send_nowait(first)
         self.scope = trio.CancelScope()
         self.closed = False
 
-    def push(self, event: dict[str, Any]) -> None:
+    def push(self, event: KeyRequest) -> None:
         if not self.closed:
             self._send.send_nowait(event)
 
@@ -122,13 +122,13 @@ class Upcall:
     """A request the kernel made: our request-key.d rule's handler waits on its connection
     to be told what to do with the key under construction."""
     key: int
-    answer: dict[str, Any] | None = None
+    answer: UpcallReply | None = None
     told: trio.Event = field(default_factory=trio.Event)
     gone: bool = False  # the handler hung up before it was told
     result: int | None = None  # after an instantiate: the handler's errno (0: made)
     reported: trio.Event = field(default_factory=trio.Event)
 
-    def tell(self, answer: dict[str, Any]) -> None:
+    def tell(self, answer: UpcallReply) -> None:
         if self.answer is None:
             self.answer = answer
             self.told.set()
@@ -154,11 +154,11 @@ class Pending:
     def what(self) -> tuple[str, str, int]:
         return self.type, self.description, self.uid
 
-    def event(self, cid: int) -> dict[str, Any]:
-        return {"event": "request", "rid": self.rid, "container": cid, "operation": "create",
-                "type": self.type, "description": self.description,
-                "callout_info": self.callout_info, "uid": self.uid, "gid": self.gid,
-                "pid": self.pid}
+    def event(self, cid: int) -> KeyRequest:
+        return KeyRequest(event="request", rid=self.rid, container=cid, operation="create",
+                          type=self.type, description=self.description,
+                          callout_info=self.callout_info, uid=self.uid, gid=self.gid,
+                          pid=self.pid)
 
 
 @dataclass(eq=False)

@@ -31,7 +31,8 @@ if __name__ == "__main__":  # run by path, isolated (-I): our packages are besid
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(
         os.path.abspath(__file__)))))
 
-from syscalls import keys, protocol
+from syscalls import keys, protocol, replies
+from syscalls.replies import UpcallReply
 
 REQUEST_KEY = "/sbin/request-key"
 HOST_CONF = "/etc/request-key.conf"
@@ -51,7 +52,7 @@ def _say(message: str) -> None:
 
 
 def ask_service(path: str, req: protocol.KeyUpcall
-                ) -> tuple[socket.socket, dict[str, object]] | None:
+                ) -> tuple[socket.socket, UpcallReply] | None:
     """The service's first reply and the open connection, if the request is a container's;
     None if it is not, or if no service answers."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
@@ -60,40 +61,40 @@ def ask_service(path: str, req: protocol.KeyUpcall
         sock.connect(path)
         sock.send(protocol.encode(req))
         data = sock.recv(protocol.MAX_MESSAGE)
-        reply = protocol.decode_reply(data) if data else {}
-    except (OSError, protocol.ProtocolError):
+        reply = replies.decode(data, UpcallReply) if data else None
+    except (OSError, replies.ProtocolError):
         sock.close()
         return None
-    if "queued" in reply or "action" in reply:
+    if isinstance(reply, UpcallReply) and (reply.queued or reply.action):
         return sock, reply
-    if "errno" in reply:
-        _say(f"the service refused key {req.key}: {reply.get('message')}")
+    if isinstance(reply, replies.ErrorReply):
+        _say(f"the service refused key {req.key}: {reply.message}")
     sock.close()
     return None
 
 
-def answer_key(key: int, sock: socket.socket, reply: dict[str, object]) -> int:
+def answer_key(key: int, sock: socket.socket, reply: UpcallReply) -> int:
     """Give key `key` the creator's answer (waiting for it if it is still to come); 0 once
     the key is instantiated or negated."""
-    answer: dict[str, object] | None = reply
-    if "queued" in reply:
+    answer: UpcallReply | replies.ErrorReply | None = reply
+    if reply.queued:
         try:
-            sock.settimeout(int(str(reply["queued"])) / 1000 + MARGIN_S)
+            sock.settimeout(reply.queued / 1000 + MARGIN_S)
             data = sock.recv(protocol.MAX_MESSAGE)
-            answer = protocol.decode_reply(data) if data else None
+            answer = replies.decode(data, UpcallReply) if data else None
         except (OSError, ValueError):
             answer = None
     try:
         keys.assume_authority(key)  # request-key did so already; exec kept it, but be sure
     except OSError as e:
         _say(f"cannot assume authority over key {key}: {e}")
-    if answer is None or "action" not in answer:
+    if not isinstance(answer, UpcallReply) or not answer.action:
         keys.negate(key, 0)  # the service went away: as if the trap timed out
         return 0
-    if answer["action"] == "instantiate":
+    if answer.action == "instantiate":
         err = 0
         try:
-            keys.instantiate(key, base64.b64decode(str(answer["payload"]), validate=True))
+            keys.instantiate(key, base64.b64decode(answer.payload, validate=True))
         except binascii.Error:
             err = errno.EINVAL
         except OSError as e:
@@ -105,8 +106,7 @@ def answer_key(key: int, sock: socket.socket, reply: dict[str, object]) -> int:
         except OSError:
             pass
         return 0
-    err = int(str(answer["errno"]))
-    refuse(key, err, math.ceil(int(str(answer.get("timeout_ms", 0))) / 1000))
+    refuse(key, answer.reject_errno, math.ceil(answer.timeout_ms / 1000))
     return 0
 
 

@@ -8,11 +8,11 @@ import errno
 import logging
 import math
 import time
-from typing import Any
 
 import trio
 
 from syscalls import protocol
+from syscalls.replies import UpcallReply
 
 from .hooks import Client, Hooks
 from .upcall import Rules, probe_upcall
@@ -70,7 +70,7 @@ class Upcalls:
         self.sync_rules()
 
     async def serve(self, conn: Client, req: protocol.KeyUpcall
-                            ) -> tuple[dict[str, Any] | None, list[int]]:
+                            ) -> tuple[UpcallReply | None, list[int]]:
         """A key the kernel constructs, from our rule's handler: the host's business (the
         handler hands it to the host's rules), or a container's request for its creator."""
         peer = conn.peer
@@ -81,16 +81,16 @@ class Upcalls:
         trap = (ck.trap_for(req.type) if ck is not None and req.type
                 and not req.type.startswith(".") else None)
         if ck is None or trap is None:
-            return {"host": 1}, []
+            return UpcallReply(host=True), []
         negative = ck.negative.get((req.type, req.description))
         if negative is not None:
             left = negative[0] - time.monotonic()
             if left > 0:
-                return {"action": "reject", "errno": negative[1],
-                        "timeout_ms": math.ceil(left * 1000)}, []
+                return UpcallReply(action="reject", reject_errno=negative[1],
+                                   timeout_ms=math.ceil(left * 1000)), []
             del ck.negative[(req.type, req.description)]
         if len(ck.pending) >= MAX_PENDING:
-            return {"action": "reject", "errno": errno.EAGAIN, "timeout_ms": 0}, []
+            return UpcallReply(action="reject", reject_errno=errno.EAGAIN), []
         up = Upcall(req.key)
         # Not in ck.waiting: the kernel already makes one construction of a key at a time.
         p = Pending(self.queue.next_rid(), trap, req.type, req.description, req.callout_info, req.uid,
@@ -98,14 +98,14 @@ class Upcalls:
         self.queue.open(ck, p)
         sock = conn.sock
         try:
-            await sock.send(protocol.encode({"queued": round(trap.timeout * 1000)}))
+            await sock.send(protocol.encode(UpcallReply(queued=round(trap.timeout * 1000))))
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._until_handler_gone, ck, p, sock)
                 await up.told.wait()
                 nursery.cancel_scope.cancel()
             if not up.gone and up.answer is not None:
                 await sock.send(protocol.encode(up.answer))
-                if up.answer["action"] == "instantiate":
+                if up.answer.action == "instantiate":
                     with trio.move_on_after(UPCALL_REPORT_S):
                         data = await sock.recv(protocol.MAX_MESSAGE)
                         done = protocol.decode_request(data) if data else None
