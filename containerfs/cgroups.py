@@ -1,17 +1,20 @@
-"""One cgroup2 group per container, under a base group of the service's own.
+"""The service's cgroups: every container's groups in each hierarchy the host uses (limits,
+freeze, kill: resources.ResourceGroups), and which container a process is in.
 
-Works on pure cgroup2 hosts (/sys/fs/cgroup) and on hybrid ones (/sys/fs/cgroup/unified), where
-the v2 hierarchy has no controllers but still gives cgroup.procs, cgroup.kill and cgroup.events.
+A container's processes live in its cgroup2 group (on a hybrid host, the controller-less
+`unified` tree; on a pure cgroup2 host, the `members` leaf of a group with the controllers),
+so a process's container is read from its cgroup2 path, or known at once from the group id a
+pidfd gives.
 """
 
 from __future__ import annotations
 
 import errno
 import os
-import signal
-import time
 
 from syscalls import linux
+
+from .resources import ResourceGroups
 
 
 def cgroup2_mount() -> str:
@@ -40,45 +43,42 @@ def process_cgroup(pid: int) -> str | None:
     return None
 
 
-class CgroupTree:
-    """The service's base group `<cgroup2>/<name>` and one child group per container."""
+class CgroupTree(ResourceGroups):
+    """The groups of every container under a base `name`, and the container of a process."""
 
     def __init__(self, name: str) -> None:
-        self.mount = cgroup2_mount()
-        self.base = os.path.join(self.mount, name)
-        os.makedirs(self.base, exist_ok=True)
-        # What container (or None) each group, by id, belongs to. A group's id (its inode
-        # number) is never given to another group, so an answer once found stays true.
+        super().__init__(name)
+        if self.v2_base is None or self.layout.v2 is None:
+            raise OSError(errno.ENODEV, "no cgroup2 hierarchy is mounted; mount one at "
+                                        "/sys/fs/cgroup/unified")
+        self.mount = self.layout.v2.path(self.layout.v2.root)
+        self.base = self.v2_base
+        # What container (or None) each cgroup2 group, by id, belongs to. A group's id (its
+        # inode number) is never given to another group, so an answer once found stays true.
         self._owner_of_group: dict[int, int | None] = {}
 
-    def path(self, cid: int) -> str:
-        return os.path.join(self.base, f"c{cid}")
+    def create(self, cid: int, parent: int | None = None) -> None:
+        super().create(cid, parent)
+        self._owner_of_group[os.stat(self.path(cid)).st_ino] = cid
 
-    def create(self, cid: int) -> str:
-        path = self.path(cid)
+    def path(self, cid: int) -> str:
+        """The group that holds the container's own processes (its cgroup.procs); where it
+        would be, for a container that has none."""
         try:
-            os.mkdir(path, 0o755)
-        except FileExistsError:
-            # Left by a service whose registry was lost: reuse it only if it is empty.
-            if not self.try_remove(cid):
-                raise
-            os.mkdir(path, 0o755)
-        self._owner_of_group[os.stat(path).st_ino] = cid
-        return path
+            return self._members_dir(cid)
+        except FileNotFoundError:
+            return os.path.join(self.base, f"c{cid}")
 
     def open(self, cid: int) -> int:
-        """An fd of the group's directory, for clone3(CLONE_INTO_CGROUP)."""
-        return os.open(self.path(cid), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        """An fd of that group, for clone3(CLONE_INTO_CGROUP)."""
+        fd = self.clone_into_fd(cid)
+        assert fd is not None  # a cgroup2 group exists (checked at start)
+        return fd
 
-    def move(self, cid: int, pid: int) -> None:
-        """Put process `pid` into the container's group (the service's job for non-root)."""
-        with open(os.path.join(self.path(cid), "cgroup.procs"), "w") as f:
-            f.write(str(pid))
-
-    def move_to(self, path: str, pid: int) -> None:
-        """Put process `pid` into the group at `path` (as /proc/PID/cgroup names it)."""
-        with open(os.path.join(self.mount, path.lstrip("/"), "cgroup.procs"), "w") as f:
-            f.write(str(pid))
+    def try_remove(self, cid: int) -> bool:
+        """Remove the container's groups in every hierarchy if they are empty; True once
+        they are all gone (never waits)."""
+        return not self.remove(cid, timeout=0)
 
     def container_id_of(self, pid: int) -> int | None:
         """The id of the container whose group (or a group below it) holds `pid`, if any."""
@@ -112,50 +112,6 @@ class CgroupTree:
         """Whether `pid` is in the container's group or below it."""
         return self.container_id_of(pid) == cid
 
-    def procs(self, cid: int) -> list[int]:
-        try:
-            with open(os.path.join(self.path(cid), "cgroup.procs")) as f:
-                return [int(x) for x in f.read().split()]
-        except FileNotFoundError:
-            return []
-
-    def kill(self, cid: int) -> None:
-        """SIGKILL every process in the group (cgroup.kill, or each pid on older kernels)."""
-        try:
-            with open(os.path.join(self.path(cid), "cgroup.kill"), "w") as f:
-                f.write("1")
-            return
-        except FileNotFoundError:
-            if not os.path.isdir(self.path(cid)):
-                return
-        for pid in self.procs(cid):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
-    def try_remove(self, cid: int) -> bool:
-        """Remove the group if it is empty; True once it is gone."""
-        try:
-            os.rmdir(self.path(cid))
-        except FileNotFoundError:
-            return True
-        except OSError as e:
-            if e.errno == errno.EBUSY:
-                return False
-            raise
-        return True
-
-    def remove_all(self, timeout: float = 5.0) -> None:
-        """Kill and remove every container group and the base (for tests and teardown)."""
-        deadline = time.monotonic() + timeout
-        for entry in os.listdir(self.base):
-            if entry.startswith("c") and entry[1:].isdigit():
-                cid = int(entry[1:])
-                self.kill(cid)
-                while not self.try_remove(cid) and time.monotonic() < deadline:
-                    time.sleep(0.005)
-        try:
-            os.rmdir(self.base)
-        except OSError:
-            pass
+    def bases(self) -> list[str]:
+        """The base group in every hierarchy (for checks that nothing is left behind)."""
+        return self._bases()

@@ -20,13 +20,13 @@ from syscalls.fd import Fd
 from syscalls.replies import ForkGrant
 from syscalls.nstypes import NAMES
 
-from .cgroups import process_cgroup
 from .keyring.service import KeyringService
 from .lifecycle import Lifecycle
 from .policy import Policy
 from .process import Peer, pid_namespace, pidfd_pid
 from .record import Container
 from .registry import Registry
+from .resources import Origin
 from .states import State, check_transition
 
 log = logging.getLogger("containerfs")
@@ -44,7 +44,7 @@ class Forks:
         self.policy = policy
         self.life = life
         self.keyrings = keyrings
-        self._origins: dict[Peer, str] = {}  # a non-root intermediate -> its own cgroup
+        self._origins: dict[Peer, Origin] = {}  # a non-root intermediate -> its own groups
         # Forks whose connections the keeper held across a restart (see recover).
         self._pending: list[tuple[str, int, Container, str]] = []
         self._boot = os.urandom(4).hex()  # keeper keys of this run never meet an older one's
@@ -75,14 +75,13 @@ class Forks:
             # (return_intermediate), so that the container's death, however early, never
             # kills the intermediate.
             try:
-                origin = peer.at_pid(process_cgroup)
-                peer.at_pid(lambda pid: self.reg.cgroups.move(c.id, pid))
+                # In every hierarchy, the pid written only while the pidfd shows it unreaped.
+                self._origins[peer] = self.reg.cgroups.place(
+                    c.id, peer.pidfd.fileno(), peer.pid, v2=True)
             except BaseException:
                 for fd in fds:
                     os.close(fd)
                 raise
-            if origin is not None:
-                self._origins[peer] = origin
         if role == "init":
             check_transition(c.state, State.STARTING)
             c.state = State.STARTING
@@ -138,11 +137,14 @@ class Forks:
         add("root", c.ns["root"])
         if peer.uid == 0:
             # Root may place a process with CLONE_INTO_CGROUP: no cgroup.procs write, no stall.
-            cgroup_fd = self.reg.cgroups.open(c.id)
-            try:
-                add("cgroup", cgroup_fd)
-            finally:
-                os.close(cgroup_fd)
+            # The v1 groups (limits on a hybrid host) it joins itself, writing "0" to their
+            # cgroup.procs before it runs anything: only for root, as v1 checks the opener.
+            for name, fd in [("cgroup", self.reg.cgroups.open(c.id))] + [
+                    ("cgroup.v1", fd) for fd in self.reg.cgroups.open_procs(c.id)]:
+                try:
+                    add(name, fd)
+                finally:
+                    os.close(fd)
 
     # ---- the outcome --------------------------------------------------------------------
 
@@ -207,8 +209,8 @@ class Forks:
         origin = self._origins.pop(peer, None)
         if origin is not None:
             try:
-                peer.at_pid(lambda pid: self.reg.cgroups.move_to(origin, pid))
-            except OSError as e:  # gone, or its group went away: nothing left to protect
+                self.reg.cgroups.unplace(origin, peer.pidfd.fileno(), peer.pid)
+            except (OSError, ValueError) as e:  # gone, or its group went away: nothing left to protect
                 log.debug("intermediate %d stays: %s", peer.pid, e)
 
     # ---- the fork's connection, kept by the keeper ------------------------------------

@@ -24,28 +24,15 @@ import time
 from collections.abc import Collection
 from typing import NoReturn
 
-from syscalls import _linux
 
 from . import limits
+from .process import pidfd_pid
 from .cgroupfs import V1_CONTROLLERS, CgroupFS, Hierarchy, Layout, detect_layout
 
 log = logging.getLogger("containerfs")
 
 V2_CONTROLLERS = ("cpu", "cpuset", "memory", "pids")
 MEMBERS = "members"  # the leaf of a v2 group with controllers that holds its own processes
-
-
-def _pidfd_pid(pidfd: int) -> int:
-    """The pid of the process behind `pidfd`, -1 once it is reaped (a pid is given to another
-    process only after that)."""
-    info = _linux.pidfd_info(pidfd)
-    if info is not None:
-        return info.pid if info.pid > 0 else -1
-    with open(f"/proc/self/fdinfo/{pidfd}") as f:
-        for line in f:
-            if line.startswith("Pid:"):
-                return int(line.split()[1])
-    raise OSError(errno.EINVAL, f"fd {pidfd} is not a pidfd")
 
 
 # Where a process was before place(): {group directory written: the directory it came from}.
@@ -293,7 +280,7 @@ class ResourceGroups(CgroupFS):
             raise
 
     def _check_alive(self, pidfd: int, pid: int) -> None:
-        if _pidfd_pid(pidfd) != pid:
+        if pidfd_pid(pidfd) != pid:
             raise ProcessLookupError(errno.ESRCH, f"process {pid} has exited")
 
     def procs(self, cid: int) -> list[int]:

@@ -11,6 +11,20 @@ from . import linux
 from .replies import ForkGrant
 
 
+def join_groups(reply: ForkGrant, fds: list[int]) -> None:
+    """The new process's first act: join the container's cgroup v1 groups (its limits on a
+    hybrid host) through the cgroup.procs fds the service lent; its cgroup2 group it was
+    cloned into. A process that cannot join never runs unlimited: it exits (127)."""
+    for name, fd in zip(reply.fds, fds):
+        if name == "cgroup.v1":
+            try:
+                os.write(fd, b"0")
+            except OSError as e:
+                os.write(2, f"fork_into_container: joining the container's cgroups: {e}\n"
+                         .encode())
+                os._exit(127)
+
+
 def child_setup(reply: ForkGrant, fds: list[int], visible_proc: int = -1,
                  done: int = -1) -> None:
     """In the new process, before any of the caller's code runs in it: umask, and init's

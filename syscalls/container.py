@@ -7,9 +7,9 @@ import json
 import os
 import select
 import signal
-from typing import Any, NamedTuple
+from typing import Any
 
-from . import childsetup, keys, linux, protocol, replies, validate
+from . import childsetup, forkplans, keys, linux, protocol, replies, validate
 from .handle import check_handle
 from .nstypes import NAMESPACES
 
@@ -30,7 +30,7 @@ def container_create(name: str | bytes, flags: int) -> int:
         name=raw.decode("utf-8", "surrogateescape"), flags=flags, plan=int(plan)))
     fd, plan_fds = fds[0], fds[1:]
     if plan_fds:
-        _plans.keep(fd, reply.plan, plan_fds, conn)  # its fork goes on conn
+        plans.keep(fd, reply.plan, plan_fds, conn)  # its fork goes on conn
     else:
         give_back(conn)
     if not flags & CONTAINER_FD_CLOEXEC:
@@ -74,7 +74,7 @@ def fork_into_container(fd: int) -> int:
         # Fast path: root in a single-threaded process enters the namespaces itself, forks
         # once, and comes back; only a user namespace (which no process can leave) needs an
         # intermediate process.
-        plan = _plans.take(fd)
+        plan = plans.take(fd)
         if plan is not None:
             return _fork_ahead(fd, plan)
         conn = Connection()
@@ -102,7 +102,7 @@ def _close(conn: Connection, fds: list[int]) -> None:
 
 
 def _fork_here(conn: Connection, reply: replies.ForkGrant | None, fds: list[int],
-               plan: _Plan | None = None) -> int:
+               plan: forkplans.Plan | None = None) -> int:
     """Enter, fork once, and restore the caller's namespaces, root and cwd. With `plan` (its
     Fork request sent, not answered), the plan is entered first and the reply read there if
     it comes at once; a reply that is not the plan, or that keeps us waiting (it is then read
@@ -132,13 +132,14 @@ def _fork_here(conn: Connection, reply: replies.ForkGrant | None, fds: list[int]
                 cgroup_fd = _enter(reply, fds, saved)
             pid, pidfd = linux.clone3_fork(0, signal.SIGCHLD, cgroup_fd)
         except OSError as e:
-            _close_fds([fd for fd in (done_r, done_w) if fd >= 0])
+            forkplans.close_fds([fd for fd in (done_r, done_w) if fd >= 0])
             conn.send(protocol.ForkFailed(errno=e.errno or errno.EIO))
             _close(conn, fds)
             raise
         if pid == 0:
             in_child = True
-            _plans.drop()  # another container's, inherited: not this process's to use
+            childsetup.join_groups(reply, fds)
+            plans.drop()  # another container's, inherited: not this process's to use
             keys.enter_container(conn, reply, join=True)
             for _nstype, saved_fd in saved:
                 os.close(saved_fd)
@@ -170,88 +171,11 @@ def _fork_here(conn: Connection, reply: replies.ForkGrant | None, fds: list[int]
     return pid
 
 
-class _Plan(NamedTuple):
-    reply: replies.ForkGrant  # the Fork reply the service expects to give
-    fds: list[int]
-    ids: list[tuple[int, int]]  # what each fd was, so a reused fd number is never taken
-    handle: tuple[int, int]
-    pid: int  # the process that created the container
-    conn: Connection  # the create's: the fork goes on it (no new connection to accept)
+# The one plan this process keeps (root, single-threaded callers only).
+plans = forkplans.Plans()
 
 
-class _Plans:
-    """What root's last container_create said its first fork will enter (at most one plan,
-    so a caller that never forks holds a few fds, not a few per container)."""
-
-    def __init__(self) -> None:
-        self.plan: _Plan | None = None
-        os.register_at_fork(after_in_child=self.drop)
-
-    def keep(self, handle: int, reply: replies.ForkGrant | None, fds: list[int],
-             conn: Connection) -> None:
-        self.drop()
-        if reply is None or reply.role != "init" or len(reply.fds) != len(fds):
-            _close_fds(fds)
-            give_back(conn)
-            return
-        st = os.fstat(handle)
-        self.plan = _Plan(reply, fds, [_file_id(fd) for fd in fds], (st.st_dev, st.st_ino),
-                          os.getpid(), conn)
-
-    def take(self, handle: int) -> _Plan | None:
-        """The plan for `handle`, if this process made it and its fds are still its own."""
-        plan = self.plan
-        if plan is None:
-            return None
-        st = os.fstat(handle)
-        if (st.st_dev, st.st_ino) != plan.handle:
-            return None  # kept for its own container's first fork
-        if plan.pid != os.getpid() or not _still(plan) or (
-                "ns:user" in plan.reply.fds and not linux.same_file(
-                    plan.fds[plan.reply.fds.index("ns:user")], "/proc/self/ns/user")):
-            # Not this process's, its fds reused by the caller, or the caller moved to
-            # another user namespace since.
-            self.drop()
-            return None
-        self.plan = None
-        return plan
-
-    def drop(self) -> None:
-        plan, self.plan = self.plan, None
-        if plan is None:
-            return
-        for fd, fid in zip(plan.fds, plan.ids):
-            try:
-                if _file_id(fd) == fid:  # never an fd the caller reused
-                    os.close(fd)
-            except OSError:
-                pass
-        give_back(plan.conn)  # unused, and kept only by the process that made it
-
-
-def _file_id(fd: int) -> tuple[int, int]:
-    st = os.fstat(fd)
-    return st.st_dev, st.st_ino
-
-
-def _still(plan: _Plan) -> bool:
-    """Whether the plan's fds are still the files it was given (the caller may have closed
-    them and opened others under the same numbers)."""
-    try:
-        return all(_file_id(fd) == fid for fd, fid in zip(plan.fds, plan.ids))
-    except OSError:
-        return False
-
-
-def _close_fds(fds: list[int]) -> None:
-    for fd in fds:
-        os.close(fd)
-
-
-_plans = _Plans()
-
-
-def _fork_ahead(handle: int, plan: _Plan) -> int:
+def _fork_ahead(handle: int, plan: forkplans.Plan) -> int:
     """Root's first fork into the container it created: the namespaces of the plan are
     entered while the Fork request travels (on the create's connection), and the process
     is made once the reply confirms that plan (any other reply is followed instead)."""
@@ -267,7 +191,7 @@ def _fork_ahead(handle: int, plan: _Plan) -> int:
             conn.send(protocol.Fork(keep=1), [handle])
     except BaseException:
         conn.close()
-        _close_fds(plan.fds)
+        forkplans.close_fds(plan.fds)
         raise
     try:
         return _fork_here(conn, None, [], plan)
@@ -281,7 +205,7 @@ def _fork_ahead(handle: int, plan: _Plan) -> int:
 PLAN_WAIT_MS = 50
 
 
-def _enter_planned(conn: Connection, plan: _Plan, saved: list[tuple[str, int]], cwd: int,
+def _enter_planned(conn: Connection, plan: forkplans.Plan, saved: list[tuple[str, int]], cwd: int,
                    root: int) -> tuple[replies.ForkGrant, list[int], int | None] | None:
     """Enter the plan, then read the Fork reply: (reply, its fds, the cgroup fd to fork
     into), the cgroup fd None if the reply is not the plan; None if the reply is slow to
@@ -309,14 +233,14 @@ def _enter_planned(conn: Connection, plan: _Plan, saved: list[tuple[str, int]], 
                 _go_back(saved, cwd, root)
                 cgroup_fd = None
         except BaseException:
-            _close_fds(fds)
+            forkplans.close_fds(fds)
             raise
     finally:
-        _close_fds(plan.fds)
+        forkplans.close_fds(plan.fds)
     return reply, fds, cgroup_fd
 
 
-def _confirms(plan: _Plan, reply: replies.ForkGrant, fds: list[int]) -> bool:
+def _confirms(plan: forkplans.Plan, reply: replies.ForkGrant, fds: list[int]) -> bool:
     """Whether the service's Fork reply is the plan the process was made from."""
     return (reply == plan.reply and len(fds) == len(plan.fds)
             and all(linux.same_file(a, b) for a, b in zip(fds, plan.fds)))
@@ -470,6 +394,7 @@ def _intermediate(handle: int, wfd: int, conn: Connection | None,
             conn.send(protocol.ForkFailed(errno=e.errno or errno.EIO))
             raise
         if pid == 0:
+            childsetup.join_groups(reply, fds)
             keys.enter_container(conn, reply, join=False)
             os.close(wfd)
             if done_r >= 0:
@@ -477,7 +402,7 @@ def _intermediate(handle: int, wfd: int, conn: Connection | None,
             childsetup.child_setup(reply, fds, visible_proc[0] if visible_proc else -1, done_w)
             _close(conn, fds)
             return True
-        _close_fds(visible_proc)
+        forkplans.close_fds(visible_proc)
         try:
             childsetup.wait_done(done_r, done_w)
             if one_way:

@@ -153,8 +153,8 @@ def fresh_service(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatc
         assert svc.alive(), f"the service died during the test:\n{svc.log.read_text()}"
     finally:
         svc.cleanup()
-        leftover = os.path.exists(svc.cgroups.base)
-        assert not leftover, f"cgroup {svc.cgroups.base} was left behind"
+        leftover = [base for base in svc.cgroups.bases() if os.path.exists(base)]
+        assert not leftover, f"cgroups {leftover} were left behind"
 
 
 @pytest.fixture

@@ -454,12 +454,12 @@ def test_nested_inside_parent(groups: ResourceGroups, children: Callable[..., Ch
 def _clone_into(groups: ResourceGroups, cid: int, joins: list[int]) -> tuple[int, int, int]:
     """A child cloned into the container's cgroup2 group (CLONE_INTO_CGROUP) that writes "0"
     to each fd of `joins`, then waits on a pipe: (pid, pidfd, the pipe's write end)."""
-    from syscalls import _linux
+    from syscalls import linux
     cg = groups.clone_into_fd(cid)
     assert cg is not None
     r, w = os.pipe2(os.O_CLOEXEC)
     try:
-        pid, pidfd = _linux.clone3_fork(0, signal.SIGCHLD, cg)
+        pid, pidfd = linux.clone3_fork(0, signal.SIGCHLD, cg)
         if pid == 0:
             try:
                 os.close(w)
