@@ -1,4 +1,5 @@
-"""The `containerfs` command line: serve, run, ls, status, kill.
+"""The `containerfs` command line: serve, run, exec, ls, status, kill, keys, limit, freeze,
+thaw, stats.
 
 Exit codes: a command's own exit code where one runs (`run` passes init's through, 128+N for a
 signal), 1 for an error the command reports, 2 for bad usage (argparse).
@@ -7,6 +8,7 @@ signal), 1 for an error the command reports, 2 for bad usage (argparse).
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
@@ -50,9 +52,32 @@ def _run(args: argparse.Namespace) -> int:
         print("containerfs run: warning: without --user the container shares the host's uids, "
               "and so the per-uid user keyring (@u) and uid limits", file=sys.stderr)
     cfd = syscalls.container_create(args.name, flags)
+    try:  # before the first fork: init is born under them
+        for name, value in _run_limits(args):
+            syscalls.container_set_limit(cfd, name, value)
+    except BaseException:
+        os.close(cfd)
+        raise
     if args.keep:
         print(f"container {syscalls.container_status(cfd)['id']}", file=sys.stderr)
     return _exec_in(cfd, args.command, args.tty, "run")
+
+
+CPU_PERIOD_US = 100000  # the kernel's default cpu.max period
+
+
+def _run_limits(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """The limits `run --cpus/--memory/--pids` asks for, as (v2 name, v2 value)."""
+    out = []
+    if args.cpus is not None:
+        if not args.cpus > 0:
+            raise OSError(errno.EINVAL, f"--cpus {args.cpus}: must be more than 0")
+        out.append(("cpu.max", f"{max(1000, round(args.cpus * CPU_PERIOD_US))} {CPU_PERIOD_US}"))
+    if args.memory is not None:
+        out.append(("memory.max", args.memory))
+    if args.pids is not None:
+        out.append(("pids.max", args.pids))
+    return out
 
 
 def _exec_in(cfd: int, command: list[str], tty: bool, verb: str) -> int:
@@ -165,6 +190,75 @@ def _ls(args: argparse.Namespace) -> int:
     return 0
 
 
+def _limit(args: argparse.Namespace) -> int:
+    cfd = _open(args.id)
+    try:
+        if args.value is None:
+            print(syscalls.container_get_limit(cfd, args.name))
+        else:
+            syscalls.container_set_limit(cfd, args.name, args.value)
+    finally:
+        os.close(cfd)
+    return 0
+
+
+def _freeze(args: argparse.Namespace) -> int:
+    cfd = _open(args.id)
+    try:
+        (syscalls.container_freeze if args.cmd == "freeze" else syscalls.container_thaw)(cfd)
+    finally:
+        os.close(cfd)
+    return 0
+
+
+def _stats(args: argparse.Namespace) -> int:
+    """Usage once, or (--watch) refreshed every interval like top, with the CPU share of the
+    last interval, until interrupted or the container dies."""
+    import time
+
+    cfd = _open(args.id)
+    try:
+        if not args.watch:
+            for name, value in sorted(syscalls.container_stats(cfd).items()):
+                print(f"{name} {value}")
+            return 0
+        last: tuple[float, int] | None = None
+        try:
+            while True:
+                stats, now = syscalls.container_stats(cfd), time.monotonic()
+                usage = stats.get("cpu.usage_usec", 0)
+                cpu = (f"{(usage - last[1]) / ((now - last[0]) * 1e6) * 100:6.1f}%"
+                       if last else "     -")
+                last = (now, usage)
+                sys.stdout.write("\x1b[H\x1b[2J" if sys.stdout.isatty() else "\n")
+                print(f"container {args.id}  cpu {cpu}  "
+                      f"memory {_human(stats.get('memory.current', 0))} "
+                      f"(peak {_human(stats.get('memory.peak', 0))})  "
+                      f"pids {stats.get('pids.current', 0)}  "
+                      f"oom kills {stats.get('memory.events.oom_kill', 0)}")
+                for name, value in sorted(stats.items()):
+                    print(f"  {name:<24} {value}")
+                sys.stdout.flush()
+                time.sleep(args.interval)
+        except KeyboardInterrupt:
+            return 0
+        except OSError as e:
+            if e.errno == errno.ECANCELED:  # it died: the watch is over
+                print(f"containerfs stats: container {args.id} is dead", file=sys.stderr)
+                return 0
+            raise
+    finally:
+        os.close(cfd)
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "K", "M", "G"):
+        if n < 1024 or unit == "G":
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)
+
+
 def _kill(args: argparse.Namespace) -> int:
     client.call(protocol.Kill(id=args.id))
     return 0
@@ -203,6 +297,9 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--keep", action="store_true",
                    help="keep the container after this command exits (no kill-on-close)")
     r.add_argument("-t", "--tty", action="store_true", help="give the command a terminal")
+    r.add_argument("--cpus", type=float, help="CPUs it may use (cpu.max), e.g. 0.2")
+    r.add_argument("--memory", help="memory limit (memory.max), e.g. 64M")
+    r.add_argument("--pids", help="how many processes at most (pids.max)")
     r.add_argument("command", nargs=argparse.REMAINDER)
     r.set_defaults(func=_run)
     e = sub.add_parser("exec", help="run a command in a running container, by id")
@@ -223,6 +320,22 @@ def parser() -> argparse.ArgumentParser:
     k = sub.add_parser("kill", help="kill a container by id")
     k.add_argument("id", type=int)
     k.set_defaults(func=_kill)
+    lim = sub.add_parser("limit", help="show or set a limit (cgroup v2 names and syntax)")
+    lim.add_argument("id", type=int)
+    lim.add_argument("name", help="cpu.max, cpu.weight, memory.max, memory.high, "
+                                  "memory.swap.max, pids.max, cpuset.cpus, cpuset.mems")
+    lim.add_argument("value", nargs="?", help="the new value; without it, show the limit")
+    lim.set_defaults(func=_limit)
+    for verb, what in (("freeze", "stop every process of a container"),
+                       ("thaw", "let a frozen container run again")):
+        fz = sub.add_parser(verb, help=what)
+        fz.add_argument("id", type=int)
+        fz.set_defaults(func=_freeze)
+    sts = sub.add_parser("stats", help="a container's usage (cgroup v2 names)")
+    sts.add_argument("id", type=int)
+    sts.add_argument("--watch", action="store_true", help="refresh like top until ^C")
+    sts.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
+    sts.set_defaults(func=_stats)
     st = sub.add_parser("status", help="show one container")
     st.add_argument("id", type=int)
     st.set_defaults(func=_status)

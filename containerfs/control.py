@@ -300,6 +300,20 @@ class Connection:
     async def _open(self, req: protocol.Open, fds: list[int]) -> Answer:
         return Reply(), [self.service.reg.open_handle(self.peer, req.id)]
 
+    async def _set_limit(self, req: protocol.SetLimit, fds: list[int]) -> Answer:
+        c = await self._container(fds[0])
+        return self.service.limits.set(self.peer, c, req.name, req.value), []
+
+    async def _get_limit(self, req: protocol.GetLimit, fds: list[int]) -> Answer:
+        return self.service.limits.get(await self._container(fds[0]), req.name), []
+
+    async def _stats(self, req: protocol.Stats, fds: list[int]) -> Answer:
+        return self.service.limits.stats(await self._container(fds[0])), []
+
+    async def _freeze(self, req: protocol.Freeze, fds: list[int]) -> Answer:
+        c = await self._container(fds[0])
+        return await self.service.limits.freeze(self.peer, c, bool(req.frozen)), []
+
 
 # A reply and the fds that go with it; None for a one-way message.
 Answer = tuple[Reply | None, list[int]]
@@ -319,6 +333,10 @@ _HANDLERS: dict[type[protocol.Request], Callable[[Connection, Any, list[int]], A
     protocol.MountAt: Connection._mount_at,
     protocol.FsNamespaces: Connection._fs_namespaces,
     protocol.Open: Connection._open,
+    protocol.SetLimit: Connection._set_limit,
+    protocol.GetLimit: Connection._get_limit,
+    protocol.Stats: Connection._stats,
+    protocol.Freeze: Connection._freeze,
 }
 
 

@@ -205,7 +205,16 @@ class Registry:
             owner=c.owner, group=c.group, parent=c.parent, state=c.state.value,
             init_pid=c.init_pid, exit_status=c.exit_status,
             members=self.cgroups.procs(c.id) if c.state != State.DEAD else [],
-            user_ns=bool(c.flags & CONTAINER_NEW_USER_NS))
+            user_ns=bool(c.flags & CONTAINER_NEW_USER_NS), frozen=self.frozen(c))
+
+    def frozen(self, c: Container) -> bool:
+        """Whether the container is frozen now (a dead one never is)."""
+        if c.state == State.DEAD:
+            return False
+        try:
+            return self.cgroups.frozen(c.id)
+        except OSError:
+            return False  # its groups are going away
 
     def close(self) -> None:
         self.epoll.close()

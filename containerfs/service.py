@@ -26,6 +26,7 @@ from .forking import Forks
 from .keyring.hooks import Hooks
 from .keyring.service import KeyringService
 from .lifecycle import Lifecycle
+from .limiting import Limits
 from .policy import Policy
 from .process import pidfd_pid
 from .record import Container
@@ -49,6 +50,7 @@ class Service:
         self.life = Lifecycle(self.reg, self.policy, self.keyrings, max_per_user, dead_linger)
         self.forks = Forks(self.reg, self.policy, self.life, self.keyrings)
         self.fs = Filesystems(self.reg, self.policy)
+        self.limits = Limits(self.reg, self.policy)
 
     # ---- what the view and the control socket read ------------------------------------
 

@@ -27,9 +27,21 @@ from .container import (
     container_wait,
     fork_into_container,
 )
+from .limits import (
+    container_freeze,
+    container_get_limit,
+    container_set_limit,
+    container_stats,
+    container_thaw,
+)
 from .sockets import container_socket, socketns
 
 __all__ = [
+    "container_freeze",
+    "container_get_limit",
+    "container_set_limit",
+    "container_stats",
+    "container_thaw",
     "CONTAINER_FD_CLOEXEC",
     "CONTAINER_KILL_ON_CLOSE",
     "CONTAINER_NEW_CGROUP_NS",

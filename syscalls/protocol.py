@@ -156,11 +156,49 @@ class Open(Request):
     id: int
 
 
+# ---- resource control (section 10) ----------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class SetLimit(Request):
+    """container_set_limit: limit `name` (cgroup v2 name) to `value` (v2 syntax)."""
+    op: ClassVar[str] = "set_limit"
+    nfds: ClassVar[int] = 1
+    name: str
+    value: str
+
+
+@dataclasses.dataclass(frozen=True)
+class GetLimit(Request):
+    """container_get_limit. Reply: the value in v2 syntax."""
+    op: ClassVar[str] = "get_limit"
+    nfds: ClassVar[int] = 1
+    answer: ClassVar[type[Reply]] = replies.LimitValue
+    name: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Stats(Request):
+    """container_stats. Reply: usage with v2 names and meanings."""
+    op: ClassVar[str] = "stats"
+    nfds: ClassVar[int] = 1
+    answer: ClassVar[type[Reply]] = replies.Usage
+
+
+@dataclasses.dataclass(frozen=True)
+class Freeze(Request):
+    """container_freeze (`frozen` 1) or container_thaw (0); a freeze is answered once every
+    member is frozen."""
+    op: ClassVar[str] = "freeze"
+    nfds: ClassVar[int] = 1
+    frozen: int
+
+
 REQUESTS: dict[str, type[Request]] = {
     cls.op: cls for cls in (Create, Fork, Started, StartedNoReply, ForkFailed, Status, Kill,
                              List, NetNs)
 }
 REQUESTS.update({cls.op: cls for cls in (Root, SetRoot, MountAt, FsNamespaces, Open)})
+REQUESTS.update({cls.op: cls for cls in (SetLimit, GetLimit, Stats, Freeze)})
 # ---- keyrings (section 7) --------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)

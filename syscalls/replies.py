@@ -70,6 +70,18 @@ class ContainerStatus(Reply):
     exit_status: int | None
     members: list[int]
     user_ns: bool
+    frozen: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class LimitValue(Reply):
+    value: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Usage(Reply):
+    """container_stats: {name: value} with cgroup v2 names and meanings."""
+    stats: dict[str, int]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,7 +221,8 @@ def _check(value: Any, tp: Any, where: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ProtocolError(f"{where} must be an object")
-        return value
+        _keys, item = typing.get_args(tp)
+        return {k: _check(v, item, f"{where}[{k!r}]") for k, v in value.items()}
     if isinstance(tp, type) and issubclass(tp, Reply):
         return _build(tp, value)
     if tp in (int, str, bool) and type(value) is tp:

@@ -82,6 +82,15 @@ class FakeCgroups:
     def container_id_of(self, pid: int) -> int | None:
         return self.where.get(pid)
 
+    def limits(self, cid: int) -> dict[str, str]:
+        return {}
+
+    def stats(self, cid: int) -> dict[str, int]:
+        return {}
+
+    def frozen(self, cid: int) -> bool:
+        return False
+
 
 class FakeService:
     def __init__(self) -> None:

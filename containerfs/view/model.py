@@ -58,6 +58,8 @@ class Kind(enum.Enum):
     CDIR = "cdir"  # <id>/
     FILE = "file"  # <id>/<name>
     NSDIR = "nsdir"  # <id>/ns/
+    LIMITSDIR = "limitsdir"  # <id>/limits/
+    LIMIT = "limit"  # <id>/limits/<name>
     NS = "ns"  # <id>/ns/<type>
     KILL = "kill"  # <id>/kill
 
@@ -246,7 +248,7 @@ class Model:
         base = Attr(ino, 0, uid=c.owner, gid=c.group, mtime_ns=self.started_ns)
         if node.kind is Kind.CDIR:
             base.mode, base.nlink = stat.S_IFDIR | 0o500, 3
-        elif node.kind is Kind.NSDIR:
+        elif node.kind in (Kind.NSDIR, Kind.LIMITSDIR):
             base.mode, base.nlink = stat.S_IFDIR | 0o500, 2
         elif node.kind is Kind.KILL:
             base.mode = stat.S_IFREG | 0o200
@@ -273,10 +275,17 @@ class Model:
             c = self._container(node.cid, reader)
             out = [(n, Node(Kind.FILE, c.id, n)) for n in CFILES
                    if n != b"exit_status" or c.state == State.DEAD]
+            if c.state != State.DEAD:  # the groups, and what they say, go at death
+                out += [(b"stats", Node(Kind.FILE, c.id, b"stats")),
+                        (b"limits", Node(Kind.LIMITSDIR, c.id))]
             return out + [(b"ns", Node(Kind.NSDIR, c.id)), (b"kill", Node(Kind.KILL, c.id))]
         if node.kind is Kind.NSDIR:
             c = self._container(node.cid, reader)
             return [(t.encode(), Node(Kind.NS, c.id, t.encode())) for t in render.ns_types(c)]
+        if node.kind is Kind.LIMITSDIR:
+            c = self._container(node.cid, reader)
+            names = self.service.cgroups.limits(c.id) if c.state != State.DEAD else {}
+            return [(n.encode(), Node(Kind.LIMIT, c.id, n.encode())) for n in names]
         raise OSError(errno.ENOTDIR, "not a directory")
 
     def lookup(self, parent: int, name: bytes, reader: Reader) -> Attr:
@@ -308,7 +317,7 @@ class Model:
     def opendir(self, ino: int, reader: Reader) -> int:
         """Open a directory: its listing is taken now, so one listing is of one instant."""
         node = self.node(ino)
-        if node.kind in (Kind.CDIR, Kind.NSDIR):
+        if node.kind in (Kind.CDIR, Kind.NSDIR, Kind.LIMITSDIR):
             self._check_reader(reader, self._container(node.cid, reader))
         entries = [(name, self.getattr(self._ino(n))) for name, n in self._entries(ino, reader)]
         fh = self._fh()
@@ -381,7 +390,7 @@ class Model:
     async def open(self, ino: int, flags: int, reader: Reader) -> Opened:
         node = self.node(ino)
         accmode = flags & os.O_ACCMODE
-        if node.kind in (Kind.ROOT, Kind.BYNAME, Kind.CDIR, Kind.NSDIR):
+        if node.kind in (Kind.ROOT, Kind.BYNAME, Kind.CDIR, Kind.NSDIR, Kind.LIMITSDIR):
             raise OSError(errno.EISDIR, "a directory")
         if node.kind is Kind.KILL:
             c = self._container(node.cid, reader)
@@ -488,9 +497,26 @@ class Model:
         return int(c.handle_open) + self._member_count(c) + children
 
     def render_table(self, reader: Reader) -> bytes:
-        return render.table(self.service.containers, reader, self.use_count)
+        return render.table(self.service.containers, reader, self.use_count, self._frozen)
+
+    def _frozen(self, c: ContainerLike) -> bool:
+        if c.state not in (State.RUNNING, State.CREATED, State.STARTING):
+            return False
+        try:
+            return self.service.cgroups.frozen(c.id)
+        except OSError:
+            return False  # its groups are going away
 
     def render_file(self, c: ContainerLike, node: Node, reader: Reader) -> bytes:
         if node.kind is Kind.NS:
             return render.ns_file(c, node.name.decode())
+        if node.kind is Kind.LIMIT or node.name == b"stats":
+            if c.state == State.DEAD:
+                raise OSError(errno.ENOENT, f"container {c.id} is dead")
+            if node.name == b"stats":
+                return render.stats_file(self.service.cgroups.stats(c.id))
+            value = self.service.cgroups.limits(c.id).get(node.name.decode())
+            if value is None:
+                raise OSError(errno.ENOENT, f"container {c.id} has no {node.name!r} limit now")
+            return value.encode() + b"\n"
         return render.container_file(c, node.name, reader, self.service.cgroups.procs)

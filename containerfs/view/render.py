@@ -35,6 +35,7 @@ CURRENT = b"<current>"
 FL_INIT_STARTED = 0x01
 FL_DEAD = 0x02
 FL_KILL_ON_CLOSE = 0x04
+FL_FROZEN = 0x08
 
 FLAG_NAMES = (
     (CONTAINER_NEW_FS_NS, "NEW_FS_NS"),
@@ -66,7 +67,7 @@ def ns_types(c: ContainerLike) -> list[str]:
     return out
 
 
-def fl(c: ContainerLike) -> int:
+def fl(c: ContainerLike, frozen: bool = False) -> int:
     fl = 0
     # STARTING counts: a process made by fork_into_container may run (and read this) before
     # the service has its pid, but never before the service granted the fork.
@@ -76,6 +77,8 @@ def fl(c: ContainerLike) -> int:
         fl |= FL_DEAD
     if c.flags & CONTAINER_KILL_ON_CLOSE:
         fl |= FL_KILL_ON_CLOSE
+    if frozen:
+        fl |= FL_FROZEN
     return fl
 
 
@@ -114,7 +117,8 @@ def parse_table(text: bytes) -> list[tuple[bytes, int, int, int, int, int]]:
 
 
 def table(containers: Mapping[int, ContainerLike], reader: Reader,
-          use_count: Callable[[ContainerLike, int], int]) -> bytes:
+          use_count: Callable[[ContainerLike, int], int],
+          frozen: Callable[[ContainerLike], bool] = lambda c: False) -> bytes:
     """The reader's `containers` text: its own container, then the children it may see."""
     children = collections.Counter(c.parent for c in containers.values())
     cur = reader.cid
@@ -125,12 +129,12 @@ def table(containers: Mapping[int, ContainerLike], reader: Reader,
         c = containers.get(cur)
         if c is None:
             raise OSError(errno.ENOENT, f"no container {cur}")
-        use, flags, owner, group = use_count(c, children[c.id]), fl(c), c.owner, c.group
+        use, flags, owner, group = use_count(c, children[c.id]), fl(c, frozen(c)), c.owner, c.group
     rows = [HEADER, row(CURRENT, cur, use, flags, map_id(owner, reader.uid_map),
                         map_id(group, reader.gid_map))]
     for c in containers.values():
         if c.parent == cur and (reader.is_root or c.owner == reader.uid):
-            rows.append(row(c.name, c.id, use_count(c, children[c.id]), fl(c),
+            rows.append(row(c.name, c.id, use_count(c, children[c.id]), fl(c, frozen(c)),
                             map_id(c.owner, reader.uid_map), map_id(c.group, reader.gid_map)))
     return b"".join(rows)
 
@@ -172,3 +176,8 @@ def container_file(c: ContainerLike, name: bytes, reader: Reader,
         seen_pids = (pids.translate(p) for p in members)
         return b"".join(b"%d\n" % p for p in seen_pids if p)
     raise OSError(errno.ENOENT, f"no {name!r} in container {c.id}")
+
+
+def stats_file(stats: Mapping[str, int]) -> bytes:
+    """<id>/stats: one "name value" line per stat, v2 names and meanings."""
+    return b"".join(b"%s %d\n" % (k.encode(), v) for k, v in sorted(stats.items()))
