@@ -19,6 +19,7 @@ import trio
 
 from syscalls import fdpass, protocol
 
+from . import rundir
 from .service import Container, Peer, Service
 from .states import State
 
@@ -252,15 +253,12 @@ def _pipe_key(fd: int) -> tuple[int, int]:
 
 async def serve_control(service: Service, path: str,
                         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-    """Listen on `path` (usable by every local user, as a system call is) until cancelled."""
-    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-    await sock.bind(path)
-    os.chmod(path, 0o666)
-    sock.listen(512)
+    """Listen on `path` (usable by every local user, as a system call is) until cancelled.
+
+    The path appears already listening (a client never finds it and is refused), and goes
+    with the service unless another socket has taken its place."""
+    listener, ident = rundir.listen_unix(path, 0o666, 512)
+    sock = trio.socket.from_stdlib_socket(listener)
     task_status.started()
     try:
         async with trio.open_nursery() as nursery:
@@ -280,7 +278,4 @@ async def serve_control(service: Service, path: str,
                 nursery.start_soon(connection.run)
     finally:
         sock.close()
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
+        rundir.unlink_if_ours(path, ident)
