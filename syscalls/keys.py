@@ -370,6 +370,11 @@ def _ioctl(fd: int, request: int, arg: Any) -> int:
             _linux._raise(err, "ioctl(seccomp listener)")
 
 
+def is_listener(fd: int) -> bool:
+    """Whether `fd` is a seccomp listener (EBADF if it is no open fd)."""
+    return os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:seccomp notify"
+
+
 def notif_recv(listener: int) -> Notification | None:
     """The next trapped call (call when the listener is readable); None if it vanished."""
     n = _SeccompNotif()

@@ -20,7 +20,7 @@ import pytest
 
 import syscalls
 from containerfs.cgroups import CgroupTree
-from syscalls import CONTAINER_NEW_PID_NS, fdpass, protocol
+from syscalls import CONTAINER_NEW_PID_NS, fdpass, keys, protocol
 
 from .conftest import ROOT, SKIP_REASON, ServiceUnderTest, child_result, pid_alive
 from .test_bad_clients import raw, still_serves
@@ -217,3 +217,76 @@ def test_strings_that_are_not_text_get_einval(service: ServiceUnderTest, body: d
     os.close(cfd)
     log = service.log.read_bytes()[logged:].decode(errors="replace")
     assert "Traceback" not in log and "internal error" not in log, log
+
+
+# ---- found by the fuzz: a forking connection's seccomp listener ---------------------------
+
+def _listener_holder() -> tuple[int, int, int]:
+    """A child holding a real seccomp listener: (its pid, the listener (ours now), a pipe end
+    whose closing lets it exit)."""
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            a.close()
+            os.close(w)
+            socket.send_fds(b, [b"l"], [keys.install_request_key_filter()])
+            os.read(r, 1)
+        finally:
+            os._exit(0)
+    b.close()
+    os.close(r)
+    _, fds, _, _ = socket.recv_fds(a, 16, 1)
+    a.close()
+    return pid, fds[0], w
+
+
+def _held(service: ServiceUnderTest, target: str) -> int:
+    base = f"/proc/{service.proc.pid}/fd"
+    n = 0
+    for name in os.listdir(base):
+        try:
+            n += os.readlink(f"{base}/{name}") == target
+        except FileNotFoundError:
+            pass
+    return n
+
+
+def test_key_listener_must_be_one_seccomp_listener(service: ServiceUnderTest) -> None:
+    """A process forked in hands over its seccomp listener on the fork's connection. Any other
+    fd was held until it hung up (an eventfd never does), as often as it was sent: without
+    end, in the service and in the keeper."""
+    cfd = syscalls.container_create("listener", CONTAINER_NEW_PID_NS)
+    holders = [_listener_holder() for _ in range(2)]
+    efd = os.eventfd(0)
+    logged = len(service.log.read_bytes())
+    s = raw(service)
+    try:
+        socket.send_fds(s, [protocol.encode(protocol.Fork())], [cfd])
+        _data, fds, _ = fdpass.recv_fds(s, 65536, protocol.MAX_FDS)
+        for fd in fds:
+            os.close(fd)
+        for _ in range(20):
+            socket.send_fds(s, [protocol.encode(protocol.KeyListener())], [efd])
+        for _pid, listener, _w in holders:  # the second is one too many for one fork
+            socket.send_fds(s, [protocol.encode(protocol.KeyListener())], [listener])
+        s.send(protocol.encode(protocol.Status()))  # answered once all before it were taken
+        assert protocol.decode_reply(s.recv(65536))["errno"] == errno.EINVAL
+        assert _held(service, "anon_inode:[eventfd]") == 0
+        assert _held(service, "anon_inode:seccomp notify") == 1
+    finally:
+        s.close()
+        os.close(efd)
+        for _pid, listener, w in holders:  # all first: each child holds the others' ends
+            os.close(listener)
+            os.close(w)
+        for pid, _listener, _w in holders:
+            assert child_result(pid) == 0
+    log = service.log.read_bytes()[logged:].decode(errors="replace")
+    assert "no seccomp listener (anon_inode:[eventfd]); ignored" in log
+    assert "a second seccomp listener for one fork; ignored" in log
+    assert "Traceback" not in log, log
+    assert syscalls.container_status(cfd)["state"] == "created"
+    os.close(cfd)
+    still_serves()

@@ -31,6 +31,7 @@ import os
 import select
 import socket
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -231,6 +232,7 @@ class KeyringService:
         self._rid = 0
         self._boot = f"{os.getpid()}.{time.monotonic_ns()}"
         self._nlisteners = 0
+        self._listener_conns: weakref.WeakSet[Connection] = weakref.WeakSet()  # one each
         self.rules = Rules(os.path.dirname(service.fdstore.path))
         self._upcall_ok: bool | None = None  # probed when the first rule is to be written
         self._probed: trio.Event | None = None
@@ -553,6 +555,18 @@ class KeyringService:
         if conn.fork_container is None:
             log.warning("pid %d sent a seccomp listener without a fork; ignored", conn.peer.pid)
             return
+        # A fork's process hands over one listener. Anything else would be held until it
+        # hangs up, which an eventfd or a socket never does: one connection could make the
+        # service (and the keeper) hold fds without end.
+        if not keys.is_listener(fds[-1]):
+            log.warning("pid %d sent a key listener that is no seccomp listener (%s); ignored",
+                        conn.peer.pid, os.readlink(f"/proc/self/fd/{fds[-1]}"))
+            return
+        if conn in self._listener_conns:
+            log.warning("pid %d sent a second seccomp listener for one fork; ignored",
+                        conn.peer.pid)
+            return
+        self._listener_conns.add(conn)
         fd = fds.pop()
         self._nlisteners += 1
         self.add_listener(f"kl.{self._boot}.{self._nlisteners}", fd)
