@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 import trio
 
+from . import rundir
 from .cgroups import CgroupTree
 from .control import serve_control
-from . import rundir
 from .fdstore import FdStore
 from .service import Service
 from .store import Store

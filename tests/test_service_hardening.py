@@ -185,7 +185,7 @@ _UPCALL = {"key": 1, "type": "user", "description": "d", "callout_info": "c", "u
     ({"op": "mount_at", "path": "\udfff/x"}, 2),
     ({"op": "mount_at", "path": "tmp\0/etc"}, 2),
     ({"op": "key_intercept", "type": "\ud800"}, 1),
-    ({"op": "key_intercept", "type": "\udcff"}, 1),  # bytes 0xff: no type name (check_type)
+    ({"op": "key_intercept", "type": "k\udcff"}, 1),  # byte 0xff: no type name (check_type)
     ({"op": "key_unintercept", "type": "us\0er"}, 1),
     ({"op": "key_answer", "rid": 1, "action": "\ud800"}, 1),
     ({"op": "key_upcall", **_UPCALL, "description": "\udbff\udbff"}, 0),
