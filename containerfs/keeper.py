@@ -40,7 +40,8 @@ class Keeper:
         its directory: it would take the path, and the fds held so far would be lost."""
         self.held: dict[str, tuple[list[str], list[int]]] = {}
         self.lock = rundir.hold(os.path.dirname(path) or ".", rundir.KEEPER_LOCK, "keeper",
-                                "a service starts its own keeper when none answers there")
+                                "it holds that directory's containers; start no keeper "
+                                "by hand (containerfs serve starts one when none answers)")
         self.listener, _ = rundir.listen_unix(path, 0o600, 16)
         self.sel = selectors.DefaultSelector()
         self.sel.register(self.listener, selectors.EVENT_READ)
