@@ -47,7 +47,7 @@ class FdStore:
             # A keeper that found another one holding the directory leaves it to that one,
             # which may still be starting: wait for it to answer.
             gave_way = proc.poll() == rundir.KEEPER_BUSY_EXIT
-            if proc.poll() is not None and not gave_way or time.monotonic() > deadline:
+            if (proc.poll() is not None and not gave_way) or time.monotonic() > deadline:
                 raise OSError(errno.EIO, f"the keeper did not start at {self.path} (exit "
                                          f"{proc.poll()}); see {logpath}")
             time.sleep(0.005)
