@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 
 import syscalls
-from syscalls import client, protocol, replies
+from syscalls import client, protocol
 from syscalls.nstypes import NAMESPACES
 
 NAMESPACE_OPTIONS = {t.option: t.container_flag for t in NAMESPACES}
@@ -182,11 +182,10 @@ def _keys(args: argparse.Namespace) -> int:
 
 
 def _ls(args: argparse.Namespace) -> int:
-    reply, _ = client.call(protocol.List())
     print(f"{'ID':>6} {'NAME':<24} {'STATE':<8} {'INIT':>7} {'OWNER':>5} FLAGS")
-    for row in reply.containers:
-        print(f"{row.id:>6} {row.name:<24} {row.state:<8} {row.init_pid or '-':>7} "
-              f"{row.owner:>5} {row.flags:#05x}")
+    for row in syscalls.container.container_list():
+        print(f"{row['id']:>6} {row['name']:<24} {row['state']:<8} {row['init_pid'] or '-':>7} "
+              f"{row['owner']:>5} {row['flags']:#05x}")
     return 0
 
 
@@ -265,10 +264,9 @@ def _kill(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    reply, _ = client.call(protocol.List())
-    for row in reply.containers:
-        if row.id == args.id:
-            for key, value in replies.to_json(row).items():
+    for row in syscalls.container.container_list():
+        if row["id"] == args.id:
+            for key, value in row.items():
                 print(f"{key}: {value}")
             return 0
     print(f"containerfs status: no container {args.id} (or not yours)", file=sys.stderr)

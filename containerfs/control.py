@@ -23,6 +23,7 @@ from syscalls import fdpass, protocol
 from syscalls.fd import Fd
 from syscalls.replies import ContainerList, Created, ErrorReply, Reply, Reported
 
+from . import rundir
 from .process import Peer
 from .record import Container
 from .service import Service
@@ -126,7 +127,12 @@ class Connection:
                                  self.peer.pid, reply.message)
                     continue
                 try:
-                    await _send(self.sock, reply, out)
+                    try:
+                        await _send(self.sock, reply, out)
+                    except protocol.ProtocolError as e:  # too large a reply: say so instead
+                        await _send(self.sock, protocol.error_reply(
+                            errno.EMSGSIZE, f"the reply to {req.op if req else '?'} is too "
+                            f"large to send ({e})"), [])
                 finally:
                     self.after_send(out)
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as e:
@@ -278,9 +284,10 @@ class Connection:
 
     async def _list(self, req: protocol.List, fds: list[int]) -> Answer:
         reg = self.service.reg
-        rows = [reg.describe(c) for c in reg.containers.values()
-                if self.peer.uid == 0 or c.owner == self.peer.uid]
-        return ContainerList(rows), []
+        ids = sorted(cid for cid, c in reg.containers.items()
+                     if cid > req.after and (self.peer.uid == 0 or c.owner == self.peer.uid))
+        rows = [reg.describe(reg.containers[cid]) for cid in ids[:LIST_PAGE]]
+        return ContainerList(rows, more=len(ids) > LIST_PAGE), []
 
     async def _root(self, req: protocol.Root, fds: list[int]) -> Answer:
         return Reply(), self.service.fs.root_fd(self.service.reg.lookup(fds[0]))
@@ -315,6 +322,9 @@ class Connection:
         return await self.service.limits.freeze(self.peer, c, bool(req.frozen)), []
 
 
+# Rows in one List reply: a page stays well under MAX_MESSAGE (a row is at most ~250 bytes
+# but for its members).
+LIST_PAGE = 100
 # A reply and the fds that go with it; None for a one-way message.
 Answer = tuple[Reply | None, list[int]]
 # The handler of each request type (the keyring's own go to the keyring service).
@@ -389,7 +399,7 @@ class Admission:
     async def _serve(self, connection: Connection) -> None:
         uid = connection.peer.uid
         try:
-            await connection.run()
+            await _serve_connection(connection)
         finally:
             self.open[uid] -= 1
             if not self.open[uid]:
@@ -407,25 +417,31 @@ def _pipe_key(fd: int) -> tuple[int, int]:
     return st.st_dev, st.st_ino
 
 
+async def _serve_connection(connection: Connection) -> None:
+    """Serve one connection until it ends: a bug that escapes its own handling costs that
+    connection (closed, its fork undone), never the service and every other client."""
+    try:
+        await connection.run()
+    except Exception:
+        log.exception("connection from pid %d failed; dropped", connection.peer.pid)
+
+
 async def serve_control(service: Service, path: str,
                         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-    """Listen on `path` (usable by every local user, as a system call is) until cancelled."""
-    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-    await sock.bind(path)
-    os.chmod(path, 0o666)
-    sock.listen(512)
+    """Listen on `path` (usable by every local user, as a system call is) until cancelled.
+
+    The path appears already listening (a client never finds it and is refused), and goes
+    with the service unless another socket has taken its place."""
+    listener, ident = rundir.listen_unix(path, 0o666, 512)
+    sock = trio.socket.from_stdlib_socket(listener)
     task_status.started()
     try:
         async with trio.open_nursery() as nursery:
             for key, fd, c, role in service.forks.take_pending():
                 # A fork that was being reported when the last service stopped: read on.
-                nursery.start_soon(Connection(
+                nursery.start_soon(_serve_connection, Connection(
                     service, trio.socket.fromfd(fd, socket.AF_UNIX, socket.SOCK_SEQPACKET),
-                    (c, role), key).run)
+                    (c, role), key))
                 os.close(fd)
             admission = Admission()
             while True:
@@ -448,7 +464,4 @@ async def serve_control(service: Service, path: str,
                 admission.admit(connection, nursery)
     finally:
         sock.close()
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
+        rundir.unlink_if_ours(path, ident)

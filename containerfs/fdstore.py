@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
@@ -11,13 +12,14 @@ import time
 
 from syscalls import fdpass
 
+from . import rundir
+
 
 class FdStore:
     """Connects to the keeper at `<runtime_dir>/keeper.sock`, starting one if none answers."""
 
     def __init__(self, runtime_dir: str) -> None:
         self.path = os.path.join(runtime_dir, "keeper.sock")
-        self.pidfile = os.path.join(runtime_dir, "keeper.pid")
         self.sock = self._connect() or self._spawn()
 
     def _connect(self) -> socket.socket | None:
@@ -33,17 +35,21 @@ class FdStore:
         # A session of its own: a signal to the service's process group must not reach it.
         # Its output goes to a file of its own: one that held the service's stdout or stderr
         # open would keep a pipe from `containerfs serve | ...` open long after the service.
-        with open(os.path.join(os.path.dirname(self.path), "keeper.log"), "ab") as log:
+        # It writes keeper.pid itself, once it holds the directory (rundir.KEEPER_LOCK).
+        logpath = os.path.join(os.path.dirname(self.path), "keeper.log")
+        with open(logpath, "ab") as log:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "containerfs.keeper", "--socket", self.path],
                 start_new_session=True, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                 close_fds=True)
-        with open(self.pidfile, "w") as f:
-            f.write(f"{proc.pid}\n")
         deadline = time.monotonic() + 10
         while (sock := self._connect()) is None:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise OSError(f"the keeper did not start (exit {proc.poll()})")
+            # A keeper that found another one holding the directory leaves it to that one,
+            # which may still be starting: wait for it to answer.
+            gave_way = proc.poll() == rundir.KEEPER_BUSY_EXIT
+            if (proc.poll() is not None and not gave_way) or time.monotonic() > deadline:
+                raise OSError(errno.EIO, f"the keeper did not start at {self.path} (exit "
+                                         f"{proc.poll()}); see {logpath}")
             time.sleep(0.005)
         return sock
 

@@ -28,21 +28,21 @@ import sys
 
 from syscalls import fdpass
 
+from . import rundir
+
 MAX_FDS = 32
 _UCRED = struct.Struct("3i")
 
 
 class Keeper:
     def __init__(self, path: str) -> None:
+        """Serve at `path`; EBUSY (before the socket is touched) if another keeper serves
+        its directory: it would take the path, and the fds held so far would be lost."""
         self.held: dict[str, tuple[list[str], list[int]]] = {}
-        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
-        self.listener.bind(path)
-        os.chmod(path, 0o600)
-        self.listener.listen(16)
+        self.lock = rundir.hold(os.path.dirname(path) or ".", rundir.KEEPER_LOCK, "keeper",
+                                "it holds that directory's containers; start no keeper "
+                                "by hand (containerfs serve starts one when none answers)")
+        self.listener, _ = rundir.listen_unix(path, 0o600, 16)
         self.sel = selectors.DefaultSelector()
         self.sel.register(self.listener, selectors.EVENT_READ)
 
@@ -143,7 +143,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description="hold the containerfs service's fds")
     ap.add_argument("--socket", required=True)
     args = ap.parse_args()
-    Keeper(args.socket).run()
+    try:
+        keeper = Keeper(args.socket)
+    except OSError as e:
+        print(f"containerfs keeper: {e.strerror or e}", file=sys.stderr)
+        sys.exit(rundir.KEEPER_BUSY_EXIT if e.errno == errno.EBUSY else 1)
+    keeper.run()
 
 
 if __name__ == "__main__":

@@ -75,7 +75,7 @@ def keyctl(op: int, *args: Any) -> int:
 
 def add_key(key_type: str, description: str, payload: bytes | None, keyring: int) -> int:
     """add_key(2): create or update a key in `keyring`; return its serial."""
-    return linux.syscall("add_key", key_type.encode(), _encode(description), payload,
+    return linux.syscall("add_key", _encode(key_type), _encode(description), payload,
                           ctypes.c_size_t(len(payload) if payload is not None else 0),
                           ctypes.c_int(keyring))
 
@@ -84,7 +84,7 @@ def request_key(key_type: str, description: str, callout_info: str | bytes | Non
                 dest_keyring: int = 0) -> int:
     """request_key(2): find (or have constructed) a key; return its serial."""
     callout = _encode(callout_info) if callout_info is not None else None
-    return linux.syscall("request_key", key_type.encode(), _encode(description), callout,
+    return linux.syscall("request_key", _encode(key_type), _encode(description), callout,
                           ctypes.c_int(dest_keyring))
 
 
@@ -128,7 +128,7 @@ def keyring_contents(keyring: int) -> list[int]:
 
 def search(keyring: int, key_type: str, description: str, dest_keyring: int = 0) -> int:
     """KEYCTL_SEARCH: find a key in `keyring` (recursively); ENOKEY when there is none."""
-    return keyctl(KEYCTL_SEARCH, keyring, key_type.encode(), _encode(description), dest_keyring)
+    return keyctl(KEYCTL_SEARCH, keyring, _encode(key_type), _encode(description), dest_keyring)
 
 
 def link(key: int, keyring: int) -> None:
@@ -182,9 +182,14 @@ def setfsuid(uid: int) -> int:
 
 
 def check_type(key_type: str) -> None:
-    """EINVAL for a key type name the kernel would not take."""
-    if (not isinstance(key_type, str) or not key_type or "\0" in key_type
-            or len(key_type.encode()) > KEY_TYPE_MAX):
+    """EINVAL for a key type name the kernel would not take, or one that is not UTF-8 text
+    (every type the kernel knows is plain ASCII; a trap's type is written as text in the
+    request-key.d rule file)."""
+    try:
+        raw = key_type.encode() if isinstance(key_type, str) else b""
+    except UnicodeEncodeError:
+        raw = b""
+    if not raw or b"\0" in raw or len(raw) > KEY_TYPE_MAX:
         raise OSError(errno.EINVAL, f"invalid key type name {key_type!r}")
 
 

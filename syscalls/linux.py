@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import errno as _errno
+import fcntl
 import os
 import platform
 import struct
@@ -190,6 +191,32 @@ def pidfd_exit_status(pidfd: int) -> int | None:
     """
     info = pidfd_info(pidfd)
     return info.exit_status if info is not None else None
+
+
+# struct flock, laid out alike on x86_64 and aarch64: l_type, l_whence, l_start, l_len, l_pid.
+_FLOCK = struct.Struct("hhqqi4x")
+
+
+def lock_whole_file(fd: int) -> int | None:
+    """Take a write lock on all of `fd`'s file for this process; None once taken, else the pid
+    of a process that holds it (0 if it is not visible from our PID namespace).
+
+    A POSIX record lock (fcntl F_SETLK): the kernel drops it when its process exits, however it
+    exits, and a forked child never inherits it. Closing any fd of the file in this process
+    drops it too: keep that file for the lock alone.
+    """
+    while True:
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return None
+        except OSError as e:
+            if e.errno not in (_errno.EAGAIN, _errno.EACCES):
+                raise
+        probe = _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
+        l_type, _whence, _start, _len, pid = _FLOCK.unpack(fcntl.fcntl(fd, fcntl.F_GETLK, probe))
+        if l_type != fcntl.F_UNLCK:
+            return int(pid)
+        # The holder let go between the two calls: try again.
 
 
 def prctl(option: int, arg2: int = 0) -> None:

@@ -3,6 +3,11 @@
 One message is one SOCK_SEQPACKET datagram holding a JSON object; fds travel beside it as
 SCM_RIGHTS. A request names its `op`; each op is a frozen dataclass whose fields are checked on
 decode, so a malformed datagram becomes a ProtocolError, never a crash.
+
+Every str field becomes a C string (a name, a path, a key type or description) or is a
+keyword, so a decoded one is promised to hold no NUL and to encode as UTF-8 with
+surrogateescape: bytes that are not UTF-8 travel as the lone surrogates U+DC80..U+DCFF, which
+give back those bytes; any other lone surrogate (JSON "\ud800") names no bytes at all.
 """
 
 from __future__ import annotations
@@ -96,9 +101,11 @@ class Kill(Request):
 
 @dataclasses.dataclass(frozen=True)
 class List(Request):
-    """The containers the caller may see. Reply: rows."""
+    """The containers the caller may see, with ids above `after`, a page at a time. Reply:
+    rows, and `more` if there are more after the last."""
     op: ClassVar[str] = "list"
     answer: ClassVar[type[Reply]] = replies.ContainerList
+    after: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -303,7 +310,8 @@ def _load(data: bytes) -> dict[str, Any]:
 def decode_request(data: bytes) -> Request:
     """Decode and check one request datagram; raise ProtocolError if it is not one."""
     body = _load(data)
-    cls = REQUESTS.get(body.pop("op", None))
+    op = body.pop("op", None)
+    cls = REQUESTS.get(op) if isinstance(op, str) else None
     if cls is None:
         raise ProtocolError("unknown or missing op")
     kwargs: dict[str, Any] = {}
@@ -316,10 +324,25 @@ def decode_request(data: bytes) -> Request:
         value = body.pop(field.name)
         if type(value) is not want:
             raise ProtocolError(f"{cls.op}: field {field.name} must be {want.__name__}")
+        if isinstance(value, str):
+            _check_text(cls.op, field.name, value)
         kwargs[field.name] = value
     if body:
         raise ProtocolError(f"{cls.op}: unknown fields {sorted(body)}")
     return cls(**kwargs)
+
+
+def _check_text(op: str, name: str, value: str) -> None:
+    """ProtocolError unless `value` can become a C string (see the module's docstring)."""
+    try:
+        value.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError as e:
+        raise ProtocolError(f"{op}: field {name} holds a lone surrogate at index {e.start}, "
+                            "which stands for no bytes; send UTF-8 text (other bytes as "
+                            "surrogateescape escapes them)") from None
+    if "\0" in value:
+        raise ProtocolError(f"{op}: field {name} holds a NUL at index {value.index(chr(0))}, "
+                            "which a C string cannot")
 
 
 def decode_reply(data: bytes) -> dict[str, Any]:

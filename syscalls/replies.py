@@ -87,6 +87,7 @@ class Usage(Reply):
 @dataclasses.dataclass(frozen=True)
 class ContainerList(Reply):
     containers: list[ContainerStatus]
+    more: bool = False  # a page: ask again with `after` the last id
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,6 +23,8 @@ def test_round_trip(req: protocol.Request) -> None:
     b'{"op": "create", "name": "x"}', b'{"op": "create", "name": "x", "flags": "1"}',
     b'{"op": "create", "name": "x", "flags": true}', b'{"op": "kill", "id": 1.5}',
     b'{"op": "started", "pid": 1, "extra": 2}', b"[" * 100000, b'{"op": "list"' * 3,
+    b'{"op": ["list"]}', b'{"op": {"list": 1}}', b'{"op": "create", "name": "\\ud800", "flags": 0}',
+    b'{"op": "create", "name": "a\\u0000", "flags": 0}', b'{"op": "mount_at", "path": "\\udfffx"}',
 ])
 def test_malformed_is_protocol_error(data: bytes) -> None:
     with pytest.raises(protocol.ProtocolError):

@@ -24,7 +24,8 @@ import syscalls
 from containerfs.states import State
 from containerfs.view import model as vm
 from containerfs.view import readers
-from containerfs.view.model import Kind, Model
+from containerfs.view.model import Model
+from containerfs.view.nodes import Kind
 from containerfs.view.readers import HOST_ID, Reader
 from containerfs.view.render import parse_table
 from syscalls import (

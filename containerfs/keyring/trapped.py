@@ -44,13 +44,17 @@ class TrappedCalls:
         """Keep the one seccomp listener of the process a connection forked; ignore anything
         else (a flood of fds must never be kept, here or by the keeper)."""
         # One way: this must never answer (the fork's caller reads that connection).
-        if conn.fork_container is None or conn.listener_taken:
-            log.warning("pid %d sent a seccomp listener without a fork of its own; ignored",
-                        conn.peer.pid)
+        if conn.fork_container is None:
+            log.warning("pid %d sent a seccomp listener without a fork; ignored", conn.peer.pid)
             return
-        if linux.fd_link(fds[0]) != SECCOMP_NOTIFY_LINK:
-            log.warning("pid %d sent a %s as its seccomp listener; ignored", conn.peer.pid,
-                        linux.fd_link(fds[0]))
+        kind = linux.fd_link(fds[0])
+        if kind != SECCOMP_NOTIFY_LINK:
+            log.warning("pid %d sent a key listener that is no seccomp listener (%s); ignored",
+                        conn.peer.pid, kind)
+            return
+        if conn.listener_taken:
+            log.warning("pid %d sent a second seccomp listener for one fork; ignored",
+                        conn.peer.pid)
             return
         conn.listener_taken = True
         fd = fds.pop()

@@ -18,7 +18,8 @@ import pyfuse3
 import trio
 
 from ..service import Service
-from .model import Attr, Kind, Model
+from .model import Model
+from .nodes import Attr, Kind
 from .readers import Reader
 
 log = logging.getLogger("containerfs")

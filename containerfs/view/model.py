@@ -16,7 +16,6 @@ Two promises shape the `containers` file (docs/view.md says more):
 from __future__ import annotations
 
 import collections
-import enum
 import errno
 import os
 import stat
@@ -31,6 +30,7 @@ from ..states import State
 from .readers import HOST_ID, Reader, Readers, ViewKey
 from .records import ContainerLike, ServiceLike
 from . import render
+from .nodes import CFILES, Attr, Kind, Node, OpenFile, Opened, Published, Rendered
 
 
 ROOT_INO = 1
@@ -47,77 +47,6 @@ DIR_ATTR_TIMEOUT = 1.0
 # Members are counted from the cgroup, which changes without telling the service; a table is
 # re-rendered at most this long after its last rendering when nothing else changed.
 MEMBERS_TTL = 1.0
-
-# ---- nodes and attributes ---------------------------------------------------------------------
-
-class Kind(enum.Enum):
-    ROOT = "root"
-    TABLE = "containers"  # a `containers` file: one inode per viewpoint
-    BYNAME = "by-name"
-    LINK = "link"  # by-name/<name>
-    CDIR = "cdir"  # <id>/
-    FILE = "file"  # <id>/<name>
-    NSDIR = "nsdir"  # <id>/ns/
-    LIMITSDIR = "limitsdir"  # <id>/limits/
-    LIMIT = "limit"  # <id>/limits/<name>
-    NS = "ns"  # <id>/ns/<type>
-    KILL = "kill"  # <id>/kill
-
-
-@dataclass(frozen=True)
-class Node:
-    kind: Kind
-    cid: int = 0
-    name: bytes = b""
-    key: ViewKey | None = None
-
-
-@dataclass
-class Attr:
-    """The attributes of one node, with how long the kernel may keep them and its name."""
-    ino: int
-    mode: int
-    nlink: int = 1
-    uid: int = 0
-    gid: int = 0
-    size: int = 0
-    mtime_ns: int = 0
-    entry_timeout: float = 0.0
-    attr_timeout: float = 0.0
-
-
-@dataclass
-class Opened:
-    fh: int
-    direct_io: bool
-    keep_cache: bool
-
-
-@dataclass
-class _File:
-    ino: int
-    data: bytes
-    cached: bool  # reads share the inode's page cache (and its published text)
-    kill: int = 0  # a kill file opened for writing: the container's id
-
-
-@dataclass
-class _Published:
-    data: bytes
-    mtime_ns: int
-
-
-@dataclass
-class _Rendered:
-    generation: int
-    at: float
-    data: bytes
-
-
-# Per-container files in listing order; exit_status only once dead.
-CFILES = (b"name", b"state", b"init_pid", b"members", b"flags", b"owner", b"group",
-          b"exit_status")
-
 
 async def _no_invalidate(ino: int) -> None:
     return None
@@ -138,10 +67,10 @@ class Model:
     _by_cid: dict[int, list[Node]] = field(default_factory=dict)  # per-container nodes
     _next_ino: int = 16
     _next_fh: int = 1
-    _files: dict[int, _File] = field(default_factory=dict)
+    _files: dict[int, OpenFile] = field(default_factory=dict)
     _dirs: dict[int, list[tuple[bytes, Attr]]] = field(default_factory=dict)
-    _published: dict[int, _Published] = field(default_factory=dict)
-    _rendered: dict[ViewKey, _Rendered] = field(default_factory=dict)
+    _published: dict[int, Published] = field(default_factory=dict)
+    _rendered: dict[ViewKey, Rendered] = field(default_factory=dict)
     _cached_opens: collections.Counter[int] = field(default_factory=collections.Counter)
     _switching: dict[int, trio.Event] = field(default_factory=dict)
     _members: dict[int, int] = field(default_factory=dict)
@@ -382,7 +311,7 @@ class Model:
 
     def _open_file(self, ino: int, data: bytes, cached: bool, kill: int = 0) -> Opened:
         fh = self._fh()
-        self._files[fh] = _File(ino, data, cached, kill)
+        self._files[fh] = OpenFile(ino, data, cached, kill)
         if cached:
             self._cached_opens[ino] += 1
         return Opened(fh, direct_io=not cached, keep_cache=cached)
@@ -427,7 +356,7 @@ class Model:
             # Nothing reads the old text: publish the new one, and make the kernel drop the
             # old pages and size before anyone may use the cache again.
             done = self._switching[ino] = trio.Event()
-            self._published[ino] = _Published(data, max(time.time_ns(),
+            self._published[ino] = Published(data, max(time.time_ns(),
                                                          pub.mtime_ns + 1 if pub else 0))
             try:
                 await self.invalidate(ino)
@@ -477,7 +406,7 @@ class Model:
         if got is not None and got.generation == self.generation and now - got.at < MEMBERS_TTL:
             return got.data
         data = self.render_table(reader)
-        self._rendered[key] = _Rendered(self.generation, now, data)
+        self._rendered[key] = Rendered(self.generation, now, data)
         return data
 
     def _member_count(self, c: ContainerLike) -> int:
@@ -497,26 +426,12 @@ class Model:
         return int(c.handle_open) + self._member_count(c) + children
 
     def render_table(self, reader: Reader) -> bytes:
-        return render.table(self.service.containers, reader, self.use_count, self._frozen)
-
-    def _frozen(self, c: ContainerLike) -> bool:
-        if c.state not in (State.RUNNING, State.CREATED, State.STARTING):
-            return False
-        try:
-            return self.service.cgroups.frozen(c.id)
-        except OSError:
-            return False  # its groups are going away
+        return render.table(self.service.containers, reader, self.use_count,
+                            lambda c: render.frozen(c, self.service.cgroups))
 
     def render_file(self, c: ContainerLike, node: Node, reader: Reader) -> bytes:
         if node.kind is Kind.NS:
             return render.ns_file(c, node.name.decode())
         if node.kind is Kind.LIMIT or node.name == b"stats":
-            if c.state == State.DEAD:
-                raise OSError(errno.ENOENT, f"container {c.id} is dead")
-            if node.name == b"stats":
-                return render.stats_file(self.service.cgroups.stats(c.id))
-            value = self.service.cgroups.limits(c.id).get(node.name.decode())
-            if value is None:
-                raise OSError(errno.ENOENT, f"container {c.id} has no {node.name!r} limit now")
-            return value.encode() + b"\n"
+            return render.resource_file(c, node.name, self.service.cgroups)
         return render.container_file(c, node.name, reader, self.service.cgroups.procs)

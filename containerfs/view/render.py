@@ -25,7 +25,7 @@ from syscalls.nstypes import NAMES
 
 from ..states import State
 from .readers import HOST_ID, PidView, Reader, map_id
-from .records import ContainerLike
+from .records import CgroupsLike, ContainerLike
 
 # The proposal's /proc/containers format (docs/api.md section 6), byte for byte.
 HEADER = b"NAME                               ID USE FL OWNER GROUP\n"
@@ -178,6 +178,25 @@ def container_file(c: ContainerLike, name: bytes, reader: Reader,
     raise OSError(errno.ENOENT, f"no {name!r} in container {c.id}")
 
 
-def stats_file(stats: Mapping[str, int]) -> bytes:
-    """<id>/stats: one "name value" line per stat, v2 names and meanings."""
-    return b"".join(b"%s %d\n" % (k.encode(), v) for k, v in sorted(stats.items()))
+def resource_file(c: ContainerLike, name: bytes, cgroups: CgroupsLike) -> bytes:
+    """<id>/stats (one "name value" line per stat, v2 names and meanings) or
+    <id>/limits/<name> (its value, v2 syntax); ENOENT once dead or for a limit not set."""
+    if c.state == State.DEAD:
+        raise OSError(errno.ENOENT, f"container {c.id} is dead")
+    if name == b"stats":
+        stats = cgroups.stats(c.id)
+        return b"".join(b"%s %d\n" % (k.encode(), v) for k, v in sorted(stats.items()))
+    value = cgroups.limits(c.id).get(name.decode())
+    if value is None:
+        raise OSError(errno.ENOENT, f"container {c.id} has no {name!r} limit now")
+    return value.encode() + b"\n"
+
+
+def frozen(c: ContainerLike, cgroups: CgroupsLike) -> bool:
+    """Whether a living container is frozen now (FL 0x08)."""
+    if c.state == State.DEAD:
+        return False
+    try:
+        return cgroups.frozen(c.id)
+    except OSError:
+        return False  # its groups are going away
