@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 import syscalls
 from syscalls import client, protocol
@@ -51,10 +52,16 @@ def _run(args: argparse.Namespace) -> int:
     if not flags & syscalls.CONTAINER_NEW_USER_NS:
         print("containerfs run: warning: without --user the container shares the host's uids, "
               "and so the per-uid user keyring (@u) and uid limits", file=sys.stderr)
+    confinement = _run_confinement(args, flags)  # checked before anything is made
     cfd = syscalls.container_create(args.name, flags)
     try:  # before the first fork: init is born under them
         for name, value in _run_limits(args):
             syscalls.container_set_limit(cfd, name, value)
+        caps, profile = confinement
+        if caps is not None:
+            syscalls.container_set_caps(cfd, caps)
+        if profile is not None:
+            syscalls.container_set_seccomp(cfd, profile)
     except BaseException:
         os.close(cfd)
         raise
@@ -64,6 +71,35 @@ def _run(args: argparse.Namespace) -> int:
 
 
 CPU_PERIOD_US = 100000  # the kernel's default cpu.max period
+
+
+def _run_confinement(args: argparse.Namespace, flags: int) -> tuple[int | None, Any]:
+    """(capability mask, seccomp profile) for `run`: Podman's defaults unless --privileged,
+    adjusted by --cap-add/--cap-drop and --seccomp FILE|unconfined."""
+    from syscalls import caps as capset
+
+    from .confine import DEFAULT_CAPS, DEFAULT_SECCOMP
+
+    if args.privileged:
+        return None, None
+    mask = DEFAULT_CAPS
+    for name in args.cap_add:
+        mask |= capset.mask_of([name])
+    for name in args.cap_drop:
+        mask &= ~capset.mask_of([name])
+    if os.geteuid() != 0 and not flags & syscalls.CONTAINER_NEW_USER_NS:
+        # Without a user namespace of its own a process of another user has no capability
+        # to give up but its bounding set, which it cannot change: no_new_privs (with the
+        # filter) is what keeps it from gaining any.
+        caps: int | None = None
+    else:
+        caps = mask
+    if args.seccomp == "unconfined":
+        return caps, None
+    if args.seccomp:
+        with open(args.seccomp, "rb") as f:
+            return caps, f.read()
+    return caps, DEFAULT_SECCOMP
 
 
 def _run_limits(args: argparse.Namespace) -> list[tuple[str, str]]:
@@ -298,6 +334,14 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--cpus", type=float, help="CPUs it may use (cpu.max), e.g. 0.2")
     r.add_argument("--memory", help="memory limit (memory.max), e.g. 64M")
     r.add_argument("--pids", help="how many processes at most (pids.max)")
+    r.add_argument("--privileged", action="store_true",
+                   help="no confinement: every capability, no seccomp filter")
+    r.add_argument("--cap-add", action="append", default=[], metavar="CAP",
+                   help="keep this capability too (e.g. NET_RAW, or ALL)")
+    r.add_argument("--cap-drop", action="append", default=[], metavar="CAP",
+                   help="drop this capability (e.g. CHOWN, or ALL)")
+    r.add_argument("--seccomp", metavar="FILE|unconfined",
+                   help="an OCI seccomp profile instead of the default one")
     r.add_argument("command", nargs=argparse.REMAINDER)
     r.set_defaults(func=_run)
     e = sub.add_parser("exec", help="run a command in a running container, by id")

@@ -317,6 +317,14 @@ class Connection:
     async def _stats(self, req: protocol.Stats, fds: list[int]) -> Answer:
         return self.service.limits.stats(await self._container(fds[0])), []
 
+    async def _set_caps(self, req: protocol.SetCaps, fds: list[int]) -> Answer:
+        c = await self._container(fds[0])
+        return await self.service.confiner.set_caps(self.peer, c, req.caps), []
+
+    async def _set_seccomp(self, req: protocol.SetSeccomp, fds: list[int]) -> Answer:
+        c = await self._container(fds[0])
+        return await self.service.confiner.set_seccomp(self.peer, c, req.profile), []
+
     async def _freeze(self, req: protocol.Freeze, fds: list[int]) -> Answer:
         c = await self._container(fds[0])
         return await self.service.limits.freeze(self.peer, c, bool(req.frozen)), []
@@ -347,6 +355,8 @@ _HANDLERS: dict[type[protocol.Request], Callable[[Connection, Any, list[int]], A
     protocol.GetLimit: Connection._get_limit,
     protocol.Stats: Connection._stats,
     protocol.Freeze: Connection._freeze,
+    protocol.SetCaps: Connection._set_caps,
+    protocol.SetSeccomp: Connection._set_seccomp,
 }
 
 

@@ -20,6 +20,7 @@ from syscalls.fd import Fd
 from syscalls.replies import ForkGrant
 from syscalls.nstypes import NAMES
 
+from .confining import Confiner
 from .keyring.service import KeyringService
 from .lifecycle import Lifecycle
 from .policy import Policy
@@ -39,11 +40,12 @@ ENTRY_ORDER = tuple(t for t in NAMES if t not in ("user", "pid"))
 
 class Forks:
     def __init__(self, reg: Registry, policy: Policy, life: Lifecycle,
-                 keyrings: KeyringService) -> None:
+                 keyrings: KeyringService, confiner: Confiner) -> None:
         self.reg = reg
         self.policy = policy
         self.life = life
         self.keyrings = keyrings
+        self.confiner = confiner
         self._origins: dict[Peer, Origin] = {}  # a non-root intermediate -> its own groups
         # Forks whose connections the keeper held across a restart (see recover).
         self._pending: list[tuple[str, int, Container, str]] = []
@@ -55,6 +57,9 @@ class Forks:
     async def begin(self, peer: Peer, c: Container) -> tuple[ForkGrant, list[int]]:
         """Check a fork and return what the intermediate must enter: (reply, fds it names)."""
         self.policy.owner(peer, c, "fork into")
+        # Its filter compiled (once, off the event loop) before the state is looked at: no
+        # await comes between that look and the fork's grant.
+        await self.confiner.prepare(c)
         while True:
             while c.state == State.STARTING:  # another caller is making init: wait for it
                 await c.started.wait()
@@ -93,8 +98,8 @@ class Forks:
         """For root's container_create: what its first fork will be told to enter, so it can
         make the process while the Fork request is on its way (the reply then confirms it).
         None where that fork takes an intermediate anyway (a user namespace) or cannot be."""
-        if peer.uid != 0 or "root" not in c.ns or "user" in c.new_ns:
-            return None
+        if peer.uid != 0 or "root" not in c.ns or "user" in c.new_ns or c.seccomp is not None:
+            return None  # (a fresh container has no profile yet: the plan is made at create)
         return self._plan(peer, c, "init")
 
     def _plan(self, peer: Peer, c: Container, role: str) -> tuple[ForkGrant, list[int]]:
@@ -109,10 +114,12 @@ class Forks:
 
         try:
             self._add_fds(peer, c, role, add)
+            program, flags = self.confiner.program(c) or ("", 0)
             reply = ForkGrant(role=role, fds=names, id=c.id,
                               new_pid_ns=role == "init" and bool(c.flags & CONTAINER_NEW_PID_NS),
                               proc_paths=list(c.proc_paths) if role == "init" else [],
-                              keyring=self.keyrings.fork_info(c))
+                              keyring=self.keyrings.fork_info(c), caps=c.caps,
+                              seccomp=program, seccomp_flags=flags)
         except BaseException:
             for fd in fds:
                 os.close(fd)

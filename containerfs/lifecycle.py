@@ -12,6 +12,7 @@ import logging
 import os
 import select
 import signal
+from collections.abc import Callable
 
 import trio
 
@@ -39,6 +40,8 @@ class Lifecycle:
         self.max_per_user = max_per_user
         self.dead_linger = dead_linger
         self.pool = namespaces.NamespacePool()
+        # Told of each death (what other parts keep per container goes then).
+        self.on_death: Callable[[Container], None] | None = None
         self.pool_wanted = trio.Event()
 
     # ---- container_create ---------------------------------------------------------------
@@ -198,6 +201,8 @@ class Lifecycle:
         self.reg.close_write_end(c)
         self.reg.fdstore.drop(f"c{c.id}")  # the keeper's copy too: now holders see POLLHUP
         self.keyrings.container_died(c)
+        if self.on_death is not None:
+            self.on_death(c)
         c.init_pidfd.close()
         # Every kernel resource goes now (a root may pin a filesystem and its loop device);
         # what lingers is data. A holder that used the root before keeps its own copy.

@@ -40,12 +40,20 @@ class Container:
     proc_mounts: int = 0
     proc_mounts_idle: trio.Event = field(default_factory=trio.Event)
     started: trio.Event = field(default_factory=trio.Event)
+    # Confinement of every process forked in (contract section 11), set before init: the
+    # capability mask (None: unchanged) and the seccomp profile as checked JSON (None: none).
+    caps: int | None = None
+    seccomp: str | None = None
+
+    @property
+    def dead(self) -> bool:
+        return self.state == State.DEAD
 
     def row(self) -> dict[str, Any]:
         return {"id": self.id, "name": self.name, "flags": self.flags, "owner": self.owner,
                 "grp": self.group, "parent": self.parent, "state": self.state.value,
                 "pipe_dev": self.pipe[0], "pipe_ino": self.pipe[1], "init_pid": self.init_pid,
-                "exit_status": self.exit_status}
+                "exit_status": self.exit_status, "caps": self.caps, "seccomp": self.seccomp}
 
 
 def requested_namespaces(flags: int) -> frozenset[str]:

@@ -91,7 +91,8 @@ class Registry:
                          group=row["grp"], parent=row["parent"], pipe=pipe, wfd=Fd(wfd),
                          ns=FdMap(ns),
                          new_ns=requested_namespaces(row["flags"]), init_pid=row["init_pid"],
-                         exit_status=row["exit_status"])
+                         exit_status=row["exit_status"], caps=row.get("caps"),
+                         seccomp=row.get("seccomp"))
 
     def member_of(self, peer: Peer) -> int | None:
         """The id of the container whose group holds the process that connected, None if

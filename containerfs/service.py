@@ -25,6 +25,7 @@ from .filesystems import Filesystems
 from .forking import Forks
 from .keyring.hooks import Hooks
 from .keyring.service import KeyringService
+from .confining import Confiner
 from .lifecycle import Lifecycle
 from .limiting import Limits
 from .policy import Policy
@@ -48,9 +49,11 @@ class Service:
             live=self.reg.containers.get, check_manager=self.policy.manager,
             member_of=self.reg.member_of, container_id_of=cgroups.container_id_of))
         self.life = Lifecycle(self.reg, self.policy, self.keyrings, max_per_user, dead_linger)
-        self.forks = Forks(self.reg, self.policy, self.life, self.keyrings)
+        self.confiner = Confiner(self.reg, self.policy)
+        self.forks = Forks(self.reg, self.policy, self.life, self.keyrings, self.confiner)
         self.fs = Filesystems(self.reg, self.policy)
         self.limits = Limits(self.reg, self.policy)
+        self.life.on_death = self.confiner.forget
 
     # ---- what the view and the control socket read ------------------------------------
 

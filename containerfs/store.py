@@ -27,13 +27,17 @@ CREATE TABLE IF NOT EXISTS containers (
     pipe_ino INTEGER NOT NULL,
     init_pid INTEGER,
     exit_status INTEGER,
-    removed INTEGER NOT NULL DEFAULT 0
+    removed INTEGER NOT NULL DEFAULT 0,
+    caps INTEGER,
+    seccomp TEXT
 );
 CREATE INDEX IF NOT EXISTS containers_pipe ON containers (pipe_dev, pipe_ino);
 """
 
 COLUMNS = ("id", "name", "flags", "owner", "grp", "parent", "state", "pipe_dev", "pipe_ino",
-           "init_pid", "exit_status", "removed")
+           "init_pid", "exit_status", "removed", "caps", "seccomp")
+# Columns added since the first registries (a registry in /run outlives an upgrade).
+_ADDED = {"caps": "INTEGER", "seccomp": "TEXT"}
 
 # Records of removed containers kept for container_wait on a handle still held; oldest go first.
 KEEP_REMOVED = 10000
@@ -52,6 +56,10 @@ class Store:
         # runtime directory is a tmpfs (/run) by default anyway.
         self.db.execute("PRAGMA synchronous=OFF")
         self.db.executescript(_SCHEMA)
+        have = {row[1] for row in self.db.execute("PRAGMA table_info(containers)")}
+        for column, kind in _ADDED.items():
+            if column not in have:
+                self.db.execute(f"ALTER TABLE containers ADD COLUMN {column} {kind}")
         (last,) = self.db.execute(
             "SELECT value FROM counter WHERE name = 'container_id'").fetchone()
         self._next = self._reserved = int(last)

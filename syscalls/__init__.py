@@ -27,6 +27,7 @@ from .container import (
     container_wait,
     fork_into_container,
 )
+from .confine import container_set_caps, container_set_seccomp
 from .limits import (
     container_freeze,
     container_get_limit,
@@ -37,6 +38,8 @@ from .limits import (
 from .sockets import container_socket, socketns
 
 __all__ = [
+    "container_set_caps",
+    "container_set_seccomp",
     "container_freeze",
     "container_get_limit",
     "container_set_limit",

@@ -7,10 +7,18 @@ change; a failure afterwards names its step.
 
 from __future__ import annotations
 
+import base64
+import errno
+import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from . import caps as _caps
+from . import protocol
+from .client import call
+from .handle import check_handle
+from .replies import ForkGrant
 from .nsexec import step
 from .seccomp import SeccompFilter, compile_profile, load, set_no_new_privs
 
@@ -89,3 +97,48 @@ def apply_confinement(caps: int | None, profile: object | None) -> None:
     for name, run in _STEPS:
         with step(f"confinement: {name}"):
             run(plan)
+
+
+# ---- the calls (contract section 11) --------------------------------------------------------
+
+def container_set_caps(cfd: int, caps: int) -> None:
+    """Every process forked into the container behind `cfd` from now on has its bounding,
+    permitted, effective, inheritable and ambient sets limited to `caps` (bit n: capability
+    n). Before init starts only (EBUSY); EINVAL for bits above cap_last_cap."""
+    check_handle(cfd)
+    call(protocol.SetCaps(caps=_caps.check_mask(caps)), [cfd])
+
+
+def container_set_seccomp(cfd: int, profile: object) -> None:
+    """Every process forked into the container behind `cfd` from now on runs under the OCI
+    seccomp `profile` (a dict, JSON text or bytes), with no_new_privs set. Before init starts
+    only (EBUSY); EINVAL, naming the fault, for a malformed profile."""
+    check_handle(cfd)
+    if isinstance(profile, (bytes, bytearray, memoryview)):
+        try:
+            profile = bytes(profile).decode("utf-8")
+        except UnicodeDecodeError:
+            raise OSError(errno.EINVAL, "seccomp profile: not UTF-8 text") from None
+    if isinstance(profile, str):
+        text = profile
+    elif isinstance(profile, dict):
+        text = json.dumps(profile, separators=(",", ":"))
+    else:
+        raise OSError(errno.EINVAL, f"seccomp profile: a dict, JSON text or bytes, not "
+                                    f"{type(profile).__name__}")
+    call(protocol.SetSeccomp(profile=text), [cfd])
+
+
+def confine_child(reply: ForkGrant) -> None:
+    """In a process just forked into a container, last before the caller's code: the
+    container's confinement, from the Fork grant. A process that cannot be confined never
+    runs unconfined: it exits (127) saying which step failed."""
+    if reply.caps is None and not reply.seccomp:
+        return
+    filt = (SeccompFilter(base64.b64decode(reply.seccomp), reply.seccomp_flags)
+            if reply.seccomp else None)
+    try:
+        apply_confinement(reply.caps, filt)
+    except OSError as e:
+        os.write(2, f"fork_into_container: {e.strerror or e}\n".encode())
+        os._exit(127)

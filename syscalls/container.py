@@ -9,7 +9,7 @@ import select
 import signal
 from typing import Any
 
-from . import childsetup, forkplans, keys, linux, protocol, replies, validate
+from . import childsetup, confine, forkplans, keys, linux, protocol, replies, validate
 from .handle import check_handle
 from .nstypes import NAMESPACES
 
@@ -162,6 +162,7 @@ def _fork_here(conn: Connection, reply: replies.ForkGrant | None, fds: list[int]
                 os.close(done_r)
             childsetup.child_setup(reply, fds, -1, done_w)
             _close(conn, fds)
+            confine.confine_child(reply)
             return 0
         try:
             childsetup.wait_done(done_r, done_w)
@@ -414,6 +415,7 @@ def _intermediate(handle: int, wfd: int, conn: Connection | None,
                 os.close(done_r)
             childsetup.child_setup(reply, fds, visible_proc[0] if visible_proc else -1, done_w)
             _close(conn, fds)
+            confine.confine_child(reply)
             return True
         forkplans.close_fds(visible_proc)
         try:

@@ -200,12 +200,31 @@ class Freeze(Request):
     frozen: int
 
 
+# ---- confinement (section 11) -----------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class SetCaps(Request):
+    """container_set_caps: the capability mask of every process forked in."""
+    op: ClassVar[str] = "set_caps"
+    nfds: ClassVar[int] = 1
+    caps: int
+
+
+@dataclasses.dataclass(frozen=True)
+class SetSeccomp(Request):
+    """container_set_seccomp: an OCI seccomp profile, as JSON text."""
+    op: ClassVar[str] = "set_seccomp"
+    nfds: ClassVar[int] = 1
+    profile: str
+
+
 REQUESTS: dict[str, type[Request]] = {
     cls.op: cls for cls in (Create, Fork, Started, StartedNoReply, ForkFailed, Status, Kill,
                              List, NetNs)
 }
 REQUESTS.update({cls.op: cls for cls in (Root, SetRoot, MountAt, FsNamespaces, Open)})
 REQUESTS.update({cls.op: cls for cls in (SetLimit, GetLimit, Stats, Freeze)})
+REQUESTS.update({cls.op: cls for cls in (SetCaps, SetSeccomp)})
 # ---- keyrings (section 7) --------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)

@@ -43,6 +43,11 @@ class ForkGrant(Reply):
     proc_paths: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     # The container's session keyring: {"name", "serial", "owner"}; None without one.
     keyring: dict[str, Any] | None = None
+    # Confinement the new process applies last: a capability mask (None: unchanged), a
+    # seccomp program (base64 of struct sock_filter[]; "" for none) and its filter flags.
+    caps: int | None = None
+    seccomp: str = ""
+    seccomp_flags: int = 0
 
 
 @dataclasses.dataclass(frozen=True)

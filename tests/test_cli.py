@@ -45,7 +45,9 @@ def test_no_service(tmp_path: Any) -> None:
 def test_run_passes_exit_codes(service: Any) -> None:
     assert cli("run", "--all", "--", "sh", "-c", "exit 3").returncode == 3
     assert cli("run", "--", "sh", "-c", "kill -9 $$").returncode == 137
-    res = cli("run", "--pid", "--uts", "--", "sh", "-c", "echo $$; hostname x && hostname")
+    # Setting the hostname needs CAP_SYS_ADMIN, which `run` confines away unless --privileged.
+    res = cli("run", "--privileged", "--pid", "--uts", "--", "sh", "-c",
+              "echo $$; hostname x && hostname")
     assert (res.returncode, res.stdout.split()) == (0, ["1", "x"])
     res = cli("run", "--", "/nonexistent/command")
     assert res.returncode == 127 and "/nonexistent/command" in res.stderr

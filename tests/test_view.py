@@ -70,6 +70,8 @@ class FakeContainer:
     exit_status: int | None = None
     ns: dict[str, int] = field(default_factory=dict)
     new_ns: frozenset[str] = frozenset()
+    caps: int | None = None
+    seccomp: str | None = None
 
 
 class FakeCgroups:
@@ -300,7 +302,7 @@ async def test_visibility_and_files() -> None:
     d4 = model.lookup(vm.ROOT_INO, b"4", ROOT_READER).ino
     files = [n for n, _ in model.readdir(model.opendir(d4, ROOT_READER), 0)]
     assert files == [b"name", b"state", b"init_pid", b"members", b"flags", b"owner", b"group",
-                     b"exit_status", b"ns", b"kill"]
+                     b"caps", b"seccomp", b"exit_status", b"ns", b"kill"]
 
     async def read(d: int, name: bytes, reader: Reader = ROOT_READER) -> bytes:
         f = await model.open(model.lookup(d, name, reader).ino, os.O_RDONLY, reader)
@@ -308,6 +310,8 @@ async def test_visibility_and_files() -> None:
             return model.read(f.fh, 0, 4096)
         finally:
             model.release(f.fh)
+
+    assert await read(d4, b"caps") == b"all\n" and await read(d4, b"seccomp") == b"none\n"
 
     assert await read(d4, b"state") == b"dead\n"
     assert await read(d4, b"exit_status") == b"256\n"

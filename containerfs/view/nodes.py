@@ -74,4 +74,4 @@ class Rendered:
 
 # Per-container files in listing order; exit_status only once dead.
 CFILES = (b"name", b"state", b"init_pid", b"members", b"flags", b"owner", b"group",
-          b"exit_status")
+          b"caps", b"seccomp", b"exit_status")

@@ -21,6 +21,8 @@ class ContainerLike(Protocol):
     init_pid: int | None
     exit_status: int | None
     new_ns: frozenset[str]
+    caps: int | None
+    seccomp: str | None
 
     @property
     def ns(self) -> Mapping[str, int]: ...  # read only: the view never changes it

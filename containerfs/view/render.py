@@ -21,6 +21,7 @@ import errno
 import os
 from collections.abc import Callable, Mapping
 
+from syscalls import caps
 from syscalls.nstypes import NAMES
 
 from ..states import State
@@ -160,6 +161,13 @@ def container_file(c: ContainerLike, name: bytes, reader: Reader,
     if name == b"flags":
         names = [n for bit, n in FLAG_NAMES if c.flags & bit]
         return (b"%#x" % c.flags) + b"".join(b" " + n.encode() for n in names) + b"\n"
+    if name == b"caps":
+        # The mask every process forked in is limited to, and its names; "all" if unlimited.
+        if c.caps is None:
+            return b"all\n"
+        return (b"%#x " % c.caps) + ",".join(caps.names_of(c.caps)).encode() + b"\n"
+    if name == b"seccomp":
+        return b"filter\n" if c.seccomp is not None else b"none\n"
     if name == b"exit_status":
         if c.state != State.DEAD:
             raise OSError(errno.ENOENT, f"container {c.id} is not dead")
