@@ -298,8 +298,9 @@ class Connection:
 
     async def _mount_at(self, req: protocol.MountAt, fds: list[int]) -> Answer:
         c = await self._container(fds[0])
+        own = self.forking is not None and self.forking[0] is c
         return await self.service.fs.mount_at(self.peer, c, fds[1], req.path, bool(req.proc),
-                                              req.attrs, req.params), []
+                                              req.attrs, req.params, own_fork=own), []
 
     async def _fs_namespaces(self, req: protocol.FsNamespaces, fds: list[int]) -> Answer:
         return self.service.fs.fs_namespaces(self.peer, await self._container(fds[0]))

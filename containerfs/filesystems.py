@@ -108,7 +108,8 @@ class Filesystems:
         self.reg.keep(c)
 
     async def mount_at(self, peer: Peer, c: Container, mfd: int, unsafe_path: str,
-                       proc: bool = False, attrs: int = 0, params: str = "[]") -> Mounted:
+                       proc: bool = False, attrs: int = 0, params: str = "[]",
+                       own_fork: bool = False) -> Mounted:
         """move_mount into the container at `unsafe_path`, resolved from its root.
 
         With `proc`, `mfd` is a placeholder for a proc of the container's PID namespace: init
@@ -122,6 +123,11 @@ class Filesystems:
         if proc and c.flags & CONTAINER_NEW_PID_NS:
             placeholder = {"path": unsafe_path, "mnt_id": linux.mount_id(mfd),
                            "params": proc_params(params), "attrs": proc_attrs(attrs)}
+            if c.state == State.STARTING and own_fork:
+                # The fork being reported on this very connection: waiting for its report
+                # would wait for ever.
+                raise OSError(errno.EBUSY, f"container {c.id}'s init is being made by this "
+                                           "connection's fork; report it first")
             while c.state == State.STARTING:  # init is being made: its PID namespace decides
                 await c.started.wait()
             if c.state == State.RUNNING:

@@ -35,8 +35,9 @@ log = logging.getLogger("containerfs")
 # How long a record may wait to be written (rows a crash could lose without harm: an init's
 # start, a death, a removal); writes within it share one transaction.
 STORE_DELAY = 0.05
-# Dead containers remembered (by handle) after they are unlisted, for container_wait.
-GONE_KEPT = 4096
+# Dead containers remembered in memory (by handle) after they are unlisted, for
+# container_wait; older ones are answered from their registry row (a few KiB each saved).
+GONE_KEPT = 256
 
 
 class Registry:
