@@ -184,7 +184,11 @@ def raw(service: ServiceUnderTest) -> socket.socket:
 
 def service_holds(service: ServiceUnderTest, fd: int) -> int:
     """How many of the service's fds refer to the same file as our `fd`."""
-    target = os.readlink(f"/proc/self/fd/{fd}")
+    return service_holds_link(service, os.readlink(f"/proc/self/fd/{fd}"))
+
+
+def service_holds_link(service: ServiceUnderTest, target: str) -> int:
+    """How many of the service's fds /proc names `target` ("anon_inode:[eventfd]"...)."""
     base = f"/proc/{service.proc.pid}/fd"
     count = 0
     for name in os.listdir(base):

@@ -330,8 +330,8 @@ def test_a_flood_of_listener_fds_is_not_kept(service: ServiceUnderTest) -> None:
 
 # ---- what a dead container keeps ---------------------------------------------------------------
 
-def lifecycle(mfd: int) -> None:
-    """The proposal's sample: a root set from outside, an init that exits, a last close."""
+def dead_container(mfd: int) -> int:
+    """The handle of an empty-fs container whose root was `mfd` and whose init has exited."""
     cfd = S.container_create("sample", CONTAINER_NEW_EMPTY_FS_NS | CONTAINER_NEW_PID_NS)
     try:
         S.move_mount(mfd, "", cfd, "/", SET_ROOT)
@@ -341,8 +341,15 @@ def lifecycle(mfd: int) -> None:
         assert child_result(pid) == 0
         S.container_wait(cfd)
         assert S.container_status(cfd)["state"] == "dead"
-    finally:
+    except BaseException:
         os.close(cfd)
+        raise
+    return cfd
+
+
+def lifecycle(mfd: int) -> None:
+    """The proposal's sample: a root set from outside, an init that exits, a last close."""
+    os.close(dead_container(mfd))
 
 
 def test_dead_containers_leave_no_fds(service: ServiceUnderTest) -> None:
@@ -395,15 +402,9 @@ def test_dead_container_lets_go_of_its_loop_device(service: ServiceUnderTest, lo
 
 
 def test_first_at_call_after_death_is_ecanceled(service: ServiceUnderTest) -> None:
-    cfd = S.container_create("late", CONTAINER_NEW_EMPTY_FS_NS | CONTAINER_NEW_PID_NS)
     mfd = tmpfs()
+    cfd = dead_container(mfd)
     try:
-        S.move_mount(mfd, "", cfd, "/", SET_ROOT)
-        pid = S.fork_into_container(cfd)
-        if pid == 0:
-            os._exit(0)
-        assert child_result(pid) == 0
-        S.container_wait(cfd)
         with pytest.raises(OSError) as info:  # this process never used the root before
             S.mkdirat(cfd, "after", 0o755)
         assert info.value.errno == errno.ECANCELED

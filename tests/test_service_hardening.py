@@ -22,8 +22,16 @@ import syscalls
 from containerfs.cgroups import CgroupTree
 from syscalls import CONTAINER_NEW_PID_NS, fdpass, keys, protocol
 
-from .conftest import ROOT, SKIP_REASON, ServiceUnderTest, child_result, pid_alive
-from .test_bad_clients import raw, still_serves
+from .conftest import (
+    ROOT,
+    SKIP_REASON,
+    ServiceUnderTest,
+    child_result,
+    pid_alive,
+    raw,
+    service_holds_link,
+    still_serves,
+)
 from .test_restart import restart
 
 
@@ -242,17 +250,6 @@ def _listener_holder() -> tuple[int, int, int]:
     return pid, fds[0], w
 
 
-def _held(service: ServiceUnderTest, target: str) -> int:
-    base = f"/proc/{service.proc.pid}/fd"
-    n = 0
-    for name in os.listdir(base):
-        try:
-            n += os.readlink(f"{base}/{name}") == target
-        except FileNotFoundError:
-            pass
-    return n
-
-
 def test_key_listener_must_be_one_seccomp_listener(service: ServiceUnderTest) -> None:
     """A process forked in hands over its seccomp listener on the fork's connection. Any other
     fd was held until it hung up (an eventfd never does), as often as it was sent: without
@@ -273,8 +270,8 @@ def test_key_listener_must_be_one_seccomp_listener(service: ServiceUnderTest) ->
             socket.send_fds(s, [protocol.encode(protocol.KeyListener())], [listener])
         s.send(protocol.encode(protocol.Status()))  # answered once all before it were taken
         assert protocol.decode_reply(s.recv(65536))["errno"] == errno.EINVAL
-        assert _held(service, "anon_inode:[eventfd]") == 0
-        assert _held(service, "anon_inode:seccomp notify") == 1
+        assert service_holds_link(service, "anon_inode:[eventfd]") == 0
+        assert service_holds_link(service, "anon_inode:seccomp notify") == 1
     finally:
         s.close()
         os.close(efd)
