@@ -1,0 +1,97 @@
+"""The helper program that containerfs's run/popen start with posix_spawn (vfork): it enters
+the container as fork_into_container's intermediate does and makes the new process with
+CLONE_PARENT, so the caller, not this helper, is its parent; that process then execs the
+command. The caller never forks itself.
+
+fds, as the caller lays them out: 0-2 the command's stdio, 3 the container handle, 4 where this
+helper writes {"pid": N} or {"errno", "message"} before it exits, 5 where the new process
+writes "STEP:ERRNO" if it cannot exec (close-on-exec: EOF means the exec happened), 6 the spec
+(JSON: argv, executable, env, cwd, user, pty, go), 7 (if go) a pipe the new process reads to
+EOF before its program: the caller sets the hostname of a new init meanwhile.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import signal
+from typing import Any, NoReturn
+
+from .container import _intermediate
+
+HANDLE, RESULT, EXEC_ERR, SPEC, GO = 3, 4, 5, 6, 7
+
+
+def main() -> NoReturn:
+    """Run the helper: make the process, which then runs the spec's command."""
+    with os.fdopen(SPEC, "rb") as f:
+        spec: dict[str, Any] = json.loads(f.read())
+    last = GO if spec.get("go") else SPEC
+    os.closerange(last + 1, os.sysconf("SC_OPEN_MAX"))  # close_fds=True, as subprocess does
+    for fd in (HANDLE, RESULT, EXEC_ERR) + ((GO,) if spec.get("go") else ()):
+        fcntl.fcntl(fd, fcntl.F_SETFD, fcntl.FD_CLOEXEC)
+    if _intermediate(HANDLE, RESULT, None, None, []):
+        _child(spec)
+    os._exit(0)  # not reached: _intermediate exits the helper itself
+
+
+def _fail(step: str, e: OSError) -> NoReturn:
+    os.write(EXEC_ERR, f"{step}:{e.errno or 5}".encode())
+    os._exit(255)
+
+
+def _child(spec: dict[str, Any]) -> NoReturn:
+    """In the new process (in the container): the caller's steps, then exec."""
+    step = "go"
+    try:
+        if spec.get("go"):
+            while os.read(GO, 64):
+                pass
+            os.close(GO)
+        for sig in ("SIGPIPE", "SIGXFSZ"):  # Python ignores them; a program expects defaults
+            signal.signal(getattr(signal, sig), signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_SETMASK, [])
+        if spec.get("pty"):
+            step = "setsid"
+            os.setsid()
+            step = "TIOCSCTTY"
+            import termios
+            fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+        if spec.get("user") is not None:
+            uid, gid = spec["user"]
+            step = "setgroups"
+            os.setgroups([])
+            step = "setgid"
+            os.setgid(gid)
+            step = "setuid"
+            os.setuid(uid)
+        if spec.get("cwd") is not None:
+            step = "chdir"
+            os.chdir(spec["cwd"])
+        step = "exec"
+        env = {k.encode("utf-8", "surrogateescape"): v.encode("utf-8", "surrogateescape")
+               for k, v in spec["env"].items()}
+        argv = [a.encode("utf-8", "surrogateescape") for a in spec["argv"]]
+        executable = spec["executable"].encode("utf-8", "surrogateescape")
+        if b"/" in executable:
+            os.execve(executable, argv, env)
+        _execvpe(executable, argv, env)
+    except OSError as e:
+        _fail(step, e)
+    os._exit(255)
+
+
+def _execvpe(name: bytes, argv: list[bytes], env: dict[bytes, bytes]) -> NoReturn:
+    """execvpe with the command's own PATH; the first error that is not ENOENT/ENOTDIR wins,
+    as subprocess and os.execvpe report it."""
+    saved: OSError | None = None
+    for d in env.get(b"PATH", os.defpath.encode()).split(b":"):
+        try:
+            os.execve(os.path.join(d or b".", name), argv, env)
+        except (FileNotFoundError, NotADirectoryError) as e:
+            last: OSError = e
+        except OSError as e:
+            last = e
+            saved = saved or e
+    raise saved or last

@@ -1,0 +1,240 @@
+"""The Python API (contract section 13): Container, run and popen in a container, side by side
+with subprocess on the host; starting failures; threads; roots, read-only, hostname."""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import syscalls
+from containerfs import Container
+from syscalls import (
+    CONTAINER_NEW_IPC_NS, CONTAINER_NEW_NET_NS, CONTAINER_NEW_PID_NS, CONTAINER_NEW_UTS_NS,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+PID = CONTAINER_NEW_PID_NS
+
+
+def both(args: list[str], **kw: Any) -> tuple[Any, Any]:
+    """The same run on the host (subprocess.run) and in a fresh container (its result or the
+    exception each raised)."""
+    def attempt(fn: Any) -> Any:
+        try:
+            return fn(args, **kw)
+        except (OSError, subprocess.SubprocessError, ValueError, TypeError) as e:
+            return e
+    host = attempt(subprocess.run)
+    with Container("eq", PID) as c:
+        inside = attempt(c.run)
+    return host, inside
+
+
+def same(a: Any, b: Any) -> None:
+    if isinstance(a, BaseException):
+        assert type(a) is type(b), (a, b)
+        if isinstance(a, OSError):
+            assert (a.errno, a.filename) == (b.errno, b.filename), (a, b)
+        if isinstance(a, subprocess.CalledProcessError):
+            assert (a.returncode, a.cmd, a.output, a.stderr) == (
+                b.returncode, b.cmd, b.output, b.stderr)
+        if isinstance(a, subprocess.TimeoutExpired):
+            assert a.cmd == b.cmd and abs(a.timeout - b.timeout) < 0.1
+        return
+    assert isinstance(b, subprocess.CompletedProcess), b
+    assert (a.args, a.returncode, a.stdout, a.stderr) == (b.args, b.returncode, b.stdout, b.stderr)
+
+
+SH = "/bin/sh"
+EQUIVALENCE = [
+    # (id, args, kwargs): each documented argument, run on the host and inside
+    ("returncode", [SH, "-c", "exit 3"], {}),
+    ("capture_output", [SH, "-c", "echo out; echo err >&2"], {"capture_output": True}),
+    ("text", [SH, "-c", "echo été"], {"capture_output": True, "text": True}),
+    ("input", ["cat"], {"input": b"hello\n", "capture_output": True}),
+    ("input_text", ["cat"], {"input": "hé\n", "capture_output": True, "text": True}),
+    ("stderr_stdout", [SH, "-c", "echo a; echo b >&2"],
+     {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT}),
+    ("devnull", [SH, "-c", "echo a; echo b >&2; cat"],
+     {"stdin": subprocess.DEVNULL, "stdout": subprocess.DEVNULL, "stderr": subprocess.PIPE}),
+    ("env", [SH, "-c", "echo $FOO; echo $HOME"],
+     {"env": {"FOO": "bar", "PATH": "/usr/bin:/bin"}, "capture_output": True}),
+    ("cwd", ["pwd"], {"cwd": "/usr/lib", "capture_output": True}),
+    ("shell", "echo $((6*7))", {"shell": True, "capture_output": True}),
+    ("check_ok", ["true"], {"check": True}),
+    ("check_fail", [SH, "-c", "echo x; exit 4"], {"check": True, "capture_output": True}),
+    ("timeout", ["sleep", "5"], {"timeout": 0.3}),
+    # (a signal's -N: with a member, test_popen_kill_and_send_signal; init ignores signals
+    # it has no handler for, the kernel's rule for any PID-namespace init)
+    ("not_found", ["/nonexistent/prog"], {}),
+    ("not_found_path", ["no-such-program-xyz"], {}),
+    ("not_executable", ["/etc/passwd"], {}),
+    ("is_dir", ["/usr"], {}),
+    ("bad_cwd", ["true"], {"cwd": "/nonexistent-dir"}),
+    ("cwd_not_dir", ["true"], {"cwd": "/etc/passwd"}),
+    ("input_and_stdin", ["cat"], {"input": b"x", "stdin": subprocess.DEVNULL}),
+    ("executable", ["ignored-name", "-c", "echo $0"],
+     {"executable": "/bin/sh", "capture_output": True}),
+]
+
+
+@pytest.mark.parametrize("args,kw", [(a, k) for _, a, k in EQUIVALENCE],
+                         ids=[i for i, _, _ in EQUIVALENCE])
+def test_run_is_subprocess_run(service: Any, args: Any, kw: dict[str, Any]) -> None:
+    host, inside = both(args, **kw)
+    same(host, inside)
+
+
+def keep_alive(c: Container) -> Any:
+    """An init that lives until the container is killed, so later runs are members."""
+    return c.popen(["sleep", "60"])
+
+
+def test_file_and_fd_redirection(service: Any) -> None:
+    with tempfile.TemporaryFile() as f, Container("f", PID) as c:
+        init = keep_alive(c)
+        c.run(["echo", "to a file"], stdout=f)
+        c.run([SH, "-c", "echo to an fd >&2"], stderr=f.fileno())
+        f.seek(0)
+        assert f.read() == b"to a file\nto an fd\n"
+    assert init.wait(5) == -signal.SIGKILL
+
+
+def test_user_inside(service: Any) -> None:
+    with Container("u", PID) as c:
+        init = keep_alive(c)
+        r = c.run([SH, "-c", "id -u; id -g"], user=(1234, 5678), capture_output=True, text=True)
+        assert r.stdout.split() == ["1234", "5678"]
+        # a step that fails names itself: an unprivileged process cannot become root again
+        with pytest.raises(PermissionError) as e:
+            c.run(["true"], user=(1234, 5678), cwd="/root")
+        assert e.value.filename == "/root"
+    assert init.wait(5) == -signal.SIGKILL
+
+
+def test_first_process_is_init_and_caller_is_parent(service: Any) -> None:
+    with Container("init", PID) as c:
+        p = c.popen([SH, "-c", "echo $$; read x; exit 7"], stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE)
+        assert p.stdout is not None
+        assert p.stdout.readline() == b"1\n"
+        with open(f"/proc/{p.pid}/stat") as f:
+            assert int(f.read().rsplit(")", 1)[1].split()[1]) == os.getpid()
+        assert p.poll() is None
+        p.communicate(b"\n")
+        assert p.returncode == 7
+        assert os.waitstatus_to_exitcode(c.wait()) == 7
+
+
+def test_popen_kill_and_send_signal(service: Any) -> None:
+    with Container("k", PID) as c:
+        init = c.popen(["sleep", "30"])
+        member = c.popen(["sleep", "30"])
+        member.send_signal(signal.SIGTERM)
+        assert member.wait(5) == -signal.SIGTERM
+        init.kill()
+        assert init.wait(5) == -signal.SIGKILL
+
+
+def test_run_does_not_fork_the_caller(service: Any) -> None:
+    """The caller's own pid never appears as the parent of a copy of itself: the only
+    children made are the helper (not a copy: a new program) and the command."""
+    with Container("nofork", PID) as c:
+        seen: list[str] = []
+        # a fork of this process would run the at-fork hook; posix_spawn does not
+        os.register_at_fork(after_in_child=lambda: seen.append("forked"))
+        c.run(["true"])
+        assert seen == []
+
+
+def test_context_manager_kills(service: Any) -> None:
+    with Container("cm", PID) as c:
+        p = c.popen(["sleep", "60"])
+        fd = os.dup(c.fd)
+    try:
+        assert p.wait(5) == -signal.SIGKILL
+        poller = select.poll()
+        poller.register(fd, select.POLLHUP)
+        assert poller.poll(5000), "the container outlived its with block"
+        assert syscalls.container_status(fd)["state"] == "dead"
+    finally:
+        os.close(fd)
+
+
+def test_eight_threads(service: Any) -> None:
+    results: list[Any] = [None] * 8
+
+    def work(i: int) -> None:
+        with Container(f"t{i}", PID | CONTAINER_NEW_UTS_NS, hostname=f"host{i}") as c:
+            results[i] = c.run([SH, "-c", "echo $$ $(hostname)"], capture_output=True,
+                               text=True, check=True).stdout
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert results == [f"1 host{i}\n" for i in range(8)]
+
+
+def test_root_readonly_hostname(service: Any) -> None:
+    with Container("rooted", PID | CONTAINER_NEW_IPC_NS | CONTAINER_NEW_NET_NS, root="/",
+                   readonly=True, hostname="boxed") as c:
+        r = c.run([SH, "-c", "hostname; ls /proc | grep '^[0-9]*$' | tr '\\n' ' '; "
+                   "touch /tmp/x 2>&1 || echo refused"], capture_output=True, text=True)
+        lines = r.stdout.splitlines()
+        assert lines[0] == "boxed"
+        assert lines[1].split()[0] == "1"  # its own proc: init is 1
+        assert "Read-only file system" in r.stdout and lines[-1] == "refused"
+    assert os.uname().nodename != "boxed"
+    with tempfile.TemporaryDirectory() as d, Container("rw", PID, root=d) as c:
+        assert os.path.isdir(os.path.join(d, "proc"))  # made for the container's proc
+        with pytest.raises(FileNotFoundError):  # an empty root has no programs
+            c.run(["/bin/true"])
+
+
+def test_fork_sets_hostname_before_child_code(service: Any) -> None:
+    with Container("forked", PID, hostname="early") as c:
+        r, w = os.pipe()
+        pid = c.fork()
+        if pid == 0:
+            os.write(w, os.uname().nodename.encode())
+            os._exit(0)
+        os.close(w)
+        assert os.read(r, 100) == b"early"
+        os.close(r)
+        os.waitpid(pid, 0)
+
+
+def test_limits_stats_freeze(service: Any) -> None:
+    with Container("lim", PID) as c:
+        c.set_limit("pids.max", "10")
+        assert c.get_limit("pids.max") == "10"
+        p = c.popen(["sleep", "30"])
+        assert c.stats()["pids.current"] >= 1
+        c.freeze()
+        assert c.status()["frozen"]
+        c.thaw()
+        c.kill()
+        assert p.wait(5) == -signal.SIGKILL
+        assert os.WTERMSIG(c.wait()) == signal.SIGKILL
+        assert c.id >= 2 and c.name == "lim"
+
+
+def test_cli_run_root(service: Any) -> None:
+    r = subprocess.run([sys.executable, "-m", "containerfs", "run", "--pid", "--root", "/",
+                        "--readonly", "--hostname", "clibox", "--", "sh", "-c",
+                        "hostname; echo $$; touch /x 2>/dev/null || echo ro"],
+                       capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["clibox", "1", "ro"]
+    assert syscalls  # the package is importable beside containerfs
