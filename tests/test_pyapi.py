@@ -238,3 +238,63 @@ def test_cli_run_root(service: Any) -> None:
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["clibox", "1", "ro"]
     assert syscalls  # the package is importable beside containerfs
+
+
+# ---- trio -------------------------------------------------------------------------------------
+
+def test_trio_fifty_containers_waited_at_once(service: Any) -> None:
+    import trio
+
+    import containerfs.trio as ctrio
+
+    containers = [Container(f"w{i}", PID) for i in range(50)]
+    try:
+        procs = [c.popen([SH, "-c", f"sleep 0.5; exit {i % 7}"]) for i, c in
+                 enumerate(containers)]
+        got: dict[int, int] = {}
+
+        async def one(i: int, c: Container) -> None:
+            got[i] = os.waitstatus_to_exitcode(await ctrio.wait(c))
+
+        async def main() -> None:
+            with trio.fail_after(30):
+                async with trio.open_nursery() as n:
+                    for i, c in enumerate(containers):
+                        n.start_soon(one, i, c)
+
+        threads_before = threading.active_count()
+        trio.run(main)
+        assert got == {i: i % 7 for i in range(50)}
+        assert threading.active_count() == threads_before
+        for p in procs:
+            p.wait()
+    finally:
+        for c in containers:
+            c.close()
+
+
+def test_trio_run_process(service: Any) -> None:
+    import trio
+
+    import containerfs.trio as ctrio
+
+    async def main() -> None:
+        with Container("tr", PID) as c:
+            init = c.popen(["sleep", "60"])
+            r = await ctrio.run_process(c, ["sh", "-c", "cat; echo err >&2"], stdin=b"in\n",
+                                        capture_stdout=True, capture_stderr=True)
+            assert (r.returncode, r.stdout, r.stderr) == (0, b"in\n", b"err\n")
+            with pytest.raises(subprocess.CalledProcessError) as e:
+                await ctrio.run_process(c, ["sh", "-c", "exit 5"])
+            assert e.value.returncode == 5
+            r = await ctrio.run_process(c, ["sh", "-c", "exit 6"], check=False)
+            assert r.returncode == 6 and r.stdout is None
+            with pytest.raises(FileNotFoundError):
+                await ctrio.run_process(c, ["/no/such"])
+            with trio.move_on_after(0.3) as scope:
+                await ctrio.run_process(c, ["sleep", "30"])
+            assert scope.cancelled_caught
+            assert init.poll() is None
+        assert init.wait(5) == -signal.SIGKILL
+
+    trio.run(main)
