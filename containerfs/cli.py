@@ -171,14 +171,27 @@ def _exec_in(cfd: int, command: list[str], tty: bool, verb: str,
 
 
 def _relay(master: int) -> None:
-    """Copy our stdin to the terminal and its output to our stdout until it closes."""
+    """Copy our stdin to the terminal and its output to our stdout until it closes; our
+    window size goes to the terminal now and on every SIGWINCH (the inside gets its own)."""
     import select
     import termios
     import tty as ttymod
 
     saved = termios.tcgetattr(0) if os.isatty(0) else None
+
+    def follow_window(_sig: int = 0, _frame: Any = None) -> None:
+        import fcntl
+        try:
+            size = fcntl.ioctl(0, termios.TIOCGWINSZ, b"\0" * 8)
+            fcntl.ioctl(master, termios.TIOCSWINSZ, size)
+        except OSError:
+            pass  # stdin is no terminal, or the inside's is gone
+
+    old_winch = None
     if saved is not None:
         ttymod.setraw(0)
+        follow_window()
+        old_winch = signal.signal(signal.SIGWINCH, follow_window)
     fds = [master, 0]
     try:
         while master in fds:
@@ -197,6 +210,8 @@ def _relay(master: int) -> None:
                 else:
                     fds.remove(0)
     finally:
+        if old_winch is not None:
+            signal.signal(signal.SIGWINCH, old_winch)
         if saved is not None:
             termios.tcsetattr(0, termios.TCSADRAIN, saved)
         os.close(master)

@@ -298,3 +298,73 @@ def test_trio_run_process(service: Any) -> None:
         assert init.wait(5) == -signal.SIGKILL
 
     trio.run(main)
+
+
+# ---- terminals -------------------------------------------------------------------------------
+
+def read_until(fd: int, want: bytes, timeout: float = 10) -> bytes:
+    import time
+    data = b""
+    deadline = time.monotonic() + timeout
+    while want not in data:
+        left = deadline - time.monotonic()
+        assert left > 0, f"never saw {want!r} in {data!r}"
+        if select.select([fd], [], [], left)[0]:
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:
+                chunk = b""
+            assert chunk, f"terminal closed before {want!r}: {data!r}"
+            data += chunk
+    return data
+
+
+def test_pty_follows_resize(service: Any) -> None:
+    with Container("tty", PID) as c:
+        p = c.popen([SH, "-c", "trap 'echo winch $(stty size)' WINCH; tty; echo ready; "
+                     "while :; do sleep 0.05; done"], pty=True)
+        assert p.stdin is None and p.pty >= 0
+        out = read_until(p.pty, b"ready")
+        assert b"/dev/pts/" in out  # a terminal is its stdin, stdout and stderr
+        p.resize(40, 100)
+        read_until(p.pty, b"winch 40 100")
+        p.resize(25, 81)
+        read_until(p.pty, b"winch 25 81")
+        p.kill()
+        p.wait(5)
+        p.close_pty()
+    with pytest.raises(ValueError):
+        c2 = Container("tty2", PID)
+        try:
+            c2.popen(["true"]).resize(1, 1)
+        finally:
+            c2.close()
+
+
+def test_cli_run_t_follows_tmux_resize(service: Any) -> None:
+    import shutil
+    import time
+    if shutil.which("tmux") is None:
+        pytest.skip("no tmux")
+    session = f"cfs-test-{os.getpid()}"
+    with tempfile.TemporaryDirectory() as d:
+        log = os.path.join(d, "out")  # the container shares our mount namespace
+        inner = (f"trap 'stty size >> {log}' WINCH; stty size >> {log}; "
+                 "while :; do sleep 0.05; done")
+        cmd = (f"env PYTHONPATH={ROOT} CONTAINERFS_SOCKET={service.socket} {sys.executable} "
+               f"-m containerfs run -t --pid --privileged -- /bin/sh -c \"{inner}\"")
+        subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "80", "-y", "24",
+                        cmd], check=True, cwd=ROOT)
+        try:
+            deadline = time.monotonic() + 20
+            while not (os.path.exists(log) and open(log).read().strip()):
+                assert time.monotonic() < deadline, "the command never started"
+                time.sleep(0.05)
+            subprocess.run(["tmux", "resize-window", "-t", session, "-x", "120", "-y", "33"],
+                           check=True)
+            while "33 120" not in open(log).read():
+                assert time.monotonic() < deadline, open(log).read()
+                time.sleep(0.05)
+            assert open(log).read().split("\n")[0] == "24 80"
+        finally:
+            subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
