@@ -368,3 +368,22 @@ def test_cli_run_t_follows_tmux_resize(service: Any) -> None:
             assert open(log).read().split("\n")[0] == "24 80"
         finally:
             subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
+
+
+# ---- the documentation's examples --------------------------------------------------------------
+
+def docs_examples() -> list[str]:
+    text = (ROOT / "docs" / "api.md").read_text()
+    section = text[text.index("## The Python API for programs"):]
+    blocks = section.split("```python\n")[1:]
+    return [b.split("```", 1)[0] for b in blocks]
+
+
+def test_docs_examples(service: Any) -> None:
+    examples = docs_examples()
+    assert len(examples) >= 4
+    for i, code in enumerate(examples):
+        try:
+            exec(compile(code, f"docs/api.md example {i + 1}", "exec"), {"__name__": "doc"})
+        except BaseException as e:
+            raise AssertionError(f"docs/api.md example {i + 1} failed: {e!r}") from e
