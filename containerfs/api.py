@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import select
 import socket
 import subprocess
 import threading
@@ -43,11 +44,12 @@ class Container:
         self._lock = threading.Lock()  # held while the first process (init) is made
         self._started = False
         self._closed = False
+        self._id: int | None = None
+        self.user_ns = bool(flags & syscalls.CONTAINER_NEW_USER_NS)
         self.fd: int = syscalls.container_create(name, flags)
         try:
             if root is not None:
                 set_root(self.fd, root, readonly)
-            self.id: int = int(syscalls.container_status(self.fd)["id"])
         except BaseException:
             os.close(self.fd)
             raise
@@ -66,12 +68,20 @@ class Container:
             return
         self._closed = True
         try:
-            self.kill()
+            if not select.select([self.fd], [], [], 0)[0]:  # POLLHUP: dead already
+                self.kill()
         except OSError as e:
             if e.errno not in (errno.ECANCELED, errno.ESRCH):
                 raise
         finally:
             os.close(self.fd)
+
+    @property
+    def id(self) -> int:
+        """The container's 64-bit id (asked of the service once)."""
+        if self._id is None:
+            self._id = int(syscalls.container_status(self.fd)["id"])
+        return self._id
 
     def fileno(self) -> int:
         """The handle (pollable: POLLHUP once the container is dead)."""

@@ -13,6 +13,8 @@ import signal
 import subprocess
 import sys
 import termios
+import threading
+import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,64 @@ _PKG_PARENT = str(Path(syscalls.__file__).resolve().parent.parent)
 _HELPER_CODE = ("import sys; sys.path.insert(0, %r); "
                 "from syscalls.spawnhelper import main; main()" % _PKG_PARENT)
 _HELPER_ARGV = [sys.executable, "-I", "-S", "-c", _HELPER_CODE]
+
+class _Server:
+    """This process's spawn server (root only): a helper started once, kept single-threaded,
+    that makes each process with CLONE_PARENT, so that interpreter start and imports are paid
+    once. One request at a time; a new server after a fork of ours or if it died."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.sock: socket.socket | None = None
+        self.pid = 0
+        self.owner = 0
+
+    def _start(self) -> socket.socket:
+        ours, theirs = socket.socketpair(socket.AF_UNIX,
+                                         socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        try:
+            env = {k: v for k, v in os.environ.items() if k == "CONTAINERFS_SOCKET"}
+            actions = [(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                       (os.POSIX_SPAWN_DUP2, theirs.fileno(), 3)]
+            self.pid = os.posix_spawn(_HELPER_ARGV[0], _HELPER_ARGV + ["serve"], env,
+                                      file_actions=actions, setsigmask=())
+        finally:
+            theirs.close()
+        self.sock, self.owner = ours, os.getpid()
+        return ours
+
+    def _stop(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+            try:
+                os.waitpid(self.pid, 0)
+            except ChildProcessError:
+                pass
+
+    def spawn(self, spec: dict[str, Any], fds: list[int]) -> dict[str, Any]:
+        """Ask the server to make the process: its reply, or None-like EPIPE if it is gone."""
+        with self.lock:
+            if self.owner != os.getpid():  # forked: that server is our parent's
+                self.sock = None
+            for attempt in (1, 2):
+                sock = self.sock or self._start()
+                try:
+                    socket.send_fds(sock, [json.dumps(spec).encode()], fds)
+                    data = sock.recv(4096)
+                except OSError:
+                    data = b""
+                if data:
+                    result: dict[str, Any] = json.loads(data)
+                    return result
+                self._stop()  # it died: start another, once
+                if attempt == 2:
+                    raise OSError(errno.EIO, "the spawn server died")
+            raise AssertionError("not reached")
+
+
+_server = _Server()
+
 
 # Popen arguments that would act on the host, or that the helper cannot honour.
 _REFUSED = ("preexec_fn", "user", "group", "extra_groups", "umask", "process_group",
@@ -130,12 +190,10 @@ def _read_all(fd: int) -> bytes:
     return data
 
 
-def _spawn(container: Any, spec: dict[str, Any], stdio: tuple[int, int, int],
-           on_init: Callable[[int], None] | None) -> int:
-    """Start the helper; return the new process's pid once its command runs, or raise the
-    OSError subprocess would (the step named for a setup step)."""
+def _by_helper(container: Any, spec: dict[str, Any], stdio: tuple[int, int, int],
+               err_w: int, go_r: int) -> dict[str, Any]:
+    """Make the process through a helper of its own (posix_spawn); the helper's reply."""
     owned: list[int] = []
-    go_w = -1
     try:
         actions: list[tuple[Any, ...]] = []
         for src, target in zip(stdio, (0, 1, 2)):
@@ -143,33 +201,65 @@ def _spawn(container: Any, spec: dict[str, Any], stdio: tuple[int, int, int],
                 owned.append(_high(src))
                 actions.append((os.POSIX_SPAWN_DUP2, owned[-1], target))
         result_r, result_w = os.pipe2(os.O_CLOEXEC)
-        err_r, err_w = os.pipe2(os.O_CLOEXEC)
-        owned += [result_r, result_w, err_r, err_w]
+        owned += [result_r, result_w]
         spec_fd = os.memfd_create("containerfs-spawn", os.MFD_CLOEXEC)
         owned.append(spec_fd)
-        extra = [(_high(container.fd), 3), (result_w, 4), (err_w, 5), (spec_fd, 6)]
-        owned.append(extra[0][0])
-        if on_init is not None:
-            spec["go"] = True
-            go_r, go_w = os.pipe2(os.O_CLOEXEC)
-            owned.append(go_r)
-            extra.append((go_r, 7))
         os.write(spec_fd, json.dumps(spec).encode())
         os.lseek(spec_fd, 0, os.SEEK_SET)
+        owned.append(_high(container.fd))
+        extra = [(owned[-1], 3), (result_w, 4), (err_w, 5), (spec_fd, 6)]
+        if go_r >= 0:
+            extra.append((go_r, 7))
         actions += [(os.POSIX_SPAWN_DUP2, fd, target) for fd, target in extra]
         helper_env = {k: v for k, v in os.environ.items() if k == "CONTAINERFS_SOCKET"}
         helper = os.posix_spawn(_HELPER_ARGV[0], _HELPER_ARGV, helper_env, file_actions=actions,
                                 setsigmask=(), setsigdef=(signal.SIGPIPE,))
-        for fd in owned[:]:
-            if fd not in (result_r, err_r):
-                os.close(fd)
-                owned.remove(fd)
+        os.close(result_w)
+        owned.remove(result_w)
         try:
             data = _read_all(result_r)
         finally:
             os.waitpid(helper, 0)
         result: dict[str, Any] = (json.loads(data) if data else
                                   {"errno": errno.EIO, "message": "the spawn helper died"})
+        return result
+    finally:
+        for fd in owned:
+            os.close(fd)
+
+
+def _by_server(container: Any, spec: dict[str, Any], stdio: tuple[int, int, int],
+               err_w: int, go_r: int) -> dict[str, Any]:
+    """Make the process through this process's spawn server; its reply."""
+    spec = dict(spec, socket=os.environ.get("CONTAINERFS_SOCKET"), default_signals=[
+        name for name in ("SIGINT", "SIGQUIT")
+        if signal.getsignal(getattr(signal, name)) != signal.SIG_IGN])
+    fds = [container.fd] + [src if src != -1 else i for i, src in enumerate(stdio)] + [err_w]
+    if go_r >= 0:
+        fds.append(go_r)
+    return _server.spawn(spec, fds)
+
+
+def _spawn(container: Any, spec: dict[str, Any], stdio: tuple[int, int, int],
+           on_init: Callable[[int], None] | None) -> int:
+    """Make the process; return its pid once its command runs, or raise the OSError
+    subprocess would (the step named for a setup step)."""
+    err_r, err_w = os.pipe2(os.O_CLOEXEC)
+    go_r = go_w = -1
+    try:
+        if on_init is not None:
+            spec["go"] = True
+            go_r, go_w = os.pipe2(os.O_CLOEXEC)
+        result: dict[str, Any] = {"errno": errno.EAGAIN}
+        if os.geteuid() == 0 and not getattr(container, "user_ns", False) and USE_SERVER:
+            result = _by_server(container, spec, stdio, err_w, go_r)
+        if result.get("errno") == errno.EAGAIN:  # not for the server: a helper of its own
+            result = _by_helper(container, spec, stdio, err_w, go_r)
+        os.close(err_w)
+        err_w = -1
+        if go_r >= 0:
+            os.close(go_r)
+            go_r = -1
         if "errno" in result:
             if result.get("reap"):
                 os.waitpid(result["reap"], 0)
@@ -197,10 +287,13 @@ def _spawn(container: Any, spec: dict[str, Any], stdio: tuple[int, int, int],
             raise OSError(code, f"{step}: {os.strerror(code)}")
         return pid
     finally:
-        for fd in owned:
-            os.close(fd)
-        if go_w >= 0:
-            os.close(go_w)
+        for fd in (err_r, err_w, go_r, go_w):
+            if fd >= 0:
+                os.close(fd)
+
+
+# Whether root's processes are made by the spawn server (else a helper each).
+USE_SERVER = True
 
 
 def run(popen: Callable[..., ContainerPopen], args: Any, *, input: Any = None, capture_output: bool = False,

@@ -18,13 +18,21 @@ import os
 import signal
 from typing import Any, NoReturn
 
-from .container import _intermediate
+from .container import _intermediate, fork_into_container
 
 HANDLE, RESULT, EXEC_ERR, SPEC, GO = 3, 4, 5, 6, 7
 
 
 def main() -> NoReturn:
-    """Run the helper: make the process, which then runs the spec's command."""
+    """Run the helper for one process; with argument "serve", the spawn server."""
+    import sys
+    if sys.argv[1:] == ["serve"]:
+        serve()
+    _once()
+
+
+def _once() -> NoReturn:
+    """Make the process, which then runs the spec's command."""
     with os.fdopen(SPEC, "rb") as f:
         spec: dict[str, Any] = json.loads(f.read())
     last = GO if spec.get("go") else SPEC
@@ -34,6 +42,70 @@ def main() -> NoReturn:
     if _intermediate(HANDLE, RESULT, None, None, []):
         _child(spec)
     os._exit(0)  # not reached: _intermediate exits the helper itself
+
+
+def serve() -> NoReturn:
+    """The spawn server (root): one per calling process, started once with posix_spawn and
+    socket fd 3; single-threaded, so fork_into_container takes its fast path, with
+    CLONE_PARENT: each process it makes is the caller's child. Each request is a JSON spec
+    with fds [handle, stdin, stdout, stderr, exec-error pipe, go pipe?]; the reply
+    {"pid": N} or {"errno", "message"}. It exits when the caller's end closes."""
+    import socket
+
+    # Ctrl-C at the terminal is for the caller and its commands, not for the server.
+    for sig in (signal.SIGINT, signal.SIGQUIT):
+        signal.signal(sig, signal.SIG_IGN)
+    sock = socket.socket(fileno=HANDLE)
+    while True:
+        try:
+            data, fds, _flags, _addr = socket.recv_fds(sock, 1 << 20, 8)
+        except OSError:
+            os._exit(0)
+        if not data:
+            os._exit(0)
+        reply: dict[str, Any]
+        pid = -1
+        try:
+            spec = json.loads(data)
+            # the service the caller uses now (the variable may have changed since)
+            if spec.get("socket"):
+                os.environ["CONTAINERFS_SOCKET"] = spec["socket"]
+            else:
+                os.environ.pop("CONTAINERFS_SOCKET", None)
+            pid = fork_into_container(fds[0], clone_parent=True)
+            if pid == 0:
+                sock.close()
+                _served_child(spec, fds)
+            reply = {"pid": pid}
+        except OSError as e:
+            reply = {"errno": e.errno or 5, "message": e.strerror or str(e)}
+        except Exception as e:  # a bad request must not end the server
+            reply = {"errno": 5, "message": f"spawn server: {e!r}"}
+        finally:
+            if pid != 0:
+                for fd in fds:
+                    os.close(fd)
+        try:
+            sock.send(json.dumps(reply).encode())
+        except OSError:
+            os._exit(0)
+
+
+def _served_child(spec: dict[str, Any], fds: list[int]) -> NoReturn:
+    """In a process the server made: lay out the caller's fds as the helper's are, run."""
+    try:
+        high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 64) for fd in fds[1:]]
+        for fd, target in zip(high, (0, 1, 2, EXEC_ERR, GO)):
+            os.dup2(fd, target)
+        os.closerange(3, EXEC_ERR)
+        os.closerange((GO if spec.get("go") else EXEC_ERR) + 1, os.sysconf("SC_OPEN_MAX"))
+        for fd in (EXEC_ERR, GO) if spec.get("go") else (EXEC_ERR,):
+            fcntl.fcntl(fd, fcntl.F_SETFD, fcntl.FD_CLOEXEC)
+        for name in spec.get("default_signals", ()):
+            signal.signal(getattr(signal, name), signal.SIG_DFL)
+    except OSError:
+        os._exit(255)
+    _child(spec)
 
 
 def _fail(step: str, e: OSError) -> NoReturn:

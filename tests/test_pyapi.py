@@ -87,9 +87,18 @@ EQUIVALENCE = [
 ]
 
 
+@pytest.fixture(params=["server", "helper"])
+def spawn_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both ways a process is made: root's spawn server, and a helper of its own."""
+    from containerfs import spawn
+    monkeypatch.setattr(spawn, "USE_SERVER", request.param == "server")
+    return str(request.param)
+
+
 @pytest.mark.parametrize("args,kw", [(a, k) for _, a, k in EQUIVALENCE],
                          ids=[i for i, _, _ in EQUIVALENCE])
-def test_run_is_subprocess_run(service: Any, args: Any, kw: dict[str, Any]) -> None:
+def test_run_is_subprocess_run(service: Any, spawn_path: str, args: Any,
+                               kw: dict[str, Any]) -> None:
     host, inside = both(args, **kw)
     same(host, inside)
 
@@ -109,7 +118,7 @@ def test_file_and_fd_redirection(service: Any) -> None:
     assert init.wait(5) == -signal.SIGKILL
 
 
-def test_user_inside(service: Any) -> None:
+def test_user_inside(service: Any, spawn_path: str) -> None:
     with Container("u", PID) as c:
         init = keep_alive(c)
         r = c.run([SH, "-c", "id -u; id -g"], user=(1234, 5678), capture_output=True, text=True)
@@ -121,7 +130,7 @@ def test_user_inside(service: Any) -> None:
     assert init.wait(5) == -signal.SIGKILL
 
 
-def test_first_process_is_init_and_caller_is_parent(service: Any) -> None:
+def test_first_process_is_init_and_caller_is_parent(service: Any, spawn_path: str) -> None:
     with Container("init", PID) as c:
         p = c.popen([SH, "-c", "echo $$; read x; exit 7"], stdin=subprocess.PIPE,
                     stdout=subprocess.PIPE)
@@ -170,7 +179,7 @@ def test_context_manager_kills(service: Any) -> None:
         os.close(fd)
 
 
-def test_eight_threads(service: Any) -> None:
+def test_eight_threads(service: Any, spawn_path: str) -> None:
     results: list[Any] = [None] * 8
 
     def work(i: int) -> None:
@@ -319,7 +328,7 @@ def read_until(fd: int, want: bytes, timeout: float = 10) -> bytes:
     return data
 
 
-def test_pty_follows_resize(service: Any) -> None:
+def test_pty_follows_resize(service: Any, spawn_path: str) -> None:
     with Container("tty", PID) as c:
         p = c.popen([SH, "-c", "trap 'echo winch $(stty size)' WINCH; tty; echo ready; "
                      "while :; do sleep 0.05; done"], pty=True)
