@@ -396,3 +396,32 @@ def test_docs_examples(service: Any) -> None:
             exec(compile(code, f"docs/api.md example {i + 1}", "exec"), {"__name__": "doc"})
         except BaseException as e:
             raise AssertionError(f"docs/api.md example {i + 1} failed: {e!r}") from e
+
+
+def test_unprivileged_owner(service: Any) -> None:
+    """A non-root owner's container (user namespace): a helper per process, with
+    CLONE_PARENT from the helper; hostname set from outside in the user namespace."""
+    from tests.conftest import OTHER_GID, OTHER_UID, run_as
+    got = run_as(OTHER_UID, OTHER_GID, """
+        import subprocess
+        from containerfs import Container
+        from syscalls import CONTAINER_NEW_USER_NS, CONTAINER_NEW_PID_NS
+        out = {}
+        with Container("mine", CONTAINER_NEW_USER_NS | CONTAINER_NEW_PID_NS,
+                       hostname="owned") as c:
+            init = c.popen(["sh", "-c", "read x"], stdin=subprocess.PIPE)
+            r = c.run(["sh", "-c", "echo $$ $(id -u) $(hostname)"], capture_output=True,
+                      text=True)
+            out["stdout"] = r.stdout
+            with open(f"/proc/{init.pid}/stat") as f:
+                out["parent_is_me"] = int(f.read().rsplit(")", 1)[1].split()[1]) == os.getpid()
+            try:
+                c.run(["/no/such"])
+            except FileNotFoundError as e:
+                out["enoent"] = e.filename
+            init.communicate(b"\\n")
+            out["init"] = init.returncode
+        return out
+    """)
+    assert got == {"stdout": "2 0 owned\n", "parent_is_me": True, "enoent": "/no/such",
+                   "init": 0}
