@@ -86,8 +86,8 @@ _server = _Server()
 
 
 # Popen arguments that would act on the host, or that the helper cannot honour.
-_REFUSED = ("preexec_fn", "user", "group", "extra_groups", "umask", "process_group",
-            "start_new_session", "pass_fds", "close_fds", "startupinfo", "creationflags")
+_REFUSED = ("preexec_fn", "group", "extra_groups", "umask", "process_group",
+            "start_new_session", "pass_fds", "startupinfo", "creationflags")
 
 
 class ContainerPopen(subprocess.Popen):  # type: ignore[type-arg]
@@ -104,6 +104,11 @@ class ContainerPopen(subprocess.Popen):  # type: ignore[type-arg]
         for name in _REFUSED:
             if name in kwargs:
                 raise TypeError(f"popen in a container: {name} is not supported")
+        if user is not None and not (isinstance(user, tuple) and len(user) == 2 and all(
+                isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in user)):
+            raise TypeError(f"popen in a container: user must be (uid, gid), not {user!r}")
+        if not kwargs.pop("close_fds", True):
+            raise TypeError("popen in a container: close_fds=False is not supported")
         self._container = container
         self._inner_user = user
         self._on_init = on_init

@@ -55,6 +55,7 @@ def serve() -> NoReturn:
     # Ctrl-C at the terminal is for the caller and its commands, not for the server.
     for sig in (signal.SIGINT, signal.SIGQUIT):
         signal.signal(sig, signal.SIG_IGN)
+    os.closerange(HANDLE + 1, os.sysconf("SC_OPEN_MAX"))  # whatever the caller let inherit
     sock = socket.socket(fileno=HANDLE)
     while True:
         try:

@@ -3,6 +3,7 @@ with subprocess on the host; starting failures; threads; roots, read-only, hostn
 
 from __future__ import annotations
 
+import errno
 import os
 import select
 import signal
@@ -425,3 +426,16 @@ def test_unprivileged_owner(service: Any) -> None:
     """)
     assert got == {"stdout": "2 0 owned\n", "parent_is_me": True, "enoent": "/no/such",
                    "init": 0}
+
+
+def test_refused_arguments(service: Any) -> None:
+    with Container("refused", PID) as c:
+        for kw in ({"preexec_fn": lambda: None}, {"pass_fds": (0,)}, {"close_fds": False},
+                   {"user": "root"}, {"umask": 0}):
+            with pytest.raises(TypeError):
+                c.popen(["true"], **kw)
+        assert c.run(["true"], close_fds=True).returncode == 0
+        # the first run was init and has exited: the container is dead, and says why
+        with pytest.raises(OSError) as e:
+            c.run(["true"])
+        assert e.value.errno == errno.ECANCELED and "fork_into_container" in str(e.value)
