@@ -28,9 +28,10 @@ _HELPER_CODE = ("import sys; sys.path.insert(0, %r); "
 _HELPER_ARGV = [sys.executable, "-I", "-S", "-c", _HELPER_CODE]
 
 class _Server:
-    """This process's spawn server (root only): a helper started once, kept single-threaded,
-    that makes each process with CLONE_PARENT, so that interpreter start and imports are paid
-    once. One request at a time; a new server after a fork of ours or if it died."""
+    """This process's spawn server: a helper started once, kept single-threaded, that makes
+    each process with CLONE_PARENT (directly, or through a copy of itself that is our child),
+    so that interpreter start and imports are paid once. One request at a time; a new server
+    after a fork of ours or if it died."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
@@ -234,15 +235,39 @@ def _by_helper(container: Any, spec: dict[str, Any], stdio: tuple[int, int, int]
 
 
 def _by_server(container: Any, spec: dict[str, Any], stdio: tuple[int, int, int],
-               err_w: int, go_r: int) -> dict[str, Any]:
-    """Make the process through this process's spawn server; its reply."""
-    spec = dict(spec, socket=os.environ.get("CONTAINERFS_SOCKET"), default_signals=[
+               err_w: int, go_r: int, mode: str) -> dict[str, Any]:
+    """Make the process through this process's spawn server: its fork (`mode` "fork": root,
+    no user namespace to enter) or a copy of it that does what a helper of its own would
+    ("intermediate"); the reply, as a helper gives it."""
+    spec = dict(spec, mode=mode, socket=os.environ.get("CONTAINERFS_SOCKET"), default_signals=[
         name for name in ("SIGINT", "SIGQUIT")
         if signal.getsignal(getattr(signal, name)) != signal.SIG_IGN])
     fds = [container.fd] + [src if src != -1 else i for i, src in enumerate(stdio)] + [err_w]
-    if go_r >= 0:
-        fds.append(go_r)
-    return _server.spawn(spec, fds)
+    if mode == "fork":
+        if go_r >= 0:
+            fds.append(go_r)
+        return _server.spawn(spec, fds)
+    result_r, result_w = os.pipe2(os.O_CLOEXEC)
+    try:
+        fds.append(result_w)
+        if go_r >= 0:
+            fds.append(go_r)
+        reply = _server.spawn(spec, fds)
+        os.close(result_w)
+        result_w = -1
+        if "helper" not in reply:
+            return reply
+        try:
+            data = _read_all(result_r)
+        finally:
+            os.waitpid(reply["helper"], 0)  # the copy is our child (CLONE_PARENT)
+        result: dict[str, Any] = (json.loads(data) if data else
+                                  {"errno": errno.EIO, "message": "the spawn helper died"})
+        return result
+    finally:
+        os.close(result_r)
+        if result_w >= 0:
+            os.close(result_w)
 
 
 def _spawn(container: Any, spec: dict[str, Any], stdio: tuple[int, int, int],
@@ -255,11 +280,14 @@ def _spawn(container: Any, spec: dict[str, Any], stdio: tuple[int, int, int],
         if on_init is not None:
             spec["go"] = True
             go_r, go_w = os.pipe2(os.O_CLOEXEC)
-        result: dict[str, Any] = {"errno": errno.EAGAIN}
-        if os.geteuid() == 0 and not getattr(container, "user_ns", False) and USE_SERVER:
-            result = _by_server(container, spec, stdio, err_w, go_r)
-        if result.get("errno") == errno.EAGAIN:  # not for the server: a helper of its own
+        if not USE_SERVER:
             result = _by_helper(container, spec, stdio, err_w, go_r)
+        else:
+            result = {"errno": errno.EAGAIN}
+            if os.geteuid() == 0 and not getattr(container, "user_ns", False):
+                result = _by_server(container, spec, stdio, err_w, go_r, "fork")
+            if result.get("errno") == errno.EAGAIN:  # a user namespace to enter
+                result = _by_server(container, spec, stdio, err_w, go_r, "intermediate")
         os.close(err_w)
         err_w = -1
         if go_r >= 0:
@@ -297,7 +325,7 @@ def _spawn(container: Any, spec: dict[str, Any], stdio: tuple[int, int, int],
                 os.close(fd)
 
 
-# Whether root's processes are made by the spawn server (else a helper each).
+# Whether processes are made by the spawn server (else a helper each, started for it).
 USE_SERVER = True
 
 

@@ -18,6 +18,7 @@ import os
 import signal
 from typing import Any, NoReturn
 
+from . import linux
 from .container import _intermediate, fork_into_container
 
 HANDLE, RESULT, EXEC_ERR, SPEC, GO = 3, 4, 5, 6, 7
@@ -73,11 +74,21 @@ def serve() -> NoReturn:
                 os.environ["CONTAINERFS_SOCKET"] = spec["socket"]
             else:
                 os.environ.pop("CONTAINERFS_SOCKET", None)
-            pid = fork_into_container(fds[0], clone_parent=True)
-            if pid == 0:
-                sock.close()
-                _served_child(spec, fds)
-            reply = {"pid": pid}
+            if spec.get("mode") == "intermediate":
+                # A copy of us that is the caller's child (CLONE_PARENT) does what a helper
+                # of its own would: its process is the caller's child too, and nothing is
+                # imported again.
+                pid, pidfd = linux.clone3_fork(linux.CLONE_PARENT, 0)
+                if pid == 0:
+                    _served_intermediate(spec, fds)
+                os.close(pidfd)
+                reply = {"helper": pid}
+            else:
+                pid = fork_into_container(fds[0], clone_parent=True)
+                if pid == 0:
+                    sock.close()
+                    _served_child(spec, fds)
+                reply = {"pid": pid}
         except OSError as e:
             reply = {"errno": e.errno or 5, "message": e.strerror or str(e)}
         except Exception as e:  # a bad request must not end the server
@@ -102,11 +113,28 @@ def _served_child(spec: dict[str, Any], fds: list[int]) -> NoReturn:
         os.closerange((GO if spec.get("go") else EXEC_ERR) + 1, os.sysconf("SC_OPEN_MAX"))
         for fd in (EXEC_ERR, GO) if spec.get("go") else (EXEC_ERR,):
             fcntl.fcntl(fd, fcntl.F_SETFD, fcntl.FD_CLOEXEC)
-        for name in spec.get("default_signals", ()):
-            signal.signal(getattr(signal, name), signal.SIG_DFL)
     except OSError:
         os._exit(255)
     _child(spec)
+
+
+def _served_intermediate(spec: dict[str, Any], fds: list[int]) -> NoReturn:
+    """In a copy of the server, the caller's child: lay out the fds as a helper of its own has
+    them (fds: handle, stdin, stdout, stderr, exec-error pipe, result pipe, go pipe?), then
+    make the process as that helper does."""
+    try:
+        high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 64) for fd in fds]
+        for fd, target in zip(high, (HANDLE, 0, 1, 2, EXEC_ERR, RESULT, GO)):
+            os.dup2(fd, target)  # over the server's socket too
+        os.closerange(SPEC, SPEC + 1)
+        os.closerange((GO if spec.get("go") else SPEC) + 1, os.sysconf("SC_OPEN_MAX"))
+        for fd in (HANDLE, RESULT, EXEC_ERR) + ((GO,) if spec.get("go") else ()):
+            fcntl.fcntl(fd, fcntl.F_SETFD, fcntl.FD_CLOEXEC)
+    except OSError:
+        os._exit(255)
+    if _intermediate(HANDLE, RESULT, None, None, []):
+        _child(spec)
+    os._exit(0)
 
 
 def _fail(step: str, e: OSError) -> NoReturn:
@@ -122,7 +150,9 @@ def _child(spec: dict[str, Any]) -> NoReturn:
             while os.read(GO, 64):
                 pass
             os.close(GO)
-        for sig in ("SIGPIPE", "SIGXFSZ"):  # Python ignores them; a program expects defaults
+        # Python ignores SIGPIPE and SIGXFSZ, the server SIGINT and SIGQUIT: a program
+        # expects the defaults (unless the caller ignores them: then not in the list).
+        for sig in ["SIGPIPE", "SIGXFSZ"] + spec.get("default_signals", []):
             signal.signal(getattr(signal, sig), signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_SETMASK, [])
         if spec.get("pty"):

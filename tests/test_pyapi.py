@@ -439,3 +439,17 @@ def test_refused_arguments(service: Any) -> None:
         with pytest.raises(OSError) as e:
             c.run(["true"])
         assert e.value.errno == errno.ECANCELED and "fork_into_container" in str(e.value)
+
+
+def test_root_with_user_namespace(service: Any, spawn_path: str) -> None:
+    """A user namespace to enter: the server's copy (or a helper) is the intermediate; the
+    process is still our child, uid 0 inside."""
+    with Container("userns", PID | syscalls.CONTAINER_NEW_USER_NS) as c:
+        p = c.popen([SH, "-c", "echo $$ $(id -u); read x"], stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE)
+        assert p.stdout is not None
+        assert p.stdout.readline() == b"1 0\n"
+        with open(f"/proc/{p.pid}/stat") as f:
+            assert int(f.read().rsplit(")", 1)[1].split()[1]) == os.getpid()
+        p.communicate(b"\n")
+        assert p.returncode == 0
