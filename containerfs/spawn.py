@@ -65,7 +65,9 @@ class _Server:
     def spawn(self, spec: dict[str, Any], fds: list[int]) -> dict[str, Any]:
         """Ask the server to make the process: its reply, or None-like EPIPE if it is gone."""
         with self.lock:
-            if self.owner != os.getpid():  # forked: that server is our parent's
+            if self.owner != os.getpid() and self.sock is not None:
+                # forked: that server is our parent's; drop our copy of its socket
+                self.sock.close()
                 self.sock = None
             for attempt in (1, 2):
                 sock = self.sock or self._start()
@@ -83,7 +85,16 @@ class _Server:
             raise AssertionError("not reached")
 
 
+    def after_fork_in_child(self) -> None:
+        """A fork of ours: that server is our parent's; a lock another thread held is free."""
+        self.lock = threading.Lock()
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+
 _server = _Server()
+os.register_at_fork(after_in_child=_server.after_fork_in_child)
 
 
 # Popen arguments that would act on the host, or that the helper cannot honour.

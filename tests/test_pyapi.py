@@ -155,15 +155,20 @@ def test_popen_kill_and_send_signal(service: Any) -> None:
         assert init.wait(5) == -signal.SIGKILL
 
 
-def test_run_does_not_fork_the_caller(service: Any) -> None:
-    """The caller's own pid never appears as the parent of a copy of itself: the only
-    children made are the helper (not a copy: a new program) and the command."""
+def test_run_does_not_fork_the_caller(service: Any, spawn_path: str) -> None:
+    """No copy of this process is made: a fork (os.fork, or fork_into_container's clone3)
+    runs the before-fork hooks here; posix_spawn runs none."""
     with Container("nofork", PID) as c:
         seen: list[str] = []
-        # a fork of this process would run the at-fork hook; posix_spawn does not
-        os.register_at_fork(after_in_child=lambda: seen.append("forked"))
+        os.register_at_fork(before=lambda: seen.append("fork"))
         c.run(["true"])
         assert seen == []
+        # the check can fail: a fork of ours is seen
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0)
+        os.waitpid(pid, 0)
+        assert seen == ["fork"]
 
 
 def test_context_manager_kills(service: Any) -> None:
@@ -453,3 +458,22 @@ def test_root_with_user_namespace(service: Any, spawn_path: str) -> None:
             assert int(f.read().rsplit(")", 1)[1].split()[1]) == os.getpid()
         p.communicate(b"\n")
         assert p.returncode == 0
+
+
+def test_forked_caller_gets_its_own_server(service: Any) -> None:
+    """After os.fork, the child's processes are still its own children."""
+    with Container("forkedcaller", PID) as c:
+        init = c.popen(["sleep", "60"])  # starts this process's server
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                p = c.popen(["sh", "-c", "exit 9"])
+                os.write(w, str(p.wait(10)).encode())
+            finally:
+                os._exit(0)
+        os.close(w)
+        assert os.read(r, 10) == b"9"
+        os.close(r)
+        os.waitpid(pid, 0)
+        assert init.poll() is None
