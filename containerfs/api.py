@@ -51,7 +51,7 @@ class Container:
             if root is not None:
                 set_root(self.fd, root, readonly)
         except BaseException:
-            os.close(self.fd)
+            self.close()  # killed too: a created container is not left listed
             raise
 
     # -- the object's life ------------------------------------------------------------

@@ -477,3 +477,30 @@ def test_forked_caller_gets_its_own_server(service: Any) -> None:
         os.close(r)
         os.waitpid(pid, 0)
         assert init.poll() is None
+
+
+def test_root_without_pid_namespace(service: Any) -> None:
+    """Without NEW_PID_NS the proc shows the creator's PID namespace (ours included)."""
+    with Container("nopid", CONTAINER_NEW_NET_NS, root="/", readonly=True) as c:
+        r = c.run([SH, "-c", f"test -d /proc/{os.getpid()} && echo mine; cat /proc/net/dev"],
+                  capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        lines = r.stdout.splitlines()
+        assert lines[0] == "mine"
+        assert [ln.split(":")[0].strip() for ln in lines[3:]] == ["lo"]  # its own network
+
+
+def test_unused_and_failed_containers_are_not_left(service: Any) -> None:
+    c = Container("unused", PID)
+    fd = os.dup(c.fd)
+    c.close()
+    c.close()  # once
+    assert syscalls.container_status(fd)["state"] == "dead"
+    os.close(fd)
+    before = {row["id"] for row in syscalls.container.container_list()
+              if row["state"] != "dead"}
+    with pytest.raises(FileNotFoundError) as e:
+        Container("badroot", PID, root="/no/such/dir")
+    assert "binding /no/such/dir as the root" in str(e.value)
+    after = {row["id"] for row in syscalls.container.container_list() if row["state"] != "dead"}
+    assert after == before
