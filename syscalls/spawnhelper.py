@@ -164,7 +164,13 @@ def _child(spec: dict[str, Any]) -> NoReturn:
         if spec.get("user") is not None:
             uid, gid = spec["user"]
             step = "setgroups"
-            os.setgroups([])
+            try:
+                os.setgroups([])
+            except PermissionError:
+                # Denied for everyone in this user namespace (an owner's): nothing to drop.
+                with open("/proc/self/setgroups") as f:
+                    if f.read().strip() != "deny":
+                        raise
             step = "setgid"
             os.setgid(gid)
             step = "setuid"

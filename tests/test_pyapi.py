@@ -425,12 +425,18 @@ def test_unprivileged_owner(service: Any) -> None:
                 c.run(["/no/such"])
             except FileNotFoundError as e:
                 out["enoent"] = e.filename
+            out["as0"] = c.run(["id", "-u"], user=(0, 0), capture_output=True).stdout.decode()
+            try:
+                c.run(["true"], user=(5, 5))  # no such gid in its user namespace
+            except OSError as e:
+                out["setgid"] = [e.errno, str(e)]
             init.communicate(b"\\n")
             out["init"] = init.returncode
         return out
     """)
     assert got == {"stdout": "2 0 owned\n", "parent_is_me": True, "enoent": "/no/such",
-                   "init": 0}
+                   "init": 0, "as0": "0\n",
+                   "setgid": [errno.EINVAL, "[Errno 22] setgid: Invalid argument"]}
 
 
 def test_refused_arguments(service: Any) -> None:
