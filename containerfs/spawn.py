@@ -1,7 +1,8 @@
 """run and popen in a container, with subprocess's signatures and semantics, without forking
-the calling process: a small helper (syscalls/spawnhelper.py) is started with posix_spawn
-(vfork), enters the container and makes the process with CLONE_PARENT, so the caller is its
-parent (Popen.wait, poll, kill and send_signal work as for any child)."""
+the calling process: a helper (syscalls/spawnhelper.py), started with posix_spawn (vfork) once
+per process as a spawn server (or once per command), enters the container and makes the
+process with CLONE_PARENT, so the caller is its parent (Popen.wait, poll, kill and
+send_signal work as for any child)."""
 
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ import signal
 import subprocess
 import sys
 import termios
-import threading
 import socket
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ _PKG_PARENT = str(Path(syscalls.__file__).resolve().parent.parent)
 _HELPER_CODE = ("import sys; sys.path.insert(0, %r); "
                 "from syscalls.spawnhelper import main; main()" % _PKG_PARENT)
 _HELPER_ARGV = [sys.executable, "-I", "-S", "-c", _HELPER_CODE]
+
 
 class _Server:
     """This process's spawn server: a helper started once, kept single-threaded, that makes
@@ -63,27 +65,31 @@ class _Server:
                 pass
 
     def spawn(self, spec: dict[str, Any], fds: list[int]) -> dict[str, Any]:
-        """Ask the server to make the process: its reply, or None-like EPIPE if it is gone."""
+        """Ask the server to make the process; its reply. A server found dead before the
+        request (it read nothing) is replaced once; one that dies after reading it gives EIO:
+        asking again could make a second process."""
         with self.lock:
             if self.owner != os.getpid() and self.sock is not None:
                 # forked: that server is our parent's; drop our copy of its socket
                 self.sock.close()
                 self.sock = None
-            for attempt in (1, 2):
-                sock = self.sock or self._start()
-                try:
-                    socket.send_fds(sock, [json.dumps(spec).encode()], fds)
-                    data = sock.recv(4096)
-                except OSError:
-                    data = b""
-                if data:
-                    result: dict[str, Any] = json.loads(data)
-                    return result
-                self._stop()  # it died: start another, once
-                if attempt == 2:
-                    raise OSError(errno.EIO, "the spawn server died")
-            raise AssertionError("not reached")
-
+            sock = self.sock or self._start()
+            msg = [json.dumps(spec).encode()]
+            try:
+                socket.send_fds(sock, msg, fds)
+            except (BrokenPipeError, ConnectionResetError):
+                self._stop()
+                sock = self._start()
+                socket.send_fds(sock, msg, fds)
+            try:
+                data = sock.recv(4096)
+            except OSError:
+                data = b""
+            if not data:
+                self._stop()
+                raise OSError(errno.EIO, "the spawn server died while making a process")
+            result: dict[str, Any] = json.loads(data)
+            return result
 
     def after_fork_in_child(self) -> None:
         """A fork of ours: that server is our parent's; a lock another thread held is free."""

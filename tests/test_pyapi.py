@@ -510,3 +510,15 @@ def test_unused_and_failed_containers_are_not_left(service: Any) -> None:
     assert "binding /no/such/dir as the root" in str(e.value)
     after = {row["id"] for row in syscalls.container.container_list() if row["state"] != "dead"}
     assert after == before
+
+
+def test_spawn_server_dead_is_replaced(service: Any) -> None:
+    from containerfs import spawn
+    with Container("srv", PID) as c:
+        init = c.popen(["sleep", "60"])
+        old = spawn._server.pid
+        os.kill(old, signal.SIGKILL)
+        os.waitpid(old, 0)
+        assert c.run(["true"]).returncode == 0  # a new server, and nothing made twice
+        assert spawn._server.pid != old
+        assert init.poll() is None
