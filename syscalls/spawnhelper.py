@@ -1,7 +1,8 @@
-"""The helper program that containerfs's run/popen start with posix_spawn (vfork): it enters
-the container as fork_into_container's intermediate does and makes the new process with
-CLONE_PARENT, so the caller, not this helper, is its parent; that process then execs the
-command. The caller never forks itself.
+"""The helper program that containerfs's run/popen start with posix_spawn (vfork), as a
+spawn server kept per calling process (`serve`) or for one process: it enters the container
+as fork_into_container's intermediate does (or the server forks on its fast path) and makes
+the new process with CLONE_PARENT, so the caller, not this helper, is its parent; that
+process then execs the command. The caller never forks itself. The one-shot layout:
 
 fds, as the caller lays them out: 0-2 the command's stdio, 3 the container handle, 4 where this
 helper writes {"pid": N} or {"errno", "message"} before it exits, 5 where the new process
@@ -46,11 +47,13 @@ def _once() -> NoReturn:
 
 
 def serve() -> NoReturn:
-    """The spawn server (root): one per calling process, started once with posix_spawn and
-    socket fd 3; single-threaded, so fork_into_container takes its fast path, with
-    CLONE_PARENT: each process it makes is the caller's child. Each request is a JSON spec
-    with fds [handle, stdin, stdout, stderr, exec-error pipe, go pipe?]; the reply
-    {"pid": N} or {"errno", "message"}. It exits when the caller's end closes."""
+    """The spawn server: one per calling process, started once with posix_spawn and socket
+    fd 3, single-threaded; it never has a child of its own. Each request is a JSON spec with
+    fds [handle, stdin, stdout, stderr, exec-error pipe, (result pipe,) go pipe?]. Mode
+    "fork" (root, no user namespace to enter): fork_into_container's fast path with
+    CLONE_PARENT, reply {"pid": N}; mode "intermediate": a copy of the server made with
+    CLONE_PARENT does the one-shot helper's work, reply {"helper": its pid}; or
+    {"errno", "message"}. It exits when the caller's end closes."""
     import socket
 
     # Ctrl-C at the terminal is for the caller and its commands, not for the server.
