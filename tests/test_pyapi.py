@@ -83,6 +83,11 @@ EQUIVALENCE = [
     ("bad_cwd", ["true"], {"cwd": "/nonexistent-dir"}),
     ("cwd_not_dir", ["true"], {"cwd": "/etc/passwd"}),
     ("input_and_stdin", ["cat"], {"input": b"x", "stdin": subprocess.DEVNULL}),
+    ("encoding", [SH, "-c", "printf 'caf\\303\\251\\r\\n'"],
+     {"capture_output": True, "encoding": "latin-1", "errors": "strict"}),
+    ("universal_newlines", [SH, "-c", "printf 'a\\r\\nb'"],
+     {"stdout": subprocess.PIPE, "universal_newlines": True}),
+    ("bufsize", ["cat"], {"input": b"x" * 100000, "capture_output": True, "bufsize": 0}),
     ("executable", ["ignored-name", "-c", "echo $0"],
      {"executable": "/bin/sh", "capture_output": True}),
 ]
@@ -116,6 +121,9 @@ def test_file_and_fd_redirection(service: Any) -> None:
         c.run([SH, "-c", "echo to an fd >&2"], stderr=f.fileno())
         f.seek(0)
         assert f.read() == b"to a file\nto an fd\n"
+        f.seek(0)
+        r = c.run(["wc", "-l"], stdin=f, capture_output=True)  # a file as stdin
+        assert r.stdout.strip() == b"2"
     assert init.wait(5) == -signal.SIGKILL
 
 
