@@ -14,6 +14,7 @@ from typing import Any
 
 import syscalls
 from syscalls import linux, nsexec
+from syscalls.container import drop_fork_plan
 
 from . import spawn
 
@@ -68,6 +69,7 @@ class Container:
             return
         self._closed = True
         try:
+            drop_fork_plan(self.fd)
             if not select.select([self.fd], [], [], 0)[0]:  # POLLHUP: dead already
                 self.kill()
         except OSError as e:
@@ -120,6 +122,8 @@ class Container:
     def popen(self, args: Any, **kwargs: Any) -> spawn.ContainerPopen:
         """subprocess.Popen in the container (see ContainerPopen); this process never forks."""
         with self._first() as first:
+            if first:  # made by the spawn server: our plan of that fork is of no use
+                drop_fork_plan(self.fd)
             on_init = self._set_hostname if first and self.hostname is not None else None
             return spawn.ContainerPopen(self, args, on_init=on_init, **kwargs)
 

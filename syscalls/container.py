@@ -202,6 +202,15 @@ def _fork_here(conn: Connection, reply: replies.ForkGrant | None, fds: list[int]
 plans = forkplans.Plans()
 
 
+def drop_fork_plan(fd: int) -> None:
+    """Forget the plan of the first fork into the container behind `fd`, if this process
+    keeps one: for a caller that will not fork into it itself (its fds pin the container's
+    namespaces and root)."""
+    plan = plans.plan
+    if plan is not None and forkplans.file_id(fd) == plan.handle:
+        plans.drop()
+
+
 def _fork_ahead(handle: int, plan: forkplans.Plan) -> int:
     """Root's first fork into the container it created: the namespaces of the plan are
     entered while the Fork request travels (on the create's connection), and the process

@@ -530,3 +530,18 @@ def test_spawn_server_dead_is_replaced(service: Any) -> None:
         assert c.run(["true"]).returncode == 0  # a new server, and nothing made twice
         assert spawn._server.pid != old
         assert init.poll() is None
+
+
+def test_no_plan_pins_the_container(service: Any) -> None:
+    """This process never forks into a container it runs commands in: the plan of that fork
+    (fds of its namespaces) is not kept once the first command runs, nor after close."""
+    from syscalls.container import plans
+    with Container("plan", PID | CONTAINER_NEW_NET_NS) as c:
+        if plans.plan is None:
+            pytest.skip("no plan kept here (threads running)")
+        c.run(["true"])
+        assert plans.plan is None
+    c = Container("plan2", PID)
+    assert plans.plan is not None
+    c.close()
+    assert plans.plan is None
