@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import threading
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -44,6 +45,33 @@ async def _wait_process(p: ContainerPopen) -> int:
     return p.returncode
 
 
+async def _start(make: Callable[[], ContainerPopen]) -> ContainerPopen:
+    """Run `make` (it blocks until the command runs) in a thread of its own that ends with it,
+    not one of trio's cached workers: an idle thread left behind would make this process
+    multi-threaded for seconds, and fork_into_container take its slow path. Shielded: a
+    process made while a cancel came is killed by the caller's wait, never leaked."""
+    token = trio.lowlevel.current_trio_token()
+    done = trio.Event()
+    box: list[ContainerPopen | BaseException] = []
+
+    def work() -> None:
+        try:
+            box.append(make())
+        except BaseException as e:
+            box.append(e)
+        finally:
+            token.run_sync_soon(done.set)
+
+    thread = threading.Thread(target=work, name="containerfs-spawn", daemon=True)
+    thread.start()
+    with trio.CancelScope(shield=True):
+        await done.wait()
+    thread.join()
+    if isinstance(box[0], BaseException):
+        raise box[0]
+    return box[0]
+
+
 async def _kill(p: ContainerPopen) -> None:
     p.kill()
 
@@ -56,8 +84,8 @@ async def run_process(container: Container, command: Any, *, stdin: Any = b"",
                       **options: Any) -> subprocess.CompletedProcess[bytes]:
     """trio.run_process in the container: same arguments and result (the process given to
     task_status.started is a ContainerPopen). Cancelled, the process is killed (SIGKILL, or
-    `deliver_cancel`) and waited for. Starting it runs in a worker thread (a helper is spawned
-    and the call blocks until the command runs); the rest is trio's epoll."""
+    `deliver_cancel`) and waited for. Starting it runs in a short-lived thread of its own (the
+    spawn blocks until the command runs); the rest is trio's epoll."""
     for name in ("stdout", "stderr"):
         if options.get(name) is not None and (capture_stdout if name == "stdout"
                                               else capture_stderr):
@@ -72,8 +100,7 @@ async def run_process(container: Container, command: Any, *, stdin: Any = b"",
         options["stdout"] = subprocess.PIPE
     if capture_stderr:
         options["stderr"] = subprocess.PIPE
-    p: ContainerPopen = await trio.to_thread.run_sync(
-        lambda: container.popen(command, **options))
+    p = await _start(lambda: container.popen(command, **options))
     out: dict[str, bytes] = {}
 
     async def feed_stdin(stream: trio.lowlevel.FdStream) -> None:

@@ -321,6 +321,8 @@ def test_trio_run_process(service: Any) -> None:
         assert init.wait(5) == -signal.SIGKILL
 
     trio.run(main)
+    # no thread left behind (a cached worker would keep this process multi-threaded)
+    assert len(os.listdir("/proc/self/task")) == 1
 
 
 # ---- terminals -------------------------------------------------------------------------------
