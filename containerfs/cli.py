@@ -11,6 +11,7 @@ import argparse
 import errno
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -18,6 +19,8 @@ from typing import Any
 import syscalls
 from syscalls import client, protocol
 from syscalls.nstypes import NAMESPACES
+
+from . import api
 
 NAMESPACE_OPTIONS = {t.option: t.container_flag for t in NAMESPACES}
 
@@ -44,6 +47,13 @@ def _run(args: argparse.Namespace) -> int:
     for option, bit in NAMESPACE_OPTIONS.items():
         if getattr(args, option) or args.all:
             flags |= bit
+    if args.readonly and not args.root:
+        print("containerfs run: --readonly needs --root DIR", file=sys.stderr)
+        return 2
+    if args.root:
+        flags = (flags & ~syscalls.CONTAINER_NEW_FS_NS) | syscalls.CONTAINER_NEW_EMPTY_FS_NS
+    if args.hostname is not None:
+        flags |= syscalls.CONTAINER_NEW_UTS_NS
     if args.all and os.geteuid() != 0:
         flags &= ~syscalls.CONTAINER_NEW_CGROUP_NS  # keep the user namespace rule simple
     if not args.command:
@@ -55,6 +65,8 @@ def _run(args: argparse.Namespace) -> int:
     confinement = _run_confinement(args, flags)  # checked before anything is made
     cfd = syscalls.container_create(args.name, flags)
     try:  # before the first fork: init is born under them
+        if args.root:
+            api.set_root(cfd, args.root, args.readonly)
         for name, value in _run_limits(args):
             syscalls.container_set_limit(cfd, name, value)
         caps, profile = confinement
@@ -67,7 +79,7 @@ def _run(args: argparse.Namespace) -> int:
         raise
     if args.keep:
         print(f"container {syscalls.container_status(cfd)['id']}", file=sys.stderr)
-    return _exec_in(cfd, args.command, args.tty, "run")
+    return _exec_in(cfd, args.command, args.tty, "run", args.hostname)
 
 
 CPU_PERIOD_US = 100000  # the kernel's default cpu.max period
@@ -116,14 +128,22 @@ def _run_limits(args: argparse.Namespace) -> list[tuple[str, str]]:
     return out
 
 
-def _exec_in(cfd: int, command: list[str], tty: bool, verb: str) -> int:
-    """Run `command` in the container; return its exit code (128+N for signal N)."""
+def _exec_in(cfd: int, command: list[str], tty: bool, verb: str,
+             hostname: str | None = None) -> int:
+    """Run `command` in the container; return its exit code (128+N for signal N). With
+    `hostname`, set from outside while the new process waits (its own caps may not allow it)."""
     master = -1
     if tty:
         master, slave = os.openpty()
+    go_r, go_w = os.pipe2(os.O_CLOEXEC) if hostname is not None else (-1, -1)
     pid = syscalls.fork_into_container(cfd)
     if pid == 0:
         try:
+            if go_r >= 0:
+                os.close(go_w)
+                while os.read(go_r, 64):
+                    pass
+                os.close(go_r)
             if tty:
                 os.close(master)
                 os.login_tty(slave)
@@ -131,6 +151,16 @@ def _exec_in(cfd: int, command: list[str], tty: bool, verb: str) -> int:
         except OSError as e:
             print(f"containerfs {verb}: {command[0]}: {e.strerror}", file=sys.stderr)
         os._exit(127)
+    if hostname is not None:
+        os.close(go_r)
+        try:
+            api.set_hostname(pid, hostname)
+        except OSError:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise
+        finally:
+            os.close(go_w)
     if tty:
         os.close(slave)
         _relay(master)
@@ -141,14 +171,27 @@ def _exec_in(cfd: int, command: list[str], tty: bool, verb: str) -> int:
 
 
 def _relay(master: int) -> None:
-    """Copy our stdin to the terminal and its output to our stdout until it closes."""
+    """Copy our stdin to the terminal and its output to our stdout until it closes; our
+    window size goes to the terminal now and on every SIGWINCH (the inside gets its own)."""
     import select
     import termios
     import tty as ttymod
 
     saved = termios.tcgetattr(0) if os.isatty(0) else None
+
+    def follow_window(_sig: int = 0, _frame: Any = None) -> None:
+        import fcntl
+        try:
+            size = fcntl.ioctl(0, termios.TIOCGWINSZ, b"\0" * 8)
+            fcntl.ioctl(master, termios.TIOCSWINSZ, size)
+        except OSError:
+            pass  # stdin is no terminal, or the inside's is gone
+
+    old_winch = None
     if saved is not None:
         ttymod.setraw(0)
+        follow_window()
+        old_winch = signal.signal(signal.SIGWINCH, follow_window)
     fds = [master, 0]
     try:
         while master in fds:
@@ -167,6 +210,8 @@ def _relay(master: int) -> None:
                 else:
                     fds.remove(0)
     finally:
+        if old_winch is not None:
+            signal.signal(signal.SIGWINCH, old_winch)
         if saved is not None:
             termios.tcsetattr(0, termios.TCSADRAIN, saved)
         os.close(master)
@@ -331,6 +376,10 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--keep", action="store_true",
                    help="keep the container after this command exits (no kill-on-close)")
     r.add_argument("-t", "--tty", action="store_true", help="give the command a terminal")
+    r.add_argument("--root", metavar="DIR",
+                   help="a bind of DIR as the root (an empty mount namespace), with its own /proc")
+    r.add_argument("--readonly", action="store_true", help="the --root tree read-only")
+    r.add_argument("--hostname", metavar="NAME", help="its hostname (a new UTS namespace)")
     r.add_argument("--cpus", type=float, help="CPUs it may use (cpu.max), e.g. 0.2")
     r.add_argument("--memory", help="memory limit (memory.max), e.g. 64M")
     r.add_argument("--pids", help="how many processes at most (pids.max)")

@@ -77,17 +77,22 @@ def container_wait(fd: int) -> int:
     return int(status)
 
 
-def fork_into_container(fd: int) -> int:
+def fork_into_container(fd: int, *, clone_parent: bool = False) -> int:
     """Fork a process into the container: its pid in the caller, 0 in the child.
 
     The caller is the child's real parent (waitpid works). The first process becomes init.
+    With `clone_parent` (an extension, for a spawn server), the child is made with CLONE_PARENT:
+    the caller's parent is its parent. Only for root, single-threaded, with no user namespace
+    to enter: EAGAIN otherwise, with nothing made.
     """
     check_handle(fd)
+    if clone_parent and not (os.geteuid() == 0 and _single_threaded()):
+        raise OSError(errno.EAGAIN, "fork_into_container: clone_parent needs root and one thread")
     if os.geteuid() == 0 and _single_threaded():
         # Fast path: root in a single-threaded process enters the namespaces itself, forks
         # once, and comes back; only a user namespace (which no process can leave) needs an
         # intermediate process.
-        plan = plans.take(fd)
+        plan = None if clone_parent else plans.take(fd)
         if plan is not None:
             return _fork_ahead(fd, plan)
         conn = Connection()
@@ -98,7 +103,11 @@ def fork_into_container(fd: int) -> int:
             raise
         if "ns:user" not in reply.fds or linux.same_file(
                 fds[reply.fds.index("ns:user")], "/proc/self/ns/user"):
-            return _fork_here(conn, reply, fds)
+            return _fork_here(conn, reply, fds, clone_parent=clone_parent)
+        if clone_parent:
+            conn.send(protocol.ForkFailed(errno=errno.EAGAIN))
+            _close(conn, fds)
+            raise OSError(errno.EAGAIN, "fork_into_container: clone_parent with a user namespace")
         return _via_intermediate(fd, conn, reply, fds)
     return _via_intermediate(fd, None, None, [])
 
@@ -115,7 +124,7 @@ def _close(conn: Connection, fds: list[int]) -> None:
 
 
 def _fork_here(conn: Connection, reply: replies.ForkGrant | None, fds: list[int],
-               plan: forkplans.Plan | None = None) -> int:
+               plan: forkplans.Plan | None = None, clone_parent: bool = False) -> int:
     """Enter, fork once, and restore the caller's namespaces, root and cwd. With `plan` (its
     Fork request sent, not answered), the plan is entered first and the reply read there if
     it comes at once; a reply that is not the plan, or that keeps us waiting (it is then read
@@ -143,7 +152,10 @@ def _fork_here(conn: Connection, reply: replies.ForkGrant | None, fds: list[int]
         try:
             if cgroup_fd is None:
                 cgroup_fd = _enter(reply, fds, saved)
-            pid, pidfd = linux.clone3_fork(0, signal.SIGCHLD, cgroup_fd)
+            if clone_parent:  # the kernel gives it our own exit signal
+                pid, pidfd = linux.clone3_fork(linux.CLONE_PARENT, 0, cgroup_fd)
+            else:
+                pid, pidfd = linux.clone3_fork(0, signal.SIGCHLD, cgroup_fd)
         except OSError as e:
             forkplans.close_fds([fd for fd in (done_r, done_w) if fd >= 0])
             conn.send(protocol.ForkFailed(errno=e.errno or errno.EIO))
@@ -173,7 +185,8 @@ def _fork_here(conn: Connection, reply: replies.ForkGrant | None, fds: list[int]
             conn.send(protocol.StartedNoReply(pid=pid), [pidfd])
         except BaseException:
             linux.pidfd_send_signal(pidfd, signal.SIGKILL)  # no half-made process is left
-            os.waitpid(pid, 0)
+            if not clone_parent:  # else our parent's child: it reaps
+                os.waitpid(pid, 0)
             raise
         finally:
             os.close(pidfd)
@@ -187,6 +200,15 @@ def _fork_here(conn: Connection, reply: replies.ForkGrant | None, fds: list[int]
 
 # The one plan this process keeps (root, single-threaded callers only).
 plans = forkplans.Plans()
+
+
+def drop_fork_plan(fd: int) -> None:
+    """Forget the plan of the first fork into the container behind `fd`, if this process
+    keeps one: for a caller that will not fork into it itself (its fds pin the container's
+    namespaces and root)."""
+    plan = plans.plan
+    if plan is not None and forkplans.file_id(fd) == plan.handle:
+        plans.drop()
 
 
 def _fork_ahead(handle: int, plan: forkplans.Plan) -> int:

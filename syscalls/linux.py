@@ -43,6 +43,7 @@ _COMMON_NUMBERS = {
     "clone3": 435,
     "openat2": 437,
     "pidfd_getfd": 438,
+    "mount_setattr": 442,
 }
 NR: dict[str, int] = {**_COMMON_NUMBERS, **_ARCH_NUMBERS.get(platform.machine(), {})}
 
@@ -348,6 +349,23 @@ def move_mount(from_dfd: int, from_path: str | bytes, to_dfd: int, to_path: str 
 
 def open_tree(dfd: int, path: str | bytes, flags: int) -> int:
     return syscall("open_tree", ctypes.c_int(dfd), _path(path), ctypes.c_uint(flags))
+
+
+MOUNT_ATTR_RDONLY = 0x1
+AT_RECURSIVE = 0x8000
+
+
+class _MountAttr(ctypes.Structure):
+    _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64),
+                ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
+
+
+def mount_setattr(dfd: int, path: str | bytes, flags: int, attr_set: int,
+                  attr_clr: int = 0) -> None:
+    """mount_setattr(2): set (and clear) mount attributes, e.g. MOUNT_ATTR_RDONLY on a tree."""
+    attr = _MountAttr(attr_set, attr_clr, 0, 0)
+    syscall("mount_setattr", ctypes.c_int(dfd), _path(path), ctypes.c_uint(flags),
+            ctypes.byref(attr), ctypes.c_size_t(ctypes.sizeof(attr)))
 
 
 def mount(source: str | bytes | None, target: str | bytes, fstype: str | bytes | None,
