@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import socket
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -23,7 +24,7 @@ from syscalls import (
     translate_pid,
 )
 
-from .conftest import ROOT, child_result, hung_up
+from .conftest import OTHER_GID, OTHER_UID, ROOT, child_result, hung_up, run_as
 from .test_cli import cli
 
 
@@ -245,3 +246,128 @@ def test_ps(levels: Levels) -> None:
     assert [(int(o), int(i)) for i, o, _ in rows] == container_pids(levels.cfd)
     assert rows[0][:2] == ["1", str(levels.init)]
     assert "pytest" in rows[0][2] or sys.executable in rows[0][2]
+
+
+# ---- nested containers ----------------------------------------------------------------------
+
+def containers_file(view: str) -> list[tuple[str, int]]:
+    """(name, id) of each row of the view's containers file, <current> first."""
+    with open(os.path.join(view, "containers")) as f:
+        return [(line.split()[0], int(line.split()[1])) for line in f.read().splitlines()[1:]]
+
+
+def test_three_levels_of_containers(service: Any) -> None:
+    """A member of `outer` makes `inner` and forks its init: inner is outer's child at every
+    level (listing, cgroup, PID namespace), and dies with it."""
+    outer = container_create("outer", CONTAINER_NEW_PID_NS)
+    outer_id = syscalls.container_status(outer)["id"]
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    r, w = os.pipe()
+    init = fork_into_container(outer)
+    if init == 0:
+        try:
+            os.close(r)
+            ours.close()
+            os.close(outer)
+            inner = container_create("inner", CONTAINER_NEW_PID_NS)
+            ir, iw = os.pipe()
+            gc = fork_into_container(inner)
+            if gc == 0:
+                os.close(ir)
+                os.write(iw, json.dumps(containers_file(service.view)).encode())
+                os.close(iw)
+                theirs.recv(1)  # until the test ends (or we are killed)
+                os._exit(0)
+            os.close(iw)
+            with os.fdopen(ir) as f:
+                seen_inner = json.loads(f.read())
+            socket.send_fds(theirs, [json.dumps([gc, containers_file(service.view),
+                                                 seen_inner]).encode()], [inner])
+            theirs.recv(1)
+        finally:
+            os._exit(0)
+    theirs.close()
+    os.close(w)
+    ours.settimeout(20)
+    try:
+        data, fds, _, _ = socket.recv_fds(ours, 65536, 1)
+        inner = fds[0]
+        gc_in_outer, seen_outer, seen_inner = json.loads(data)
+        inner_id = syscalls.container_status(inner)["id"]
+        # the containers file lists exactly each level's children
+        host = containers_file(service.view)
+        assert ("outer", outer_id) in host and inner_id not in [i for _, i in host]
+        assert seen_outer == [["<current>", outer_id], ["inner", inner_id]]
+        assert seen_inner == [["<current>", inner_id]]
+        assert syscalls.container_status(inner)["parent"] == outer_id
+        # pids at three levels, through handles, agreeing with NSpid
+        gc_host = translate_pid(1, inner, -1)
+        assert nspid(gc_host) == [gc_host, gc_in_outer, 1]
+        assert translate_pid(1, inner, outer) == gc_in_outer
+        assert translate_pid(gc_in_outer, outer, inner) == 1
+        assert translate_pid(gc_host, -1, inner) == 1
+        with pytest.raises(OSError) as info:
+            translate_pid(1, outer, inner)  # outer's init is not visible in inner
+        assert info.value.errno == errno.ESRCH
+        assert container_pids(inner) == [(gc_host, 1)]
+        # the cgroup of inner is inside outer's
+        with open(f"/proc/{gc_host}/cgroup") as f:
+            assert f"/c{outer_id}/c{inner_id}\n" in f.read().replace("/members\n", "\n")
+        # killed with its parent: the child's handle held out here hangs up
+        assert not hung_up(inner)
+        syscalls.container_kill(outer)
+        assert hung_up(inner, 10)
+        assert syscalls.container_status(inner)["state"] == "dead"
+        os.close(inner)
+    finally:
+        ours.close()
+        os.close(outer)
+        child_result(init)
+
+
+def test_unprivileged_nested_user_namespace(service: Any) -> None:
+    """A user's container holds a nested container whose user namespace's parent is the
+    outer container's; asking for a namespace without NEW_USER_NS is EPERM there too."""
+    out = run_as(OTHER_UID, OTHER_GID, """
+        import errno, fcntl, json, os, syscalls
+        from syscalls import CONTAINER_NEW_USER_NS as U, CONTAINER_NEW_PID_NS as P
+        outer = syscalls.container_create("outer", U | P)
+        r, w = os.pipe()
+        pid = syscalls.fork_into_container(outer)
+        if pid == 0:
+            res = {"uid": os.getuid(), "own": os.stat("/proc/self/ns/user").st_ino}
+            try:
+                syscalls.container_create("bad", P)
+            except OSError as e:
+                res["no_user_ns"] = e.errno
+            inner = syscalls.container_create("inner", U | P)
+            ir, iw = os.pipe()
+            hold_r, hold_w = os.pipe()
+            gc = syscalls.fork_into_container(inner)
+            if gc == 0:
+                os.close(hold_w)
+                os.write(iw, json.dumps([os.getuid(), os.getpid()]).encode())
+                os.read(hold_r, 1)
+                os._exit(0)
+            os.close(iw)
+            res["inner"] = json.loads(os.read(ir, 4096))
+            # the grandchild's user namespace, by its pidfd; its parent, seen from here
+            pidfd = os.pidfd_open(gc)
+            userns = syscalls.linux.pidfd_namespace(pidfd, "user")
+            parent = fcntl.ioctl(userns, 0xB702)  # NS_GET_PARENT
+            res["inner"] += [os.fstat(userns).st_ino, os.fstat(parent).st_ino]
+            os.close(hold_w)
+            os.waitpid(gc, 0)
+            os.write(w, json.dumps(res).encode())
+            os._exit(0)
+        os.close(w)
+        with os.fdopen(r) as f:
+            data = f.read()
+        os.waitpid(pid, 0)
+        return json.loads(data)
+    """)
+    assert out["uid"] == 0
+    assert out["no_user_ns"] == errno.EPERM
+    uid, pid, own, parent = out["inner"]
+    assert uid == 0 and pid == 1
+    assert own != out["own"] and parent == out["own"]

@@ -177,4 +177,6 @@ class Readers:
             end += 1
         if end == at or data[end:end + 1] not in (b"/", b"\n", b""):
             return None
+        if data[end:end + 2] == b"/c":
+            return self.cgroups.container_id_of(pid)  # perhaps nested: the deepest one
         return int(data[at:end])
