@@ -300,6 +300,17 @@ def test_three_levels_of_containers(service: Any) -> None:
         assert seen_outer == [["<current>", outer_id], ["inner", inner_id]]
         assert seen_inner == [["<current>", inner_id]]
         assert syscalls.container_status(inner)["parent"] == outer_id
+        # outer's USE: our handle, its init, its child
+        with open(os.path.join(service.view, "containers")) as f:
+            use = {int(line.split()[1]): int(line.split()[2]) for line in f.read().splitlines()[1:]}
+        assert use[outer_id] == 3
+        # ls --tree: inner right under outer, indented
+        res = cli("ls", "--tree")
+        assert res.returncode == 0, res.stderr
+        rows = [line for line in res.stdout.splitlines()[1:]]
+        at = [line.split()[0] for line in rows].index(str(outer_id))
+        assert rows[at + 1].split()[:2] == [str(inner_id), "inner"]
+        assert rows[at + 1].index("inner") == rows[at].index("outer") + 2
         # pids at three levels, through handles, agreeing with NSpid
         gc_host = translate_pid(1, inner, -1)
         assert nspid(gc_host) == [gc_host, gc_in_outer, 1]
