@@ -382,3 +382,43 @@ def test_unprivileged_nested_user_namespace(service: Any) -> None:
     uid, pid, own, parent = out["inner"]
     assert uid == 0 and pid == 1
     assert own != out["own"] and parent == out["own"]
+
+
+def test_nested_container_works_and_cannot_manage_its_parent(service: Any) -> None:
+    """From inside a nested container a process is inside the parent too: it may not kill
+    the parent (EPERM); its parent's init, outside it, may limit it and open sockets in it."""
+    outer = container_create("outer", CONTAINER_NEW_PID_NS | CONTAINER_KILL_ON_CLOSE)
+    r, w = os.pipe()
+    init = fork_into_container(outer)
+    if init == 0:
+        res: dict[str, Any] = {}
+        try:
+            os.close(r)
+            inner = container_create("inner", CONTAINER_NEW_PID_NS | syscalls.CONTAINER_NEW_NET_NS)
+            syscalls.container_set_limit(inner, "pids.max", "20")
+            res["limit"] = syscalls.container_get_limit(inner, "pids.max")
+            s = syscalls.container_socket(inner, socket.AF_INET, socket.SOCK_STREAM, 0)
+            os.close(s)
+            ir, iw = os.pipe()
+            gc = fork_into_container(inner)
+            if gc == 0:
+                try:
+                    syscalls.container_kill(outer)
+                    os.write(iw, b"killed")
+                except OSError as e:
+                    os.write(iw, str(e.errno).encode())
+                os._exit(0)
+            os.close(iw)
+            res["kill_parent"] = os.read(ir, 64).decode()
+            os.waitpid(gc, 0)
+        except OSError as e:
+            res["error"] = str(e)
+        finally:
+            os.write(w, json.dumps(res).encode())
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r) as f:
+        res = json.loads(f.read())
+    child_result(init)
+    os.close(outer)
+    assert res == {"limit": "20", "kill_parent": str(errno.EPERM)}
