@@ -399,6 +399,9 @@ def test_nested_container_works_and_cannot_manage_its_parent(service: Any) -> No
             res["limit"] = syscalls.container_get_limit(inner, "pids.max")
             s = syscalls.container_socket(inner, socket.AF_INET, socket.SOCK_STREAM, 0)
             os.close(s)
+            d = syscalls.openat(inner, "etc", os.O_RDONLY | os.O_DIRECTORY)
+            res["at"] = "passwd" in os.listdir(d)
+            os.close(d)
             ir, iw = os.pipe()
             gc = fork_into_container(inner)
             if gc == 0:
@@ -421,4 +424,4 @@ def test_nested_container_works_and_cannot_manage_its_parent(service: Any) -> No
         res = json.loads(f.read())
     child_result(init)
     os.close(outer)
-    assert res == {"limit": "20", "kill_parent": str(errno.EPERM)}
+    assert res == {"limit": "20", "at": True, "kill_parent": str(errno.EPERM)}
