@@ -113,6 +113,7 @@ class Service:
         ns = {name[3:]: fd for name, fd in fds.items() if name.startswith("ns:")}
         st = os.fstat(wfd)
         c = self.reg.from_row(row, (st.st_dev, st.st_ino), wfd, ns)
+        self.reg.cgroups.adopt(c.id, c.parent)  # rows come parents first (ids grow)
         if c.flags & CONTAINER_NEW_EMPTY_FS_NS and "root" in ns:
             c.new_ns = c.new_ns | {"mnt"}  # its root was set before the restart
         if init_pidfd >= 0:

@@ -24,7 +24,7 @@ from syscalls import (
     translate_pid,
 )
 
-from .conftest import OTHER_GID, OTHER_UID, ROOT, child_result, hung_up, run_as
+from .conftest import OTHER_GID, OTHER_UID, ROOT, child_result, hung_up, in_container, run_as
 from .test_cli import cli
 
 
@@ -425,3 +425,41 @@ def test_nested_container_works_and_cannot_manage_its_parent(service: Any) -> No
     child_result(init)
     os.close(outer)
     assert res == {"limit": "20", "at": True, "kill_parent": str(errno.EPERM)}
+
+
+def test_nested_container_after_a_restart(service: Any) -> None:
+    """After a hard restart the service knows a nested group again at once: a process of the
+    nested container is its member (the view's <current>), not its parent's."""
+    from .test_restart import restart
+
+    outer = container_create("outer", CONTAINER_NEW_PID_NS)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    init = fork_into_container(outer)
+    if init == 0:
+        try:
+            ours.close()
+            inner = container_create("inner", CONTAINER_NEW_PID_NS)
+            if fork_into_container(inner) == 0:
+                theirs.recv(1)
+                os._exit(0)
+            socket.send_fds(theirs, [b"h"], [inner])
+            theirs.recv(1)
+        finally:
+            os._exit(0)
+    theirs.close()
+    ours.settimeout(20)
+    try:
+        _, fds, _, _ = socket.recv_fds(ours, 16, 1)
+        inner = fds[0]
+        inner_id = syscalls.container_status(inner)["id"]
+        restart(service, hard=True)
+        member, seen = in_container(inner, lambda: containers_file(service.view))
+        # reaped here: a zombie in outer's PID namespace would hold outer's init in its exit
+        assert child_result(member) == 0
+        assert seen[0] == ["<current>", inner_id]
+        os.close(inner)
+    finally:
+        ours.close()
+        syscalls.container_kill(outer)
+        os.close(outer)
+        child_result(init)
