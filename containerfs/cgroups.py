@@ -86,8 +86,19 @@ class CgroupTree(ResourceGroups):
         prefix = "/" + os.path.relpath(self.base, self.mount) + "/c"
         if path is None or not path.startswith(prefix):
             return None
-        head = path[len(prefix):].split("/", 1)[0]
-        return int(head) if head.isdigit() else None
+        # Nested groups (c2/c5/...): the deepest container group on the path, following
+        # only groups the service made there (a c<N> a member made is not a container's).
+        cid: int | None = None
+        rel = ""
+        for part in ("c" + path[len(prefix):]).split("/"):
+            if not (part.startswith("c") and part[1:].isdigit()):
+                break
+            rel = os.path.join(rel, part) if rel else part
+            known = self._rel.get(int(part[1:]))
+            if cid is not None and known != rel:
+                break  # not made by the service here (or by an earlier one: unknown)
+            cid = int(part[1:])
+        return cid
 
     def container_id_of_pidfd(self, pidfd: int, pid: int) -> int | None:
         """container_id_of for the process behind `pidfd` (its pid is `pid`): one ioctl,

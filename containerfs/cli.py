@@ -264,9 +264,42 @@ def _keys(args: argparse.Namespace) -> int:
 
 def _ls(args: argparse.Namespace) -> int:
     print(f"{'ID':>6} {'NAME':<24} {'STATE':<8} {'INIT':>7} {'OWNER':>5} FLAGS")
-    for row in syscalls.container.container_list():
-        print(f"{row['id']:>6} {row['name']:<24} {row['state']:<8} {row['init_pid'] or '-':>7} "
+    rows = syscalls.container.container_list()
+    depth: dict[int, int] = {}
+    if args.tree:  # each container under its parent (one you may see), indented by level
+        ids = {row["id"] for row in rows}
+        kids: dict[int, list[dict[str, Any]]] = {}
+        for row in rows:
+            kids.setdefault(row["parent"] if row["parent"] in ids else 0, []).append(row)
+        rows = []
+
+        def walk(parent: int, level: int) -> None:
+            for row in kids.get(parent, []):
+                rows.append(row)
+                depth[row["id"]] = level
+                walk(row["id"], level + 1)
+        walk(0, 0)
+    for row in rows:
+        name = "  " * depth.get(row["id"], 0) + row["name"]
+        print(f"{row['id']:>6} {name:<24} {row['state']:<8} {row['init_pid'] or '-':>7} "
               f"{row['owner']:>5} {row['flags']:#05x}")
+    return 0
+
+
+def _ps(args: argparse.Namespace) -> int:
+    cfd = _open(args.id)
+    try:
+        listed = syscalls.container_pids(cfd)
+    finally:
+        os.close(cfd)
+    print(f"{'PID':>7} {'HOSTPID':>7} COMMAND")  # HOSTPID: as this command line sees it
+    for outer, inner in listed:
+        try:
+            with open(f"/proc/{outer}/cmdline", "rb") as f:
+                argv = f.read().rstrip(b"\0").replace(b"\0", b" ")
+        except OSError:
+            argv = b"?"  # exited meanwhile
+        print(f"{inner:>7} {outer:>7} {argv.decode(errors='replace')}")
     return 0
 
 
@@ -398,7 +431,12 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("-t", "--tty", action="store_true", help="give the command a terminal")
     e.add_argument("command", nargs=argparse.REMAINDER)
     e.set_defaults(func=_exec)
-    sub.add_parser("ls", help="list your containers").set_defaults(func=_ls)
+    ls = sub.add_parser("ls", help="list your containers")
+    ls.add_argument("--tree", action="store_true", help="nested containers under their parent")
+    ls.set_defaults(func=_ls)
+    ps = sub.add_parser("ps", help="a container's processes: pid inside, pid here, command")
+    ps.add_argument("id", type=int)
+    ps.set_defaults(func=_ps)
     ks = sub.add_parser("keys", help="keys given to a container (its container keyring)")
     ks.add_argument("id", type=int)
     kss = ks.add_subparsers(dest="action", required=True)

@@ -326,6 +326,13 @@ class Connection:
         c = await self._container(fds[0])
         return await self.service.confiner.set_seccomp(self.peer, c, req.profile), []
 
+    async def _pidns(self, req: protocol.PidNs, fds: list[int]) -> Answer:
+        return self.service.fs.pid_ns_fd(await self._container(fds[0]))
+
+    async def _pids(self, req: protocol.Pids, fds: list[int]) -> Answer:
+        c = await self._container(fds[0])
+        return self.service.fs.pids(self.peer, c, self.service.reg.cgroups.procs(c.id)), []
+
     async def _freeze(self, req: protocol.Freeze, fds: list[int]) -> Answer:
         c = await self._container(fds[0])
         return await self.service.limits.freeze(self.peer, c, bool(req.frozen)), []
@@ -358,6 +365,8 @@ _HANDLERS: dict[type[protocol.Request], Callable[[Connection, Any, list[int]], A
     protocol.Freeze: Connection._freeze,
     protocol.SetCaps: Connection._set_caps,
     protocol.SetSeccomp: Connection._set_seccomp,
+    protocol.PidNs: Connection._pidns,
+    protocol.Pids: Connection._pids,
 }
 
 

@@ -17,7 +17,7 @@ import trio
 
 from syscalls import linux
 from syscalls.constants import CONTAINER_NEW_EMPTY_FS_NS, CONTAINER_NEW_PID_NS
-from syscalls.replies import Mounted, NamespaceFds
+from syscalls.replies import Mounted, NamespaceFds, PidList
 
 from . import namespaces
 from .policy import Policy
@@ -25,6 +25,7 @@ from .process import Peer
 from .record import Container
 from .registry import Registry
 from .states import State
+from .view.readers import PidView, pid_pairs
 
 
 def proc_params(text: str) -> list[list[Any]]:
@@ -158,6 +159,22 @@ class Filesystems:
         if pid_born:
             names.append("pid")
         return NamespaceFds(names, pid_pending=not pid_born), _dups(c, names)
+
+    def pid_ns_fd(self, c: Container) -> tuple[NamespaceFds, list[int]]:
+        """translate_pid: the container's PID namespace, for any holder of its handle; ESRCH
+        while it has none (NEW_PID_NS before init) and once dead (no process is in it)."""
+        if c.state == State.DEAD:
+            raise OSError(errno.ESRCH, f"container {c.id} is dead: no process is in it")
+        if c.flags & CONTAINER_NEW_PID_NS and c.state != State.RUNNING:
+            raise OSError(errno.ESRCH, f"container {c.id} has no PID namespace before its init")
+        return NamespaceFds(["pid"]), _dups(c, ["pid"])
+
+    def pids(self, peer: Peer, c: Container, members: list[int]) -> PidList:
+        """container_pids: `members` as (pid as `peer` sees it, pid inside), init first."""
+        if c.state == State.DEAD or (c.flags & CONTAINER_NEW_PID_NS and c.state != State.RUNNING):
+            return PidList([])
+        view = peer.at_pid(PidView, lambda _: None)
+        return PidList([[o, i] for o, i in pid_pairs(c.ns, c.init_pid, members, view)])
 
     def netns_fds(self, peer: Peer, c: Container) -> tuple[NamespaceFds, list[int]]:
         """container_socket: the container's network namespace (and its own user namespace,

@@ -60,12 +60,14 @@ class Lifecycle:
         # The creator's namespaces, for those not asked for, proven to be the connecting
         # process's: a recycled pid must not lend us someone else's.
         ns = peer.at_pid(namespaces.open_process_namespaces, namespaces.close_all)
+        # A member's container is the new one's parent: its cgroup nests in the parent's.
+        parent = self.reg.containers.get(self.reg.member_of(peer) or 0)
         cid = -1
         try:
             cid = self.reg.store.next_id()
-            self.reg.cgroups.create(cid)
+            self.reg.cgroups.create(cid, parent=parent.id if parent else None)
             self.keyrings.create_session(cid, peer.uid, peer.gid)  # EAGAIN: key quota
-            made = await self._make_namespaces(peer, new, ns, cid)
+            made = await self._make_namespaces(peer, new, ns, cid, pooled=parent is None)
             for nstype, fd in made.items():
                 os.close(ns.pop(nstype))
                 ns[nstype] = fd
@@ -82,7 +84,6 @@ class Lifecycle:
                                             f"(user.max_user_namespaces): {e.strerror}") from None
             raise
         st = os.fstat(rfd)
-        parent = self.reg.containers.get(self.reg.member_of(peer) or 0)
         c = Container(id=cid, name=raw_name, flags=flags, owner=peer.uid, group=peer.gid,
                       parent=parent.id if parent else 1, pipe=(st.st_dev, st.st_ino), wfd=Fd(wfd),
                       ns=FdMap(ns), new_ns=requested_namespaces(flags))
@@ -92,10 +93,11 @@ class Lifecycle:
         return c, rfd
 
     async def _make_namespaces(self, peer: Peer, new: list[str], creator: dict[str, int],
-                               cid: int) -> dict[str, int]:
-        """The new namespaces of a container, as `peer` would make them: {type: fd}."""
+                               cid: int, pooled: bool = True) -> dict[str, int]:
+        """The new namespaces of a container, as `peer` would make them: {type: fd}. The
+        pool's (made in the service's own namespaces) only if `pooled` (not nested)."""
         made: dict[str, int] = {}
-        if peer.uid == 0 and "user" not in new:
+        if peer.uid == 0 and "user" not in new and pooled:
             for nstype in new:
                 fd = self.pool.take(nstype)
                 if fd is not None:
@@ -193,7 +195,7 @@ class Lifecycle:
         release every kernel resource it held."""
         if c.state == State.DEAD:
             return
-        self.reg.cgroups.kill(c.id)
+        self.reg.cgroups.kill(c.id)  # the processes of nested containers too
         check_transition(c.state, State.DEAD)
         c.state = State.DEAD
         c.started.set()
@@ -207,6 +209,9 @@ class Lifecycle:
         # Every kernel resource goes now (a root may pin a filesystem and its loop device);
         # what lingers is data. A holder that used the root before keeps its own copy.
         c.ns.close_all()
+        # Its children die with it (those without an init have no process to notice).
+        for child in [x for x in self.reg.containers.values() if x.parent == c.id]:
+            self.kill(child)
         self.reg.save_later(c.row())
         self.reg.nursery.start_soon(self.remove_cgroup, c.id)
         if not c.handle_open:

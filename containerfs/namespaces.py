@@ -90,6 +90,12 @@ def _helper(new: list[str], creator: Mapping[str, int], creds: Credentials,
     if creds.uid != 0 or "user" in new:
         with step("taking the creator's credentials"):
             _take_credentials(creds)
+    if "user" in new and not linux.same_file(creator["user"], "/proc/self/ns/user"):
+        # A creator inside a container with a user namespace: the new one is made inside
+        # that (a nested user namespace), joined first as the creator, so the kernel decides
+        # (its owner, in the namespace above, has every capability in it; others EPERM).
+        with step("entering the creator's user namespace"):
+            linux.setns(creator["user"], linux.CLONE_NEWUSER)
     with step("unshare"):
         linux.unshare(flags)
     if "user" in new:
@@ -255,6 +261,9 @@ def _make_in_helper(new: list[str], creator: Mapping[str, int], creds: Credentia
                     cgroup_procs: int | None) -> dict[str, int]:
     """Anything with a user namespace (or as non-root): in a forked helper with the creds."""
     def write_maps(pid: int) -> None:
+        if "user" in new and not linux.same_file(creator["user"], "/proc/self/ns/user"):
+            _write_nested_maps(pid, creator["user"], creds)
+            return
         if creds.uid != 0:
             _write(f"/proc/{pid}/setgroups", "deny")  # the kernel's rule for the unprivileged
         _write(f"/proc/{pid}/uid_map", f"0 {creds.uid} 1\n")
@@ -266,3 +275,26 @@ def _make_in_helper(new: list[str], creator: Mapping[str, int], creds: Credentia
     except OSError as e:
         raise OSError(e.errno, f"making namespaces {'+'.join(new)}: {e.strerror}") from None
     return dict(zip([*new, "root"], fds))
+
+
+def _write_nested_maps(pid: int, parent_userns: int, creds: Credentials) -> None:
+    """The id maps of a user namespace made inside `parent_userns`: only a process of that
+    namespace (or of the new one) may write them, so a writer forked from the service joins
+    it (with every capability there) and maps the creator's ids, as that namespace sees them
+    (/proc/PID/status shows the reader's view), to 0."""
+    def writer(_sock: socket.socket) -> list[int]:
+        with step("entering the parent user namespace"):
+            linux.setns(parent_userns, linux.CLONE_NEWUSER)
+        ids: dict[str, str] = {}
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(("Uid:", "Gid:")):
+                    ids[line[:3]] = line.split()[2]  # the effective id
+        with step("writing the id maps"):
+            if creds.uid != 0:
+                _write(f"/proc/{pid}/setgroups", "deny")
+            _write(f"/proc/{pid}/uid_map", f"0 {ids['Uid']} 1\n")
+            _write(f"/proc/{pid}/gid_map", f"0 {ids['Gid']} 1\n")
+        return []
+
+    nsexec.in_child(writer, 0)

@@ -15,8 +15,22 @@ from .states import State
 
 
 class Policy:
-    def __init__(self, member_of: Callable[[Peer], int | None]) -> None:
+    def __init__(self, member_of: Callable[[Peer], int | None],
+                 parent_of: Callable[[int], int | None] = lambda cid: None) -> None:
         self.member_of = member_of  # the container a peer's process is in (ESRCH if gone)
+        self.parent_of = parent_of  # a container's parent container (None: the host)
+
+    def inside(self, peer: Peer, c: Container) -> bool:
+        """Whether the peer is a member of `c` or of a container nested in it: a process of
+        a nested container is inside its parent too, and may not manage it."""
+        cid = self.member_of(peer)
+        for _ in range(64):  # a bound against a loop in bad records
+            if cid is None:
+                return False
+            if cid == c.id:
+                return True
+            cid = self.parent_of(cid)
+        return False
 
     def owner(self, peer: Peer, c: Container, what: str) -> None:
         """Root or the container's owner."""
@@ -27,7 +41,7 @@ class Policy:
     def manager(self, peer: Peer, c: Container, what: str) -> None:
         """Owner or root, and not from inside the container itself."""
         self.owner(peer, c, what)
-        if c.state != State.DEAD and self.member_of(peer) == c.id:
+        if c.state != State.DEAD and self.inside(peer, c):
             raise OSError(errno.EPERM, f"a member of container {c.id} may not {what} it")
 
     def mounter(self, peer: Peer, c: Container, what: str) -> None:

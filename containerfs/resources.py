@@ -95,6 +95,15 @@ class ResourceGroups(CgroupFS):
             self._rel[cid] = rel
         return rel
 
+    def adopt(self, cid: int, parent: int | None) -> None:
+        """After a restart: know the group of container `cid` again, inside `parent`'s if
+        that is known (so a nested member is told apart from its parent's at once)."""
+        known = self._rel.get(parent) if parent is not None else None
+        rel = f"c{cid}" if known is None else os.path.join(known, f"c{cid}")
+        bases = self._bases()
+        if bases and os.path.isdir(os.path.join(bases[0], rel)):
+            self._rel[cid] = rel
+
     def _find(self, base: str, leaf: str) -> str | None:
         for top, dirs, _ in os.walk(base):
             if leaf in dirs:

@@ -42,7 +42,7 @@ class Service:
     def __init__(self, store: Store, cgroups: CgroupTree, nursery: trio.Nursery,
                  fdstore: FdStore, max_per_user: int = 1024, dead_linger: float = 30.0) -> None:
         self.reg = Registry(store, cgroups, nursery, fdstore)
-        self.policy = Policy(self.reg.member_of)
+        self.policy = Policy(self.reg.member_of, self._parent_of)
         self.keyrings = KeyringService(Hooks(
             runtime_dir=os.path.dirname(fdstore.path), nursery=nursery,
             keep=fdstore.put, let_go=fdstore.drop, lookup=self.reg.lookup,
@@ -72,6 +72,10 @@ class Service:
     @on_change.setter
     def on_change(self, hook: Callable[[], None] | None) -> None:
         self.reg.on_change = hook
+
+    def _parent_of(self, cid: int) -> int | None:
+        c = self.reg.containers.get(cid)
+        return c.parent if c is not None else None
 
     def kill(self, c: Container) -> None:
         self.life.kill(c)
@@ -109,6 +113,7 @@ class Service:
         ns = {name[3:]: fd for name, fd in fds.items() if name.startswith("ns:")}
         st = os.fstat(wfd)
         c = self.reg.from_row(row, (st.st_dev, st.st_ino), wfd, ns)
+        self.reg.cgroups.adopt(c.id, c.parent)  # rows come parents first (ids grow)
         if c.flags & CONTAINER_NEW_EMPTY_FS_NS and "root" in ns:
             c.new_ns = c.new_ns | {"mnt"}  # its root was set before the restart
         if init_pidfd >= 0:

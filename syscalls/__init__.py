@@ -36,6 +36,7 @@ from .limits import (
     container_thaw,
 )
 from .sockets import container_socket, socketns
+from .pids import container_pids, translate_pid
 
 __all__ = [
     "container_set_caps",
@@ -58,6 +59,8 @@ __all__ = [
     "FSCONFIG_SET_CONTAINER",
     "MOVE_MOUNT_T_CONTAINER_ROOT",
     "container_create",
+    "container_pids",
+    "translate_pid",
     "container_kill",
     "container_socket",
     "container_status",

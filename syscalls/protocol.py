@@ -218,6 +218,25 @@ class SetSeccomp(Request):
     profile: str
 
 
+# ---- process ids in context (section 12) -------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class PidNs(Request):
+    """translate_pid: the container's PID namespace (any holder). Reply: one ns fd, "pid";
+    ESRCH if it has none yet (NEW_PID_NS before init) or is dead."""
+    op: ClassVar[str] = "pidns"
+    answer: ClassVar[type[Reply]] = replies.NamespaceFds
+    nfds: ClassVar[int] = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Pids(Request):
+    """container_pids: the living processes as [pid as the caller sees it, pid inside]."""
+    op: ClassVar[str] = "pids"
+    answer: ClassVar[type[Reply]] = replies.PidList
+    nfds: ClassVar[int] = 1
+
+
 REQUESTS: dict[str, type[Request]] = {
     cls.op: cls for cls in (Create, Fork, Started, StartedNoReply, ForkFailed, Status, Kill,
                              List, NetNs)
@@ -225,6 +244,7 @@ REQUESTS: dict[str, type[Request]] = {
 REQUESTS.update({cls.op: cls for cls in (Root, SetRoot, MountAt, FsNamespaces, Open)})
 REQUESTS.update({cls.op: cls for cls in (SetLimit, GetLimit, Stats, Freeze)})
 REQUESTS.update({cls.op: cls for cls in (SetCaps, SetSeccomp)})
+REQUESTS.update({cls.op: cls for cls in (PidNs, Pids)})
 # ---- keyrings (section 7) --------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)

@@ -104,6 +104,12 @@ class NamespaceFds(Reply):
 
 
 @dataclasses.dataclass(frozen=True)
+class PidList(Reply):
+    """container_pids: [pid as the caller sees it, pid inside the container], init first."""
+    pids: list[list[int]]
+
+
+@dataclasses.dataclass(frozen=True)
 class Mounted(Reply):
     """MountAt: `pid_born` says a proc placeholder was not mounted, init being born."""
     pid_born: bool = False

@@ -23,7 +23,7 @@ def cli(*args: str, input: str | None = None, env: dict[str, str] | None = None,
                           user=user, group=user, extra_groups=[] if user else None, cwd="/")
 
 
-@pytest.mark.parametrize("sub", ["serve", "run", "exec", "ls", "kill", "status", "keys"])
+@pytest.mark.parametrize("sub", ["serve", "run", "exec", "ls", "ps", "kill", "status", "keys"])
 def test_help(sub: str) -> None:
     res = cli(sub, "--help")
     assert res.returncode == 0 and "usage: containerfs" in res.stdout

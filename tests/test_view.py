@@ -301,7 +301,7 @@ async def test_visibility_and_files() -> None:
     # The dead container's files; exit_status only once dead.
     d4 = model.lookup(vm.ROOT_INO, b"4", ROOT_READER).ino
     files = [n for n, _ in model.readdir(model.opendir(d4, ROOT_READER), 0)]
-    assert files == [b"name", b"state", b"init_pid", b"members", b"flags", b"owner", b"group",
+    assert files == [b"name", b"state", b"init_pid", b"members", b"pids", b"flags", b"owner", b"group",
                      b"caps", b"seccomp", b"exit_status", b"ns", b"kill"]
 
     async def read(d: int, name: bytes, reader: Reader = ROOT_READER) -> bytes:

@@ -73,5 +73,5 @@ class Rendered:
 
 
 # Per-container files in listing order; exit_status only once dead.
-CFILES = (b"name", b"state", b"init_pid", b"members", b"flags", b"owner", b"group",
+CFILES = (b"name", b"state", b"init_pid", b"members", b"pids", b"flags", b"owner", b"group",
           b"caps", b"seccomp", b"exit_status")

@@ -6,7 +6,10 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
+
+from syscalls.pids import pid_in
 
 from .records import CgroupsLike
 
@@ -116,6 +119,24 @@ class PidView:
             os.close(fd)
 
 
+def pid_pairs(ns: Mapping[str, int], init_pid: int | None, members: list[int],
+              view: PidView) -> list[tuple[int, int]]:
+    """The `members` (host pids) as (pid as the view's reader sees it, pid in the container's
+    PID namespace `ns["pid"]`), init first; those the reader cannot see, or gone, left out."""
+    if "pid" not in ns:
+        return []  # NEW_PID_NS before init: no process yet
+    pairs = []
+    for p in sorted(members, key=lambda p: p != init_pid):
+        outer = view.translate(p)
+        try:
+            inner = pid_in(ns["pid"], p)
+        except OSError:
+            continue  # exited meanwhile
+        if outer:
+            pairs.append((outer, inner))
+    return pairs
+
+
 class Readers:
     """Tells who a reader is: its container (from its cgroup) and its user namespace's maps."""
 
@@ -156,4 +177,6 @@ class Readers:
             end += 1
         if end == at or data[end:end + 1] not in (b"/", b"\n", b""):
             return None
+        if data[end:end + 2] == b"/c":
+            return self.cgroups.container_id_of(pid)  # perhaps nested: the deepest one
         return int(data[at:end])

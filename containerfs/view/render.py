@@ -25,7 +25,7 @@ from syscalls import caps
 from syscalls.nstypes import NAMES
 
 from ..states import State
-from .readers import HOST_ID, PidView, Reader, map_id
+from .readers import HOST_ID, PidView, Reader, map_id, pid_pairs
 from .records import CgroupsLike, ContainerLike
 
 # The proposal's /proc/containers format (docs/api.md section 6), byte for byte.
@@ -183,6 +183,11 @@ def container_file(c: ContainerLike, name: bytes, reader: Reader,
         members = procs(c.id) if c.state != State.DEAD else []
         seen_pids = (pids.translate(p) for p in members)
         return b"".join(b"%d\n" % p for p in seen_pids if p)
+    if name == b"pids":
+        # "INNER OUTER": the pid inside the container, then as the reader sees it.
+        members = procs(c.id) if c.state != State.DEAD else []
+        pairs = pid_pairs(c.ns, c.init_pid, members, pids)
+        return b"".join(b"%d %d\n" % (inner, outer) for outer, inner in pairs)
     raise OSError(errno.ENOENT, f"no {name!r} in container {c.id}")
 
 
