@@ -141,11 +141,7 @@ class Container:
 
     def pids(self) -> list[tuple[int, int]]:
         """(pid as seen here, pid inside) of each living process, init first."""
-        from syscalls import container as c
-        fn = getattr(c, "container_pids", None)
-        if fn is None:
-            raise OSError(errno.ENOSYS, "container_pids is not built yet")
-        return list(fn(self.fd))
+        return syscalls.container_pids(self.fd)
 
     def status(self) -> dict[str, Any]:
         """The service's record of the container (container_status)."""

@@ -547,3 +547,19 @@ def test_no_plan_pins_the_container(service: Any) -> None:
     assert plans.plan is not None
     c.close()
     assert plans.plan is None
+
+
+def test_pids_in_context(service: Any) -> None:
+    """Container.pids(): each living process as (pid here, pid inside), init first."""
+    with Container("pids", PID) as c:
+        init = c.popen(["sleep", "30"])
+        member = c.popen(["sleep", "30"])
+        try:
+            got = c.pids()
+            assert got[0] == (init.pid, 1)
+            assert sorted(got[1:]) == [(member.pid, got[1][1])] and got[1][1] > 1
+        finally:
+            member.kill()
+            member.wait()
+            init.kill()
+            init.wait()
