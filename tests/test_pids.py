@@ -463,3 +463,50 @@ def test_nested_container_after_a_restart(service: Any) -> None:
         syscalls.container_kill(outer)
         os.close(outer)
         child_result(init)
+
+
+def test_keyrings_work_in_a_nested_container(service: Any) -> None:
+    """request_key() in a nested container is trapped and answered by that container's
+    manager (the parent's init), though the nested process's own trap listener was refused
+    (EBUSY: the parent's filter has the one listener of the chain)."""
+    from containerfs.keyring import intercept
+    from syscalls import keys
+
+    outer = container_create("outer", CONTAINER_NEW_PID_NS | CONTAINER_KILL_ON_CLOSE)
+    r, w = os.pipe()
+    init = fork_into_container(outer)
+    if init == 0:
+        res: dict[str, Any] = {}
+        try:
+            os.close(r)
+            inner = container_create("inner", CONTAINER_NEW_PID_NS)
+            with intercept(inner, "user") as requests:
+                ir, iw = os.pipe()
+                gc = fork_into_container(inner)
+                if gc == 0:
+                    try:
+                        serial = keys.request_key("user", "nested-key", "info")
+                        os.write(iw, keys.read(serial))
+                    except OSError as e:
+                        os.write(iw, f"errno {e.errno}".encode())
+                    os._exit(0)
+                os.close(iw)
+                req = requests.get(timeout=10)
+                res["asked"] = [req.type, req.description, req.container]
+                res["inner"] = syscalls.container_status(inner)["id"]
+                req.instantiate(b"from the parent")
+                res["got"] = os.read(ir, 64).decode()
+                os.waitpid(gc, 0)
+        except BaseException as e:
+            res["error"] = repr(e)
+        finally:
+            os.write(w, json.dumps(res).encode())
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r) as f:
+        res = json.loads(f.read())
+    child_result(init)
+    os.close(outer)
+    assert "error" not in res, res
+    assert res["asked"] == ["user", "nested-key", res["inner"]]
+    assert res["got"] == "from the parent"
