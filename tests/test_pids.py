@@ -7,7 +7,7 @@ import json
 import os
 import socket
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -384,9 +384,10 @@ def test_unprivileged_nested_user_namespace(service: Any) -> None:
     assert own != out["own"] and parent == out["own"]
 
 
-def test_nested_container_works_and_cannot_manage_its_parent(service: Any) -> None:
-    """From inside a nested container a process is inside the parent too: it may not kill
-    the parent (EPERM); its parent's init, outside it, may limit it and open sockets in it."""
+def in_outer_init(body: Callable[[int, dict[str, Any]], None]) -> dict[str, Any]:
+    """Run `body(outer handle, results)` as the init of a fresh kill-on-close container (so
+    that what it makes is nested), and return the results it filled in (an "error" entry
+    if it raised)."""
     outer = container_create("outer", CONTAINER_NEW_PID_NS | CONTAINER_KILL_ON_CLOSE)
     r, w = os.pipe()
     init = fork_into_container(outer)
@@ -394,36 +395,46 @@ def test_nested_container_works_and_cannot_manage_its_parent(service: Any) -> No
         res: dict[str, Any] = {}
         try:
             os.close(r)
-            inner = container_create("inner", CONTAINER_NEW_PID_NS | syscalls.CONTAINER_NEW_NET_NS)
-            syscalls.container_set_limit(inner, "pids.max", "20")
-            res["limit"] = syscalls.container_get_limit(inner, "pids.max")
-            s = syscalls.container_socket(inner, socket.AF_INET, socket.SOCK_STREAM, 0)
-            os.close(s)
-            d = syscalls.openat(inner, "etc", os.O_RDONLY | os.O_DIRECTORY)
-            res["at"] = "passwd" in os.listdir(d)
-            os.close(d)
-            ir, iw = os.pipe()
-            gc = fork_into_container(inner)
-            if gc == 0:
-                try:
-                    syscalls.container_kill(outer)
-                    os.write(iw, b"killed")
-                except OSError as e:
-                    os.write(iw, str(e.errno).encode())
-                os._exit(0)
-            os.close(iw)
-            res["kill_parent"] = os.read(ir, 64).decode()
-            os.waitpid(gc, 0)
-        except OSError as e:
-            res["error"] = str(e)
+            body(outer, res)
+        except BaseException as e:
+            res["error"] = repr(e)
         finally:
             os.write(w, json.dumps(res).encode())
             os._exit(0)
     os.close(w)
     with os.fdopen(r) as f:
-        res = json.loads(f.read())
+        got: dict[str, Any] = json.loads(f.read())
     child_result(init)
     os.close(outer)
+    return got
+
+
+def test_nested_container_works_and_cannot_manage_its_parent(service: Any) -> None:
+    """From inside a nested container a process is inside the parent too: it may not kill
+    the parent (EPERM); its parent's init, outside it, may limit it and open sockets in it."""
+    def body(outer: int, res: dict[str, Any]) -> None:
+        inner = container_create("inner", CONTAINER_NEW_PID_NS | syscalls.CONTAINER_NEW_NET_NS)
+        syscalls.container_set_limit(inner, "pids.max", "20")
+        res["limit"] = syscalls.container_get_limit(inner, "pids.max")
+        s = syscalls.container_socket(inner, socket.AF_INET, socket.SOCK_STREAM, 0)
+        os.close(s)
+        d = syscalls.openat(inner, "etc", os.O_RDONLY | os.O_DIRECTORY)
+        res["at"] = "passwd" in os.listdir(d)
+        os.close(d)
+        ir, iw = os.pipe()
+        gc = fork_into_container(inner)
+        if gc == 0:
+            try:
+                syscalls.container_kill(outer)
+                os.write(iw, b"killed")
+            except OSError as e:
+                os.write(iw, str(e.errno).encode())
+            os._exit(0)
+        os.close(iw)
+        res["kill_parent"] = os.read(ir, 64).decode()
+        os.waitpid(gc, 0)
+
+    res = in_outer_init(body)
     assert res == {"limit": "20", "at": True, "kill_parent": str(errno.EPERM)}
 
 
@@ -472,41 +483,27 @@ def test_keyrings_work_in_a_nested_container(service: Any) -> None:
     from containerfs.keyring import intercept
     from syscalls import keys
 
-    outer = container_create("outer", CONTAINER_NEW_PID_NS | CONTAINER_KILL_ON_CLOSE)
-    r, w = os.pipe()
-    init = fork_into_container(outer)
-    if init == 0:
-        res: dict[str, Any] = {}
-        try:
-            os.close(r)
-            inner = container_create("inner", CONTAINER_NEW_PID_NS)
-            with intercept(inner, "user") as requests:
-                ir, iw = os.pipe()
-                gc = fork_into_container(inner)
-                if gc == 0:
-                    try:
-                        serial = keys.request_key("user", "nested-key", "info")
-                        os.write(iw, keys.read(serial))
-                    except OSError as e:
-                        os.write(iw, f"errno {e.errno}".encode())
-                    os._exit(0)
-                os.close(iw)
-                req = requests.get(timeout=10)
-                res["asked"] = [req.type, req.description, req.container]
-                res["inner"] = syscalls.container_status(inner)["id"]
-                req.instantiate(b"from the parent")
-                res["got"] = os.read(ir, 64).decode()
-                os.waitpid(gc, 0)
-        except BaseException as e:
-            res["error"] = repr(e)
-        finally:
-            os.write(w, json.dumps(res).encode())
-            os._exit(0)
-    os.close(w)
-    with os.fdopen(r) as f:
-        res = json.loads(f.read())
-    child_result(init)
-    os.close(outer)
+    def body(outer: int, res: dict[str, Any]) -> None:
+        inner = container_create("inner", CONTAINER_NEW_PID_NS)
+        with intercept(inner, "user") as requests:
+            ir, iw = os.pipe()
+            gc = fork_into_container(inner)
+            if gc == 0:
+                try:
+                    serial = keys.request_key("user", "nested-key", "info")
+                    os.write(iw, keys.read(serial))
+                except OSError as e:
+                    os.write(iw, f"errno {e.errno}".encode())
+                os._exit(0)
+            os.close(iw)
+            req = requests.get(timeout=10)
+            res["asked"] = [req.type, req.description, req.container]
+            res["inner"] = syscalls.container_status(inner)["id"]
+            req.instantiate(b"from the parent")
+            res["got"] = os.read(ir, 64).decode()
+            os.waitpid(gc, 0)
+
+    res = in_outer_init(body)
     assert "error" not in res, res
     assert res["asked"] == ["user", "nested-key", res["inner"]]
     assert res["got"] == "from the parent"
