@@ -34,8 +34,7 @@ class Confiner:
 
     def _check(self, peer: Peer, c: Container, what: str) -> None:
         self.policy.manager(peer, c, what)
-        if c.state == State.DEAD:
-            raise OSError(errno.ECANCELED, f"container {c.id} is dead")
+        c.check_alive()
         if c.state != State.CREATED:
             raise OSError(errno.EBUSY, f"container {c.id} has started: its {what.split()[-1]} "
                                        "can only be set before its first fork")

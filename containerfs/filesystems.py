@@ -56,11 +56,6 @@ def proc_attrs(attrs: int) -> int:
     return attrs
 
 
-def check_alive(c: Container) -> None:
-    if c.state == State.DEAD:
-        raise OSError(errno.ECANCELED, f"container {c.id} is dead")
-
-
 def _userns_for(peer: Peer, c: Container) -> int | None:
     """The user namespace a helper must enter to act as `peer` (None: root in a thread)."""
     return c.ns["user"] if peer.uid != 0 and "user" in c.new_ns else None
@@ -96,7 +91,7 @@ class Filesystems:
         self.policy.mounter(peer, c, "set the root of")
         if not c.flags & CONTAINER_NEW_EMPTY_FS_NS or "root" in c.ns:
             raise OSError(errno.EBUSY, f"container {c.id} already has a mount namespace")
-        check_alive(c)
+        c.check_alive()
         made = await trio.to_thread.run_sync(
             namespaces.root_namespace, mfd, c.ns, namespaces.Credentials(peer.uid, peer.gid),
             _userns_for(peer, c))
@@ -119,7 +114,7 @@ class Filesystems:
         self.policy.mounter(peer, c, "mount into")
         if "root" not in c.ns:
             raise OSError(errno.ENOENT, f"container {c.id} has no root filesystem yet")
-        check_alive(c)
+        c.check_alive()
         placeholder: dict[str, Any] | None = None
         if proc and c.flags & CONTAINER_NEW_PID_NS:
             placeholder = {"path": unsafe_path, "mnt_id": linux.mount_id(mfd),
@@ -133,7 +128,7 @@ class Filesystems:
                 await c.started.wait()
             if c.state == State.RUNNING:
                 return Mounted(pid_born=True)
-            check_alive(c)  # killed while we waited
+            c.check_alive()  # killed while we waited
             if not c.proc_mounts:
                 c.proc_mounts_idle = trio.Event()
             c.proc_mounts += 1  # init's fork waits until this is attached and recorded
@@ -153,7 +148,7 @@ class Filesystems:
     def fs_namespaces(self, peer: Peer, c: Container) -> tuple[NamespaceFds, list[int]]:
         """FSCONFIG_SET_CONTAINER: the container's user (own), network and PID namespaces."""
         self.policy.mounter(peer, c, "create a filesystem in")
-        check_alive(c)
+        c.check_alive()
         names = (["user"] if "user" in c.new_ns else []) + ["net"]
         pid_born = c.state == State.RUNNING or not c.flags & CONTAINER_NEW_PID_NS
         if pid_born:
@@ -180,6 +175,6 @@ class Filesystems:
         """container_socket: the container's network namespace (and its own user namespace,
         if it has one) for a caller that could enter it: root, the owner, or a member."""
         self.policy.enterer(peer, c, "open a socket in")
-        check_alive(c)
+        c.check_alive()
         names = (["user"] if "user" in c.new_ns else []) + ["net"]
         return NamespaceFds(names), _dups(c, names)

@@ -68,8 +68,7 @@ class Forks:
                 await c.proc_mounts_idle.wait()
                 continue
             break
-        if c.state == State.DEAD:
-            raise OSError(errno.ECANCELED, f"container {c.id} is dead")
+        c.check_alive()
         if "root" not in c.ns:
             raise OSError(errno.ENOENT, f"container {c.id} has no root filesystem yet")
         role = "init" if c.state == State.CREATED else "member"

@@ -8,7 +8,6 @@ EOPNOTSUPP). Reading limits and usage needs only the handle.
 
 from __future__ import annotations
 
-import errno
 
 import trio
 
@@ -18,12 +17,6 @@ from .policy import Policy
 from .process import Peer
 from .record import Container
 from .registry import Registry
-from .states import State
-
-
-def _alive(c: Container) -> None:
-    if c.state == State.DEAD:
-        raise OSError(errno.ECANCELED, f"container {c.id} is dead")
 
 
 class Limits:
@@ -33,24 +26,24 @@ class Limits:
 
     def set(self, peer: Peer, c: Container, name: str, value: str) -> Reply:
         self.policy.manager(peer, c, "limit")
-        _alive(c)
+        c.check_alive()
         self.reg.cgroups.set_limit(c.id, name, value)
         self.reg.changed()  # the view's limits/ shows it
         return Reply()
 
     def get(self, c: Container, name: str) -> LimitValue:
-        _alive(c)
+        c.check_alive()
         return LimitValue(self.reg.cgroups.get_limit(c.id, name))
 
     def stats(self, c: Container) -> Usage:
-        _alive(c)
+        c.check_alive()
         return Usage(self.reg.cgroups.stats(c.id))
 
     async def freeze(self, peer: Peer, c: Container, frozen: bool) -> Reply:
         """Freeze (answered once every member is frozen: in a worker thread, as it waits) or
         thaw."""
         self.policy.manager(peer, c, "freeze" if frozen else "thaw")
-        _alive(c)
+        c.check_alive()
         if frozen:
             await trio.to_thread.run_sync(self.reg.cgroups.freeze, c.id)
         else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,6 +49,11 @@ class Container:
     @property
     def dead(self) -> bool:
         return self.state == State.DEAD
+
+    def check_alive(self) -> None:
+        """ECANCELED once the container is dead (the kernel's answer for a dead object)."""
+        if self.state == State.DEAD:
+            raise OSError(errno.ECANCELED, f"container {self.id} is dead")
 
     def row(self) -> dict[str, Any]:
         return {"id": self.id, "name": self.name, "flags": self.flags, "owner": self.owner,
