@@ -10,7 +10,8 @@ if [ "$(id -u)" != 0 ]; then
 fi
 
 need=()
-for pkg in python3 python3-venv keyutils util-linux fuse3 libfuse3-dev pkg-config gcc python3-dev libseccomp2; do
+for pkg in python3 python3-venv keyutils util-linux fuse3 libfuse3-dev pkg-config gcc python3-dev libseccomp2 \
+           podman runc busybox-static file; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then
