@@ -34,3 +34,6 @@ if [ ! -x .venv/bin/python ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; th
         | { grep -v "^WARNING: Location" || true; }
     echo "$want" > "$stamp"
 fi
+
+# The compiled spawn path (cffi, API mode; rebuilt only when its C source changes).
+.venv/bin/python -m syscalls.build_cspawn

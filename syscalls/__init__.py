@@ -37,6 +37,7 @@ from .limits import (
 )
 from .sockets import container_socket, socketns
 from .pids import container_pids, translate_pid
+from .cspawn import container_spawn
 
 __all__ = [
     "container_set_caps",
@@ -63,6 +64,7 @@ __all__ = [
     "translate_pid",
     "container_kill",
     "container_socket",
+    "container_spawn",
     "container_status",
     "container_wait",
     "fork_into_container",

@@ -1,0 +1,255 @@
+/* The compiled half of container_spawn: a vfork-style child that runs a list of set-up steps
+ * (entering the container, joining its groups and keyring, confinement, the caller's file
+ * actions) and execs, the way posix_spawn does it: CLONE_VM | CLONE_VFORK, so no page of the
+ * caller is copied and no Python runs in the child.
+ *
+ * The steps are data, built and ordered by syscalls/spawnsteps.py (where each step's place is
+ * explained); this file only knows how to run one. The child touches nothing but the step
+ * list and its own stack, calls the kernel directly for anything glibc would coordinate
+ * across threads (set*id), and reports a failure as (step index, errno) on a close-on-exec
+ * pipe before _exit(127). The parent thread is suspended until the child has exec'd or died;
+ * the caller's other threads run on.
+ */
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE
+#endif
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/prctl.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/types.h>
+#include <sys/uio.h>
+#include <unistd.h>
+#include <linux/capability.h>
+#include <linux/filter.h>
+#include <linux/seccomp.h>
+
+#ifndef CLONE_PIDFD
+#define CLONE_PIDFD 0x00001000
+#endif
+#ifndef CLOSE_RANGE_CLOEXEC
+#define CLOSE_RANGE_CLOEXEC (1U << 2)
+#endif
+
+enum {
+    CFS_SETNS = 1, CFS_FCHDIR, CFS_CHROOT, CFS_CHDIR, CFS_WRITE, CFS_SETFSUID, CFS_KEYJOIN,
+    CFS_TRAP, CFS_SENDFD, CFS_UMASK, CFS_PRCTL, CFS_CAPSET, CFS_SECCOMP, CFS_DUP2,
+    CFS_CLOEXEC_FROM, CFS_KEEP, CFS_CLOSE, CFS_SETSID, CFS_IOCTL, CFS_SETGROUPS, CFS_SETGID,
+    CFS_SETUID, CFS_EXEC, CFS_SIGDFL, CFS_SIGMASK,
+};
+
+struct cfs_step {
+    int op;
+    int ignore;       /* an errno that is not a failure of this step (-1: none is) */
+    long a, b;
+    const char *data;
+    long len;
+};
+
+struct cfs_ctx {
+    const struct cfs_step *steps;
+    int n;
+    char *const *argv;
+    char *const *envp;
+    int errfd;
+    sigset_t oldmask;  /* the caller's mask, restored just before exec */
+};
+
+static void fail(const struct cfs_ctx *c, int index, int err)
+{
+    int32_t msg[2] = { index, err };
+    ssize_t r = write(c->errfd, msg, sizeof msg);
+    (void)r;
+    _exit(127);
+}
+
+struct cfs_state {
+    int last_fd;   /* the listener made by the last TRAP, until SENDFD sends it */
+    int saved_err; /* the first exec error other than "not there" */
+    int last_err;  /* the last exec error */
+};
+
+static int run_step(const struct cfs_ctx *c, const struct cfs_step *s, struct cfs_state *st)
+{
+    switch (s->op) {
+    case CFS_SETNS:
+        return syscall(SYS_setns, (int)s->a, (int)s->b);
+    case CFS_FCHDIR:
+        return fchdir((int)s->a);
+    case CFS_CHROOT:
+        return syscall(SYS_chroot, s->data);
+    case CFS_CHDIR:
+        return chdir(s->data);
+    case CFS_WRITE:
+        return write((int)s->a, s->data, s->len) == s->len ? 0 : -1;
+    case CFS_SETFSUID:
+        syscall(SYS_setfsuid, (uid_t)s->a);  /* returns the old fsuid, never an error */
+        return 0;
+    case CFS_KEYJOIN: {
+        /* KEYCTL_JOIN_SESSION_KEYRING; a keyring of that name reached from another user
+         * namespace is a new one: link the container's into it (as the Python path does). */
+        long got = syscall(SYS_keyctl, 1, s->data);
+        if (got < 0)
+            return -1;
+        if (got != s->a)
+            syscall(SYS_keyctl, 8, (long)s->a, got);  /* KEYCTL_LINK, best effort */
+        return 0;
+    }
+    case CFS_TRAP:
+    case CFS_SECCOMP: {
+        struct sock_fprog prog = { (unsigned short)(s->len / sizeof(struct sock_filter)),
+                                   (struct sock_filter *)s->data };
+        long fd = syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, (unsigned)s->a, &prog);
+        if (fd < 0 && errno == EACCES && s->op == CFS_TRAP) {
+            /* no CAP_SYS_ADMIN here: the kernel wants no_new_privs first */
+            if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0)
+                return -1;
+            fd = syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, (unsigned)s->a, &prog);
+        }
+        if (fd < 0)
+            return -1;
+        if (s->op == CFS_TRAP)
+            st->last_fd = (int)fd;
+        return 0;
+    }
+    case CFS_SENDFD: {
+        /* The listener made by the last TRAP, to the service, as one datagram. */
+        if (st->last_fd < 0)
+            return 0;
+        struct iovec iov = { (void *)s->data, (size_t)s->len };
+        union { struct cmsghdr h; char buf[CMSG_SPACE(sizeof(int))]; } u;
+        memset(&u, 0, sizeof u);
+        struct msghdr m = { .msg_iov = &iov, .msg_iovlen = 1,
+                            .msg_control = u.buf, .msg_controllen = sizeof u.buf };
+        struct cmsghdr *h = CMSG_FIRSTHDR(&m);
+        h->cmsg_level = SOL_SOCKET;
+        h->cmsg_type = SCM_RIGHTS;
+        h->cmsg_len = CMSG_LEN(sizeof(int));
+        memcpy(CMSG_DATA(h), &st->last_fd, sizeof(int));
+        ssize_t r = sendmsg((int)s->a, &m, MSG_NOSIGNAL);
+        close(st->last_fd);
+        st->last_fd = -1;
+        return r < 0 ? -1 : 0;
+    }
+    case CFS_UMASK:
+        umask((mode_t)s->a);
+        return 0;
+    case CFS_PRCTL:
+        return prctl((int)s->a, (unsigned long)s->b, 0, 0, 0);
+    case CFS_CAPSET: {
+        struct __user_cap_header_struct hdr = { _LINUX_CAPABILITY_VERSION_3, 0 };
+        return syscall(SYS_capset, &hdr, (const struct __user_cap_data_struct *)s->data);
+    }
+    case CFS_DUP2:
+        if (s->a == s->b) {
+            int fl = fcntl((int)s->a, F_GETFD);
+            return fl < 0 ? -1 : fcntl((int)s->a, F_SETFD, fl & ~FD_CLOEXEC);
+        }
+        return dup2((int)s->a, (int)s->b) < 0 ? -1 : 0;
+    case CFS_CLOEXEC_FROM:
+        return syscall(SYS_close_range, (unsigned)s->a, ~0U, CLOSE_RANGE_CLOEXEC);
+    case CFS_KEEP: {
+        int fl = fcntl((int)s->a, F_GETFD);
+        return fl < 0 ? -1 : fcntl((int)s->a, F_SETFD, fl & ~FD_CLOEXEC);
+    }
+    case CFS_CLOSE:
+        return close((int)s->a);
+    case CFS_SETSID:
+        return setsid() < 0 ? -1 : 0;
+    case CFS_IOCTL:
+        return ioctl((int)s->a, (unsigned long)s->b, 0);
+    case CFS_SETGROUPS:
+        return syscall(SYS_setgroups, s->len / sizeof(gid_t), (const gid_t *)s->data);
+    case CFS_SETGID:
+        return syscall(SYS_setresgid, (gid_t)s->a, (gid_t)s->a, (gid_t)s->a);
+    case CFS_SETUID:
+        return syscall(SYS_setresuid, (uid_t)s->a, (uid_t)s->a, (uid_t)s->a);
+    case CFS_SIGDFL: {
+        struct sigaction sa;
+        memset(&sa, 0, sizeof sa);
+        sa.sa_handler = SIG_DFL;
+        return sigaction((int)s->a, &sa, NULL);
+    }
+    case CFS_SIGMASK: {
+        /* the signals of bit mask a (bit n-1: signal n) */
+        sigset_t set;
+        sigemptyset(&set);
+        for (int sig = 1; sig <= 64 && sig < _NSIG; sig++)
+            if ((unsigned long)s->a >> (sig - 1) & 1)
+                sigaddset(&set, sig);
+        return sigprocmask(SIG_SETMASK, &set, NULL);
+    }
+    case CFS_EXEC:
+        /* One candidate of a PATH search: as execvpe, the first error other than "not
+         * there" wins; the last step's error otherwise. */
+        execve(s->data, c->argv, c->envp);
+        st->last_err = errno;
+        if (errno != ENOENT && errno != ENOTDIR && st->saved_err == 0)
+            st->saved_err = errno;
+        return 0;
+    }
+    errno = EINVAL;
+    return -1;
+}
+
+static int child(void *arg)
+{
+    const struct cfs_ctx *c = arg;
+    /* No handler of the caller may run here (they would touch its memory): every caught
+     * signal back to its default while all are still blocked. */
+    for (int sig = 1; sig < _NSIG; sig++) {
+        struct sigaction old;
+        if (sigaction(sig, NULL, &old) == 0 && old.sa_handler != SIG_IGN &&
+            old.sa_handler != SIG_DFL) {
+            struct sigaction dfl;
+            memset(&dfl, 0, sizeof dfl);
+            dfl.sa_handler = SIG_DFL;
+            sigaction(sig, &dfl, NULL);
+        }
+    }
+    struct cfs_state st = { -1, 0, 0 };
+    int exec_index = -1;
+    for (int i = 0; i < c->n; i++) {
+        const struct cfs_step *s = &c->steps[i];
+        if (s->op == CFS_EXEC)
+            exec_index = i;
+        if (run_step(c, s, &st) < 0 && errno != s->ignore)
+            fail(c, i, errno);
+    }
+    fail(c, exec_index, st.saved_err ? st.saved_err : st.last_err ? st.last_err : ENOEXEC);
+    return 127;
+}
+
+/* Make the child: its pid (and *pidfd) in the caller, or -errno. Steps run in the child; a
+ * failure is reported on errfd. `flags` adds clone flags (CLONE_PARENT). */
+long cfs_spawn(const struct cfs_step *steps, int n, char *const argv[], char *const envp[],
+               int errfd, long flags, int *pidfd)
+{
+    struct cfs_ctx c = { steps, n, argv, envp, errfd };
+    const size_t stack_size = 256 * 1024;
+    char *stack = mmap(NULL, stack_size, PROT_READ | PROT_WRITE,
+                       MAP_PRIVATE | MAP_ANONYMOUS | MAP_STACK, -1, 0);
+    if (stack == MAP_FAILED)
+        return -errno;
+    sigset_t all;
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, &c.oldmask);
+    int exit_signal = (flags & CLONE_PARENT) ? 0 : SIGCHLD;
+    *pidfd = -1;
+    long pid = clone(child, stack + stack_size,
+                     CLONE_VM | CLONE_VFORK | CLONE_PIDFD | (int)flags | exit_signal, &c,
+                     pidfd);
+    int err = errno;
+    pthread_sigmask(SIG_SETMASK, &c.oldmask, NULL);
+    munmap(stack, stack_size);
+    return pid < 0 ? -err : pid;
+}
