@@ -20,7 +20,8 @@ The work, for every tool: a new container with PID, mount, UTS, IPC and network 
   lxc also makes a cgroup namespace and a cgroup in every hierarchy.
 
 Rounds of K of each tool in turn, so the machine's drift hits all alike. Prints medians, each
-ratio to containerfs, the throughput of two creators at once for a fixed time, and CPU per
+ratio to containerfs, the throughput of two creators at once for a fixed time (three
+slices of each tool, interleaved too), and CPU per
 container: the service's and the keeper's (utime+stime from /proc/PID/stat, over the
 containerfs rounds and over the whole run) and the client's (os.times(): this process and
 its reaped children). Run as root: `python -m bench.peers [-n N] [-k K] [-t SECONDS]`. A tool
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import glob
 import multiprocessing
 import os
 import select
@@ -112,6 +114,11 @@ def lxc_containers(count: int) -> Iterator[Lxc]:
     path = tempfile.mkdtemp(prefix="cfs-peers-lxc-")
     # Unique on the machine: lxc names its cgroups (lxc.payload.NAME) after the container.
     names = [f"cfspeers{os.getpid()}-{i}" for i in range(count)]
+    # lxc leaves an empty group lxc.pivot in every hierarchy (its monitor moves there at
+    # the end): removed afterwards if this run made it.
+    pivots = [p for p in glob.glob("/sys/fs/cgroup/*/") + ["/sys/fs/cgroup/"]
+              if os.path.isfile(os.path.join(p, "cgroup.procs"))
+              and not os.path.exists(os.path.join(p, "lxc.pivot"))]
     try:
         for name in names:
             rootfs = os.path.join(path, name, "rootfs")
@@ -134,6 +141,9 @@ def lxc_containers(count: int) -> Iterator[Lxc]:
         yield Lxc(path, names)
     finally:
         shutil.rmtree(path, ignore_errors=True)
+        for p in pivots:
+            with contextlib.suppress(OSError):
+                os.rmdir(os.path.join(p, "lxc.pivot"))
 
 
 @dataclass
@@ -193,8 +203,8 @@ def _creator(tool: Tool, i: int, deadline: float, out: multiprocessing.Queue) ->
     out.put(done)
 
 
-def throughput(tool: Tool, seconds: float, creators: int = 2) -> float:
-    """Containers per second made by `creators` processes at once for `seconds`."""
+def throughput(tool: Tool, seconds: float, creators: int = 2) -> tuple[int, float]:
+    """Containers made by `creators` processes at once in about `seconds`: (count, time)."""
     ctx = multiprocessing.get_context("fork")
     out = ctx.Queue()
     deadline = time.monotonic() + seconds
@@ -205,7 +215,7 @@ def throughput(tool: Tool, seconds: float, creators: int = 2) -> float:
     total = sum(out.get() for _ in procs)
     for p in procs:
         p.join()
-    return total / (time.monotonic() - t)
+    return total, time.monotonic() - t
 
 
 def available_tools(lxc: Lxc | None) -> list[Tool]:
@@ -238,7 +248,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("-n", type=int, default=200, help="containers per tool (default 200)")
     ap.add_argument("-k", type=int, default=10, help="containers per tool per round")
-    ap.add_argument("-t", type=float, default=3.0, help="seconds of each two-creator run")
+    ap.add_argument("-t", type=float, default=6.0,
+                    help="seconds of two creators per tool (in three interleaved slices)")
     args = ap.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("bench.peers: run as root (every tool here makes namespaces)")
@@ -261,19 +272,30 @@ def run(tools: list[Tool], svc: ServiceInfo, n: int, k: int, seconds: float) -> 
             round_of(tool, k, svc)
     s_all, k_all = proc_cpu(svc.pid) - s0, proc_cpu(svc.keeper_pid) - k0
     st_all = proc_stime(svc.pid) - st0
+    done = {t.name: [0, 0.0] for t in tools}
+    for _ in range(3):  # interleaved too: three slices of each
+        for tool in tools:
+            count, took = throughput(tool, seconds / 3)
+            done[tool.name][0] += count
+            done[tool.name][1] += took
     for tool in tools:
-        tool.rate = throughput(tool, seconds)
+        tool.rate = done[tool.name][0] / done[tool.name][1]
     ours = tools[0]
     base = statistics.median(ours.times)
     print(f"\n{len(ours.times)} of each, rounds of {k}, interleaved; throughput: 2 creators, "
-          f"{seconds:.0f} s each; load average at start: {load:.2f}")
+          f"{seconds:.0f} s each in 3 slices; load average at start: {load:.2f}")
     print(f"{'tool':18} {'median':>9} {'p90':>9} {'vs containerfs':>15} {'2 creators':>11} "
-          f"{'client CPU':>11}")
+          f"{'client CPU':>11} {'all CPU':>9}")
     for tool in tools:
         m = statistics.median(tool.times)
         p90 = statistics.quantiles(tool.times, n=10)[-1]
+        c = len(tool.times)
+        every = tool.client_cpu + (tool.service_cpu + tool.keeper_cpu
+                                   if tool.name.startswith("containerfs") else 0.0)
         print(f"{tool.name:18} {m * 1e3:7.2f}ms {p90 * 1e3:7.2f}ms {m / base:14.2f}x "
-              f"{tool.rate:9.0f}/s {tool.client_cpu / len(tool.times) * 1e3:9.2f}ms")
+              f"{tool.rate:9.0f}/s {tool.client_cpu / c * 1e3:9.2f}ms {every / c * 1e3:7.2f}ms")
+    print("(client CPU: this process and its children, the tool's own process included; all "
+          "CPU: for containerfs, the service's and keeper's added)")
     by = {t.name: t for t in tools}
     if "bwrap" in by:
         b = by["bwrap"]
@@ -285,6 +307,9 @@ def run(tools: list[Tool], svc: ServiceInfo, n: int, k: int, seconds: float) -> 
         print(f"{t.name}: service CPU {t.service_cpu / c * 1e3:.2f} ms/container over its rounds "
               f"(target <= 1.5), keeper {t.keeper_cpu / c * 1e3:.2f} ms, client "
               f"{t.client_cpu / c * 1e3:.2f} ms")
+    spill = sum(t.service_cpu for t in tools if not t.name.startswith("containerfs"))
+    print(f"service CPU during the other tools' rounds (containerfs's background work spilling "
+          f"over): {spill * 1e3:.0f} ms in all")
     print(f"service CPU over the whole timed run / containerfs containers ({count}): "
           f"{s_all / count * 1e3:.2f} ms ({st_all / count * 1e3:.2f} ms of it system time), "
           f"keeper {k_all / count * 1e3:.2f} ms")
