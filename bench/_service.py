@@ -53,10 +53,10 @@ def running_service() -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def started_service(profile: str | None = None, view: bool = False) -> Iterator[ServiceInfo]:
+def started_service(profile: str | None = None, view: str = "") -> Iterator[ServiceInfo]:
     """A service for the duration: the one CONTAINERFS_SOCKET names, else our own in a
-    temporary runtime directory, without the FUSE view unless `view` (it would be mounted
-    at /run/containerfs, over another service's). `profile`: a path where our own service
+    temporary runtime directory, without the FUSE view unless `view` names where to mount it
+    (the default, /run/containerfs, may be another service's). `profile`: a path where our own service
     writes a cProfile of its main thread when it stops."""
     if os.environ.get("CONTAINERFS_SOCKET"):
         sock = os.environ["CONTAINERFS_SOCKET"]
@@ -68,7 +68,7 @@ def started_service(profile: str | None = None, view: bool = False) -> Iterator[
     state = os.path.join(where, "state")
     prefix = [sys.executable] + (["-m", "cProfile", "-o", profile] if profile else [])
     proc = subprocess.Popen(prefix + ["-m", "containerfs", "serve", "--socket", sock,
-                                      "--runtime-dir", state, "--mount", "/run/containerfs" if view else "",
+                                      "--runtime-dir", state, "--mount", view,
                                       "--cgroup", f"cfs-bench-{os.getpid()}", "--log-level", "warning"])
     try:
         while True:

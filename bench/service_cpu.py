@@ -197,6 +197,7 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=45)
     ap.add_argument("--perf", action="store_true",
                     help="sample the service with perf (kernel and user) instead of cProfile")
+    ap.add_argument("--view", action="store_true", help="with the FUSE view (in --out)")
     ap.add_argument("--echo", action="store_true", help="only the echo servers' overhead")
     args = ap.parse_args()
     if args.echo:
@@ -205,7 +206,10 @@ def main() -> None:
     out = args.out or tempfile.mkdtemp(prefix="cfs-service-cpu-")
     os.makedirs(out, exist_ok=True)
     prof = os.path.join(out, "service.prof")
-    with started_service(profile=None if args.spy or args.perf else prof) as svc:
+    view = os.path.join(out, "view") if args.view else ""
+    if view:
+        os.makedirs(view, exist_ok=True)
+    with started_service(profile=None if args.spy or args.perf else prof, view=view) as svc:
         assert svc.pid is not None
         spy = None
         if args.spy:
