@@ -152,10 +152,40 @@ def show_cprofile(path: str, n: int, top: int) -> None:
         print(f"{ct / n * 1e3:8.3f} {tt / n * 1e3:8.3f} {nc / n:7.1f}  {name}")
 
 
+# Where a sample belongs: the first phase with a mark on its stack (a mark "a&b": frames
+# matching a and b both there); "idle" is time py-spy counts though the thread waits (epoll, a worker
+# thread's lock). Path: on the request's critical path, bg: in the background.
+PHASES = [
+    ("idle: epoll wait, worker waiting", ("EpollIOManager.get_events", "_thread_cache.py:211")),
+    ("bg: namespace pool refill (worker thread)", ("NamespacePool.fill_once",)),
+    ("path create: cgroup groups in every hierarchy", ("CgroupTree.create",)),
+    ("path create: registry write (SQLite)", ("Store.save",)),
+    ("path create: fds to the keeper (Registry.keep)", ("Connection._create&Registry.keep",)),
+    ("path create: namespaces (pool take, mount ns copy)", ("Lifecycle._make_namespaces",)),
+    ("path create: creator's namespaces from /proc", ("Peer.at_pid",)),
+    ("path create: the fork plan", ("Forks.creator_plan",)),
+    ("path create: keyring", ("create_session",)),
+    ("path create: the rest", ("Connection._create",)),
+    ("path fork: Fork (grant, fds to the keeper)", ("Connection._fork",)),
+    ("path fork: Started (record init, fds to the keeper)", ("Connection._reported",)),
+    ("path: other requests (keyring listener...)", ("Connection.dispatch",)),
+    ("path: messages (receive, decode, encode, send)", ("Connection.run", "Admission._serve",
+                                                       "_serve_connection")),
+    ("bg: death (status, kill, keeper drop, keyring, fds)", ("Lifecycle.init_exited",
+                                                             "Lifecycle._watch_init")),
+    ("bg: cgroup removal", ("Lifecycle.remove_cgroup",)),
+    ("bg: registry flush", ("Registry.flush_store",)),
+    ("bg: pool filler task (thread hand-off)", ("Lifecycle.fill_pool",)),
+    ("trio scheduler and the rest", ("",)),
+]
+
+
 def show_spy(path: str, n: int, top: int) -> None:
-    """Inclusive and own samples per function from py-spy's raw (collapsed) output."""
+    """Per phase (PHASES), then inclusive and own samples per function, from py-spy's raw
+    (collapsed) output."""
     incl: collections.Counter[str] = collections.Counter()
     own: collections.Counter[str] = collections.Counter()
+    phases: collections.Counter[str] = collections.Counter()
     total = 0
     with open(path) as f:
         for line in f:
@@ -166,8 +196,18 @@ def show_spy(path: str, n: int, top: int) -> None:
             for fr in set(frames):
                 incl[fr] += c
             own[frames[-1]] += c
-    print(f"\npy-spy, all threads: {total} samples ({total / n:.2f} ms per container at 1 kHz)")
-    print("inclusive ms/container, own ms/container, function")
+            for name, marks in PHASES:
+                look = frames[-1:] if name.startswith("idle") else frames
+                if any(all(any(part in fr for fr in look) for part in m.split("&"))
+                       for m in marks):
+                    phases[name] += c
+                    break
+    busy = total - phases[PHASES[0][0]]
+    print(f"\npy-spy, all threads: {total} samples, {busy} not idle ({busy / n:.2f} ms per "
+          "container at 1 kHz)")
+    for name, _ in PHASES:
+        print(f"{phases[name] / n:7.3f} ms  {name}")
+    print("\ninclusive ms/container, own ms/container, function")
     for fr, c in incl.most_common(top):
         print(f"{c / n:7.3f} {own[fr] / n:7.3f}  {fr[:150]}")
 
