@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import glob
 import multiprocessing
 import os
@@ -218,6 +219,10 @@ def throughput(tool: Tool, seconds: float, creators: int = 2) -> tuple[int, floa
     return total, time.monotonic() - t
 
 
+def _same_argv(argv: list[str], _creator: int) -> list[str]:
+    return argv
+
+
 def available_tools(lxc: Lxc | None) -> list[Tool]:
     tools = [Tool("containerfs", one_containerfs),
              Tool("containerfs+proc", lambda: one_containerfs(proc=True))]
@@ -230,7 +235,8 @@ def available_tools(lxc: Lxc | None) -> list[Tool]:
         except (OSError, subprocess.CalledProcessError) as e:
             print(f"{name} does not run here ({e}): left out")
             continue
-        tools.append(Tool(name, lambda a=argv: run_quiet(a), lambda _i, a=argv: a))
+        tools.append(Tool(name, functools.partial(run_quiet, argv),
+                          functools.partial(_same_argv, argv)))
     if lxc is not None:
         try:
             subprocess.run(lxc.argv(0), check=True, stdin=subprocess.DEVNULL,

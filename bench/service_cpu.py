@@ -25,13 +25,14 @@ import statistics
 import subprocess
 import tempfile
 import time
+from typing import Any
 
 import syscalls
 
 from ._service import started_service
 from .peers import FLAGS, TICK, one_containerfs
 
-STATUS_FIELDS = dict(id=7, name="bench", flags=0x3d8, owner=0, group=0, parent=1, state="running",
+STATUS_FIELDS: dict[str, Any] = dict(id=7, name="bench", flags=0x3d8, owner=0, group=0, parent=1, state="running",
                      init_pid=1234, exit_status=None, members=[1234], user_ns=False)
 
 
