@@ -81,6 +81,19 @@ def one_containerfs(proc: bool = False) -> None:
         os.close(cfd)
 
 
+def one_containerfs_spawn() -> None:
+    """The same with container_spawn (compiled, vfork) in place of fork + exec."""
+    cfd = syscalls.container_create("bench", FLAGS)
+    try:
+        pid = syscalls.container_spawn(cfd, "/bin/true", ["/bin/true"])
+        p = select.poll()
+        p.register(cfd, select.POLLHUP)
+        p.poll()
+        os.waitpid(pid, 0)
+    finally:
+        os.close(cfd)
+
+
 def mount_proc(cfd: int) -> None:
     """A proc of the container's PID namespace at its /proc (completed as init starts)."""
     fs = syscalls.fsopen("proc", syscalls.FSOPEN_CLOEXEC)
@@ -226,6 +239,10 @@ def _same_argv(argv: list[str], _creator: int) -> list[str]:
 def available_tools(lxc: Lxc | None) -> list[Tool]:
     tools = [Tool("containerfs", one_containerfs),
              Tool("containerfs+proc", lambda: one_containerfs(proc=True))]
+    if syscalls.cspawn.available():
+        tools.insert(1, Tool("containerfs spawn", one_containerfs_spawn))
+    else:
+        print("containerfs spawn: the compiled path is not built (scripts/setup.sh): left out")
     for binary, name, argv in (("bwrap", "bwrap", BWRAP), ("unshare", "unshare", UNSHARE)):
         if shutil.which(binary) is None:
             print(f"missing: {binary} ({INSTALL[binary]}, or scripts/bench-setup.sh): left out")

@@ -122,8 +122,6 @@ class Container:
     def popen(self, args: Any, **kwargs: Any) -> spawn.ContainerPopen:
         """subprocess.Popen in the container (see ContainerPopen); this process never forks."""
         with self._first() as first:
-            if first:  # made by the spawn server: our plan of that fork is of no use
-                drop_fork_plan(self.fd)
             on_init = self._set_hostname if first and self.hostname is not None else None
             return spawn.ContainerPopen(self, args, on_init=on_init, **kwargs)
 

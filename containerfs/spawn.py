@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import syscalls
+from syscalls import cspawn
+from syscalls.container import drop_fork_plan
 
 # The helper program: no site, no environment, only our package on its path.
 _PKG_PARENT = str(Path(syscalls.__file__).resolve().parent.parent)
@@ -287,10 +289,38 @@ def _by_server(container: Any, spec: dict[str, Any], stdio: tuple[int, int, int]
             os.close(result_w)
 
 
+def _by_cspawn(container: Any, spec: dict[str, Any], stdio: tuple[int, int, int]) -> int:
+    """Make the process here with container_spawn (compiled, vfork: nothing of ours is
+    copied); its pid, or the OSError subprocess would raise. EAGAIN, with nothing made, where
+    only the spawn server can make it."""
+    owned = [_high(src) for src in stdio if src != -1]  # above 0-2, so no dup2 clobbers one
+    try:
+        highs = iter(owned)
+        actions = [(os.POSIX_SPAWN_DUP2, next(highs), target)
+                   for src, target in zip(stdio, (0, 1, 2)) if src != -1]
+        return syscalls.container_spawn(
+            container.fd, spec["executable"], spec["argv"], spec["env"], file_actions=actions,
+            setsid=spec["pty"], ctty=spec["pty"],
+            user=tuple(spec["user"]) if spec["user"] is not None else None, cwd=spec["cwd"],
+            # What the spawn server's processes get: Python's ignored signals back to their
+            # defaults, nothing blocked.
+            setsigdef=(signal.SIGPIPE, signal.SIGXFSZ), setsigmask=())
+    finally:
+        for fd in owned:
+            os.close(fd)
+
+
 def _spawn(container: Any, spec: dict[str, Any], stdio: tuple[int, int, int],
            on_init: Callable[[int], None] | None) -> int:
     """Make the process; return its pid once its command runs, or raise the OSError
     subprocess would (the step named for a setup step)."""
+    if USE_CSPAWN and on_init is None and os.geteuid() == 0 and cspawn.available():
+        try:
+            return _by_cspawn(container, spec, stdio)
+        except BlockingIOError:
+            pass  # the spawn server can: below
+    # The server makes it: a plan of this process's first fork is of no use.
+    drop_fork_plan(container.fd)
     err_r, err_w = os.pipe2(os.O_CLOEXEC)
     go_r = go_w = -1
     try:
@@ -342,8 +372,10 @@ def _spawn(container: Any, spec: dict[str, Any], stdio: tuple[int, int, int],
                 os.close(fd)
 
 
-# Whether processes are made by the spawn server (else a helper each, started for it).
+# Whether processes are made by the spawn server (else a helper each, started for it), and
+# whether the compiled path is tried first (root, where it is built).
 USE_SERVER = True
+USE_CSPAWN = True
 
 
 def run(popen: Callable[..., ContainerPopen], args: Any, *, input: Any = None, capture_output: bool = False,

@@ -144,7 +144,10 @@ def _ask(handle: int) -> tuple[Connection, replies.ForkGrant, list[int]]:
             conn.close()  # that service is gone and read nothing: ask the one that answers
             conn = Connection()
             conn.send(protocol.Fork(keep=1), [handle])
-        reply, fds = conn.receive(replies.ForkGrant)
+        try:
+            reply, fds = conn.receive(replies.ForkGrant)
+        except OSError as e:  # the service refused the fork (ECANCELED: dead...)
+            raise OSError(e.errno, f"fork_into_container: {e.strerror}") from None
     except BaseException:
         conn.close()
         raise
@@ -197,4 +200,6 @@ def _make(conn: Connection, reply: replies.ForkGrant, fds: list[int], steps: lis
     step = steps[index] if 0 <= index < len(steps) else None
     if step is None or step.op == "exec":
         raise OSError(err, os.strerror(err), os.fsdecode(path))
+    if step.what == "chdir":  # the caller's cwd: named as subprocess names it
+        raise OSError(err, os.strerror(err), os.fsdecode(step.data or b"").rstrip("\0"))
     raise OSError(err, f"container_spawn: {step.what}: {os.strerror(err)}")

@@ -151,8 +151,16 @@ def test_a_program_that_cannot_start_raises_what_exec_gave(service: Any, path: s
 def test_a_failed_step_names_it(service: Any) -> None:
     cfd = syscalls.container_create("c", FLAGS)
     try:
-        with pytest.raises(FileNotFoundError, match="container_spawn: chdir"):
+        with pytest.raises(FileNotFoundError) as got:  # the caller's cwd: as subprocess says
             cspawn.container_spawn(cfd, "/bin/true", ["true"], cwd="/no/such/dir")
+        assert got.value.filename == "/no/such/dir"
+    finally:
+        os.close(cfd)
+    cfd = syscalls.container_create("c", FLAGS)
+    try:
+        with pytest.raises(OSError, match="container_spawn: resetting SIGKILL") as err:
+            cspawn.container_spawn(cfd, "/bin/true", ["true"], setsigdef=[signal.SIGKILL])
+        assert err.value.errno == errno.EINVAL
     finally:
         os.close(cfd)
 

@@ -93,11 +93,13 @@ EQUIVALENCE = [
 ]
 
 
-@pytest.fixture(params=["server", "helper"])
+@pytest.fixture(params=["cspawn", "server", "helper"])
 def spawn_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Both ways a process is made: root's spawn server, and a helper of its own."""
+    """Every way a process is made: root's compiled path (container_spawn), the spawn
+    server, and a helper of its own."""
     from containerfs import spawn
-    monkeypatch.setattr(spawn, "USE_SERVER", request.param == "server")
+    monkeypatch.setattr(spawn, "USE_CSPAWN", request.param == "cspawn")
+    monkeypatch.setattr(spawn, "USE_SERVER", request.param != "helper")
     return str(request.param)
 
 
@@ -476,8 +478,10 @@ def test_root_with_user_namespace(service: Any, spawn_path: str) -> None:
         assert p.returncode == 0
 
 
-def test_forked_caller_gets_its_own_server(service: Any) -> None:
+def test_forked_caller_gets_its_own_server(service: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """After os.fork, the child's processes are still its own children."""
+    from containerfs import spawn
+    monkeypatch.setattr(spawn, "USE_CSPAWN", False)
     with Container("forkedcaller", PID) as c:
         init = c.popen(["sleep", "60"])  # starts this process's server
         r, w = os.pipe()
@@ -522,8 +526,9 @@ def test_unused_and_failed_containers_are_not_left(service: Any) -> None:
     assert after == before
 
 
-def test_spawn_server_dead_is_replaced(service: Any) -> None:
+def test_spawn_server_dead_is_replaced(service: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     from containerfs import spawn
+    monkeypatch.setattr(spawn, "USE_CSPAWN", False)
     with Container("srv", PID) as c:
         init = c.popen(["sleep", "60"])
         old = spawn._server.pid
