@@ -327,7 +327,7 @@ _FIELD_TYPES: dict[str, type] = {"int": int, "str": str}
 def encode(msg: Request | Reply) -> bytes:
     """Encode a request or a reply (replies.py) as one datagram."""
     if isinstance(msg, Request):
-        body = {"op": msg.op, **dataclasses.asdict(msg)}
+        body = {"op": msg.op, **replies.plain(msg)}
     else:
         body = replies.to_json(msg)
     data = json.dumps(body, separators=(",", ":")).encode()

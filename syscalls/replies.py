@@ -166,8 +166,21 @@ class UpcallReply(Reply):
 # ---- encoding and decoding ----------------------------------------------------------------
 
 def to_json(msg: Reply) -> dict[str, Any]:
-    """The JSON object of a reply."""
-    return dataclasses.asdict(msg)
+    """The JSON object of a reply (shares its dicts and leaves with `msg`: read, never
+    change it)."""
+    body: dict[str, Any] = plain(msg)
+    return body
+
+
+def plain(value: Any) -> Any:
+    """Dataclasses (nested in lists too) as dicts, everything else as it is: what
+    dataclasses.asdict gives for JSON, without its deep copy of every value (a fifth of
+    the service's encoding time)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, list):
+        return [plain(v) for v in value]
+    return value
 
 
 def encode(msg: Reply) -> bytes:
