@@ -22,6 +22,7 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/mount.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -44,7 +45,8 @@ enum {
     CFS_SETNS = 1, CFS_FCHDIR, CFS_CHROOT, CFS_CHDIR, CFS_WRITE, CFS_SETFSUID, CFS_KEYJOIN,
     CFS_TRAP, CFS_SENDFD, CFS_UMASK, CFS_PRCTL, CFS_CAPSET, CFS_SECCOMP, CFS_DUP2,
     CFS_CLOEXEC_FROM, CFS_KEEP, CFS_CLOSE, CFS_SETSID, CFS_IOCTL, CFS_SETGROUPS, CFS_SETGID,
-    CFS_SETUID, CFS_EXEC, CFS_SIGDFL, CFS_SIGMASK,
+    CFS_SETUID, CFS_EXEC, CFS_SIGDFL, CFS_SIGMASK, CFS_FSOPEN, CFS_FSCONFIG, CFS_FSMOUNT,
+    CFS_PROC_PLACE,
 };
 
 struct cfs_step {
@@ -72,11 +74,101 @@ static void fail(const struct cfs_ctx *c, int index, int err)
     _exit(127);
 }
 
+#define CFS_MAX_MINE 64
 struct cfs_state {
     int last_fd;   /* the listener made by the last TRAP, until SENDFD sends it */
     int saved_err; /* the first exec error other than "not there" */
     int last_err;  /* the last exec error */
+    int fs, mnt;   /* the proc being made (FSOPEN, FSMOUNT), until PROC_PLACE puts it */
+    int nmine;     /* procs put in place so far, by mount id */
+    uint64_t mine[CFS_MAX_MINE];
 };
+
+#ifndef STATX_MNT_ID
+#define STATX_MNT_ID 0x1000
+#endif
+#ifndef STATX_MNT_ID_UNIQUE
+#define STATX_MNT_ID_UNIQUE 0x4000
+#endif
+
+/* The id of the mount fd is on (the never-reused one where the kernel has it), or 0. */
+static uint64_t mount_id(int fd)
+{
+    static const unsigned masks[2] = { STATX_MNT_ID_UNIQUE, STATX_MNT_ID };
+    for (int i = 0; i < 2; i++) {
+        struct statx stx;
+        if (statx(fd, "", AT_EMPTY_PATH, masks[i], &stx) < 0)
+            return 0;
+        if (stx.stx_mask & masks[i])
+            return stx.stx_mnt_id;
+    }
+    return 0;
+}
+
+/* An O_PATH fd of path resolved in our root, never outside it (childsetup.open_in_root). */
+static int open_in_root(const char *path)
+{
+    struct { uint64_t flags, mode, resolve; } how = {
+        O_PATH | O_CLOEXEC, 0, 0x10 /* RESOLVE_IN_ROOT */ | 0x02 /* RESOLVE_NO_MAGICLINKS */ };
+    int root = open("/", O_PATH | O_CLOEXEC);
+    if (root < 0)
+        return -1;
+    int fd = syscall(SYS_openat2, root, path, &how, sizeof how);
+    int err = errno;
+    close(root);
+    errno = err;
+    return fd;
+}
+
+static int in_list(uint64_t id, const void *ids, long n)
+{
+    for (long i = 0; i < n; i++) {
+        uint64_t x;
+        memcpy(&x, (const char *)ids + i * sizeof x, sizeof x);  /* ids may be unaligned */
+        if (x == id)
+            return 1;
+    }
+    return 0;
+}
+
+/* Put the proc made by FSMOUNT at data's path (inside our root) in the place of the
+ * placeholders (mount ids after the path's NUL, from offset b) that a creator mounted there
+ * before this init existed: those on top are taken away first (nothing else runs in the
+ * container yet), so the proc is the only mount there; one moved or covered since is left
+ * alone, and the proc goes on top of what is there. Two entries naming one place give it one
+ * proc. As childsetup.complete_proc. */
+static int proc_place(const struct cfs_step *s, struct cfs_state *st)
+{
+    const char *ids = s->data + s->b;
+    long nids = (s->len - s->b) / (long)sizeof(uint64_t);
+    int mnt = st->mnt, rc = -1, target = open_in_root(s->data);
+    st->mnt = -1;
+    uint64_t top;
+    while (target >= 0 && (top = mount_id(target)) != 0 && in_list(top, ids, nids)) {
+        if (fchdir(target) < 0 || umount2(".", MNT_DETACH) < 0 || chdir("/") < 0)
+            goto out;
+        close(target);
+        target = open_in_root(s->data);
+    }
+    if (target < 0)
+        goto out;
+    if (in_list(top, st->mine, st->nmine)) {
+        rc = 0;
+        goto out;
+    }
+    if (syscall(SYS_move_mount, mnt, "", target, "", 0x04 | 0x40 /* F_, T_EMPTY_PATH */) < 0)
+        goto out;
+    if (st->nmine < CFS_MAX_MINE)
+        st->mine[st->nmine++] = mount_id(mnt);
+    rc = 0;
+out:;
+    int err = errno;
+    if (target >= 0)
+        close(target);
+    close(mnt);
+    errno = err;
+    return rc;
+}
 
 static int run_step(const struct cfs_ctx *c, const struct cfs_step *s, struct cfs_state *st)
 {
@@ -188,6 +280,25 @@ static int run_step(const struct cfs_ctx *c, const struct cfs_step *s, struct cf
                 sigaddset(&set, sig);
         return sigprocmask(SIG_SETMASK, &set, NULL);
     }
+    case CFS_FSOPEN:
+        st->fs = syscall(SYS_fsopen, s->data, 1 /* FSOPEN_CLOEXEC */);
+        return st->fs < 0 ? -1 : 0;
+    case CFS_FSCONFIG:
+        /* data: the key, NUL, and with b the value, NUL */
+        return syscall(SYS_fsconfig, st->fs, (unsigned)s->a, s->data,
+                       s->b ? s->data + strlen(s->data) + 1 : NULL, 0);
+    case CFS_FSMOUNT: {
+        if (syscall(SYS_fsconfig, st->fs, 6 /* FSCONFIG_CMD_CREATE */, NULL, NULL, 0) < 0)
+            return -1;
+        st->mnt = syscall(SYS_fsmount, st->fs, 1 /* FSMOUNT_CLOEXEC */, (unsigned)s->a);
+        int err = errno;
+        close(st->fs);
+        st->fs = -1;
+        errno = err;
+        return st->mnt < 0 ? -1 : 0;
+    }
+    case CFS_PROC_PLACE:
+        return proc_place(s, st);
     case CFS_EXEC:
         /* One candidate of a PATH search: as execvpe, the first error other than "not
          * there" wins; the last step's error otherwise. */
@@ -216,7 +327,7 @@ static int child(void *arg)
             sigaction(sig, &dfl, NULL);
         }
     }
-    struct cfs_state st = { -1, 0, 0 };
+    struct cfs_state st = { -1, 0, 0, -1, -1, 0, { 0 } };
     int exec_index = -1;
     for (int i = 0; i < c->n; i++) {
         const struct cfs_step *s = &c->steps[i];

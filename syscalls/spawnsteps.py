@@ -35,7 +35,8 @@ from .seccomp_notify import SECCOMP_FILTER_FLAG_NEW_LISTENER, request_key_filter
 OPS: dict[str, int] = {name: n for n, name in enumerate((
     "setns", "fchdir", "chroot", "chdir", "write", "setfsuid", "keyjoin", "trap", "sendfd",
     "umask", "prctl", "capset", "seccomp", "dup2", "cloexec_from", "keep", "close", "setsid",
-    "ioctl", "setgroups", "setgid", "setuid", "exec", "sigdfl", "sigmask"), start=1)}
+    "ioctl", "setgroups", "setgid", "setuid", "exec", "sigdfl", "sigmask", "fsopen", "fsconfig",
+    "fsmount", "proc_place"), start=1)}
 
 PR_SET_NO_NEW_PRIVS = 38
 
@@ -68,10 +69,12 @@ def enters_userns(reply: ForkGrant, fds: Sequence[int]) -> bool:
 
 
 def eligible(reply: ForkGrant, fds: Sequence[int]) -> bool:
-    """Whether the compiled path can make this process: not an init that must put procs in
-    place (childsetup.py does that in Python), and not a new PID namespace that must belong to
-    the container's user namespace (only a process inside it can make one)."""
-    return not reply.proc_paths and not (reply.new_pid_ns and enters_userns(reply, fds))
+    """Whether the compiled path can make this process: not in a container with a user
+    namespace of its own when it is init with a new PID namespace (only a process inside
+    that user namespace can make one) or with procs to put in place (the kernel mounts a
+    proc there only through a copy of a mount namespace where one is fully visible, which
+    childsetup.py makes)."""
+    return not ((reply.new_pid_ns or reply.proc_paths) and enters_userns(reply, fds))
 
 
 def entry_steps(reply: ForkGrant, fds: Sequence[int], conn: int,
@@ -112,7 +115,25 @@ def entry_steps(reply: ForkGrant, fds: Sequence[int], conn: int,
                   Step("sendfd", "handing over the request_key listener", conn,
                        data=protocol.encode(protocol.KeyListener()), ignore=errno.EPIPE)]
     steps.append(Step("umask", "umask", 0o022))
-    return steps + confinement_steps(reply)
+    return steps + proc_steps(reply) + confinement_steps(reply)
+
+
+def proc_steps(reply: ForkGrant) -> list[Step]:
+    """Init's own procs in the place of the placeholders its creator mounted (as
+    childsetup.child_setup does): made in its new PID namespace, then put in place."""
+    steps: list[Step] = []
+    ids = b"".join(int(e["mnt_id"]).to_bytes(8, "little") for e in reply.proc_paths)
+    for entry in reply.proc_paths:
+        what = f"mounting proc at {entry['path']}"
+        steps.append(Step("fsopen", what, data=b"proc\0"))
+        for cmd, key, value in entry["params"]:
+            steps.append(Step("fsconfig", what, cmd, int(value is not None),
+                              data=key.encode() + b"\0"
+                              + (value.encode() + b"\0" if value is not None else b"")))
+        path = entry["path"].encode() + b"\0"
+        steps += [Step("fsmount", what, int(entry["attrs"])),
+                  Step("proc_place", what, b=len(path), data=path + ids)]
+    return steps
 
 
 def confinement_steps(reply: ForkGrant) -> list[Step]:

@@ -266,3 +266,43 @@ def test_init_of_a_user_namespace_container_is_refused_not_half_made(service: An
         assert child_result(pid) == 0
     finally:
         os.close(cfd)
+
+
+def _proc_view() -> list[int]:
+    """Mounts at /proc, and how many pids that proc shows."""
+    with open("/proc/self/mountinfo") as f:
+        mounts = sum(line.split()[4] == "/proc" for line in f)
+    return [mounts, sum(name.isdigit() for name in os.listdir("/proc"))]
+
+
+def test_init_puts_its_own_proc_in_place(service: Any) -> None:
+    """A proc mounted by the creator before init (a placeholder) is replaced by init's own,
+    as a forked init does: same mounts at /proc, of the container's PID namespace."""
+    from bench.peers import mount_proc
+    spawned_cfd = syscalls.container_create("proc", FLAGS)
+    forked_cfd = syscalls.container_create("proc", FLAGS)
+    r, w = os.pipe()
+    code = ("import sys, json; sys.path.insert(0, %r); from tests.test_cspawn import _proc_view; "
+            "print(json.dumps(_proc_view()))") % str(ROOT)
+    try:
+        for cfd in (spawned_cfd, forked_cfd):
+            mount_proc(cfd)
+        pid = cspawn.container_spawn(spawned_cfd, sys.executable, [sys.executable, "-c", code],
+                                     file_actions=[(os.POSIX_SPAWN_DUP2, w, 1)])
+        os.close(w)
+        w = -1
+        with os.fdopen(r) as f:
+            r = -1
+            spawned = json.loads(f.read())
+        assert child_result(pid) == 0
+        pid, forked = in_container(forked_cfd, _proc_view)
+        assert child_result(pid) == 0
+        # the host's proc (the copy's) under one of its own: the placeholder is gone
+        assert spawned == forked and spawned[0] == 2
+        assert spawned[1] <= 3  # its own PID namespace's: nothing of the host's
+    finally:
+        for fd in (r, w):
+            if fd >= 0:
+                os.close(fd)
+        os.close(spawned_cfd)
+        os.close(forked_cfd)
