@@ -81,10 +81,12 @@ def one_containerfs(proc: bool = False) -> None:
         os.close(cfd)
 
 
-def one_containerfs_spawn() -> None:
+def one_containerfs_spawn(proc: bool = False) -> None:
     """The same with container_spawn (compiled, vfork) in place of fork + exec."""
     cfd = syscalls.container_create("bench", FLAGS)
     try:
+        if proc:
+            mount_proc(cfd)
         pid = syscalls.container_spawn(cfd, "/bin/true", ["/bin/true"])
         p = select.poll()
         p.register(cfd, select.POLLHUP)
@@ -240,7 +242,8 @@ def available_tools(lxc: Lxc | None) -> list[Tool]:
     tools = [Tool("containerfs", one_containerfs),
              Tool("containerfs+proc", lambda: one_containerfs(proc=True))]
     if syscalls.cspawn.available():
-        tools.insert(1, Tool("containerfs spawn", one_containerfs_spawn))
+        tools[1:1] = [Tool("containerfs spawn", one_containerfs_spawn),
+                      Tool("containerfs spawn+proc", lambda: one_containerfs_spawn(proc=True))]
     else:
         print("containerfs spawn: the compiled path is not built (scripts/setup.sh): left out")
     for binary, name, argv in (("bwrap", "bwrap", BWRAP), ("unshare", "unshare", UNSHARE)):

@@ -306,3 +306,11 @@ def test_init_puts_its_own_proc_in_place(service: Any) -> None:
                 os.close(fd)
         os.close(spawned_cfd)
         os.close(forked_cfd)
+
+
+def test_docs_example(service: Any) -> None:
+    """docs/api.md's container_spawn example runs as written."""
+    text = (ROOT / "docs" / "api.md").read_text()
+    block = text[text.index("- `container_spawn(fd, path"):].split("```python\n")[1]
+    exec(compile(block.split("```", 1)[0], "docs/api.md container_spawn", "exec"),
+         {"__name__": "doc"})
