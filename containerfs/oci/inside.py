@@ -88,21 +88,44 @@ class Inside:
                              0o644 if flags & os.O_CREAT else 0, _IN_ROOT)
 
     def mkdir_p(self, unsafe_path: str, mode: int = 0o755) -> None:
-        parts = [p for p in unsafe_path.split("/") if p and p != "."]
-        done = ""
-        for part in parts:
-            path = f"{done}/{part}"
+        """Make the missing directories of `unsafe_path`, its symlinks followed inside the
+        root (as runc's securejoin does): a link to "/host/dir" makes <root>/host/dir. What
+        is mounted later is attached to an fd resolved in the root, so a link swapped in
+        meanwhile cannot move it out."""
+        todo = [p for p in unsafe_path.split("/") if p]
+        done: list[str] = []
+        hops = 0
+        while todo:
+            part = todo.pop(0)
+            if part == ".":
+                continue
+            if part == "..":
+                if done:
+                    done.pop()
+                continue
+            parent = self.open("/" + "/".join(done), O_PATH | os.O_DIRECTORY)
             try:
-                os.close(self.open(path))
-            except FileNotFoundError:
-                parent = self.open(done or "/", O_PATH | os.O_DIRECTORY)
                 try:
-                    os.mkdir(part, mode, dir_fd=parent)
-                except FileExistsError:
-                    pass
-                finally:
-                    os.close(parent)
-            done = path
+                    st = os.stat(part, dir_fd=parent, follow_symlinks=False)
+                except FileNotFoundError:
+                    try:
+                        os.mkdir(part, mode, dir_fd=parent)
+                    except FileExistsError:
+                        pass
+                    done.append(part)
+                    continue
+                if stat.S_ISLNK(st.st_mode):
+                    hops += 1
+                    if hops > 40:
+                        raise OSError(errno.ELOOP, f"too many symlinks in {unsafe_path}")
+                    target = os.readlink(part, dir_fd=parent)
+                    if target.startswith("/"):
+                        done = []
+                    todo = [p for p in target.split("/") if p] + todo
+                    continue
+                done.append(part)
+            finally:
+                os.close(parent)
 
     def mount_point(self, unsafe_path: str, is_dir: bool) -> int:
         """An O_PATH fd of the mount point, made if missing (a directory, or an empty file
