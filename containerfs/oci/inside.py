@@ -177,6 +177,23 @@ def _new_fs(fstype: str, params: list[tuple[str, str | None]], attrs: int) -> in
         os.close(fs)
 
 
+def _own_cgroup(attrs: int) -> int:
+    """The container's own cgroup2 directory (never the host's whole tree: without a cgroup
+    namespace a fresh cgroup2 shows every group's name), or an empty read-only tmpfs where
+    that cannot be had. Limits live in the v1 hierarchies on a hybrid host anyway."""
+    try:
+        with open("/proc/self/cgroup") as f:
+            own = next(line.split(":", 2)[2].strip() for line in f if line.startswith("0::"))
+        whole = _new_fs("cgroup2", [], attrs)
+        try:
+            return linux.open_tree(whole, own.lstrip("/") or ".", 0x1 | os.O_CLOEXEC
+                                   | linux.AT_RECURSIVE)
+        finally:
+            os.close(whole)
+    except (OSError, StopIteration):
+        return _new_fs("tmpfs", [], attrs | MOUNT_ATTR_RDONLY)
+
+
 def mount_one(ins: Inside, m: MountSpec, tree: int) -> None:
     """One config mount at its destination: `tree` is the bind's detached mount (made
     outside, where its source is), -1 for a filesystem made here, in our namespaces."""
@@ -185,14 +202,8 @@ def mount_one(ins: Inside, m: MountSpec, tree: int) -> None:
         mnt = tree
     else:
         is_dir = True
-        fstype = "cgroup2" if m.type == "cgroup" else m.type
-        try:
-            mnt = _new_fs(fstype, m.params, m.attrs)
-        except OSError:
-            if m.type != "cgroup":
-                raise
-            # No cgroup2 to show here: an empty read-only directory rather than the host's.
-            mnt = _new_fs("tmpfs", [], m.attrs | MOUNT_ATTR_RDONLY)
+        mnt = _own_cgroup(m.attrs) if m.type in ("cgroup", "cgroup2") else \
+            _new_fs(m.type, m.params, m.attrs)
     try:
         target = ins.mount_point(m.destination, is_dir)
         try:
