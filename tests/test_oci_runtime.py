@@ -268,6 +268,24 @@ def test_listed_by_service(rt: Runtime) -> None:
     assert not any(r["init_pid"] == pid and r["state"] != "dead" for r in _rows())
 
 
+def test_namespaces_joined_by_path(rt: Runtime) -> None:
+    """A container given another's network and uts namespaces by path is in them."""
+    config = default_config(["sleep", "60"])
+    config["hostname"] = "first"
+    run_detached(rt, "first", config)
+    first = rt.state("first")["pid"]
+    joiner = default_config(["sh", "-c", "hostname; cat /proc/net/dev | grep -c :"])
+    joiner.pop("hostname")
+    joiner["linux"]["namespaces"] = [
+        {"type": "pid"}, {"type": "ipc"}, {"type": "mount"},
+        {"type": "network", "path": f"/proc/{first}/ns/net"},
+        {"type": "uts", "path": f"/proc/{first}/ns/uts"}]
+    b = rt.bundle("joiner", joiner)
+    res = rt.call("run", "--bundle", str(b), "joiner")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == ["first", "1"]  # its hostname, and only its lo
+
+
 def test_hostile_symlink_stays_inside(rt: Runtime) -> None:
     """A mount destination through a symlink to a host path lands inside the root."""
     host_dir = rt.tmp / "host-target"

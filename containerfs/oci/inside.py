@@ -6,7 +6,7 @@ and does what needs them: mounts in config order, devices, sysctls, masked and r
 paths, the hostname, a read-only root, the terminal, rlimits, and last the change of user
 (capabilities kept across it, as runc's finalizeNamespace does). The container's own
 confinement (capabilities, seccomp, no_new_privs: set through the service) applies when it
-returns. `finish` then runs under that confinement: the process's capability sets, umask, cwd,
+returns. `final.finish` then runs under that confinement: the process's capability sets, umask, cwd,
 controlling terminal, the program looked up, "ready" told to the runtime, and for init the
 wait for `start` before execve.
 
@@ -24,7 +24,6 @@ import fcntl
 import json
 import os
 import resource
-import signal
 import socket
 import stat
 import struct
@@ -398,83 +397,3 @@ def setup_exec(p: Process, chan: Channel, state: dict[str, Any]) -> None:
         chan.fail(f"exec: {e.strerror or e}")
     except Exception as e:
         chan.fail(f"exec: {e!r}")
-
-
-def look_up(p: Process) -> str:
-    """args[0] as execve will find it (PATH from the process's env), with runc's message."""
-    name = p.args[0]
-    if "/" in name:
-        try:
-            os.stat(name)
-        except OSError as e:
-            raise OSError(e.errno, f'exec: "{name}": stat {name}: '
-                                   f"{(e.strerror or '').lower()}") from None
-        return name
-    path = next((e[5:] for e in p.env if e.startswith("PATH=")), "/usr/bin:/bin")
-    for d in path.split(":"):
-        full = os.path.join(d or ".", name)
-        if os.path.isfile(full) and os.access(full, os.X_OK):
-            return full
-    raise OSError(errno.ENOENT, f'exec: "{name}": executable file not found in $PATH')
-
-
-def finish(p: Process, chan: Channel, state: dict[str, Any], fifo: int,
-           preserve_fds: int) -> None:
-    """Under the container's confinement: the process's own capability sets,
-    no_new_privs, umask, cwd, terminal; "ready" to the runtime; for init (`fifo` >= 0) the
-    wait for `start`; then execve. Never returns."""
-    try:
-        if p.caps is not None:
-            _eff, perm, inh = capset.get_caps()
-            perm &= p.caps["permitted"]
-            inh = p.caps["inheritable"] & (inh | perm)
-            capset.set_sets(p.caps["effective"] & perm, perm, inh)
-            for n in range(capset.cap_last_cap() + 1):
-                if (p.caps["ambient"] & perm & inh) >> n & 1:
-                    capset.raise_ambient(n)
-        if p.no_new_privs:
-            linux.prctl(PR_SET_NO_NEW_PRIVS, 1)
-        os.umask(0o022 if p.umask is None else p.umask)
-        try:
-            os.chdir(p.cwd)
-        except OSError as e:
-            raise OSError(e.errno, f"process.cwd: chdir to {p.cwd}: {e.strerror}") from None
-        program = look_up(p)
-        tty = state.get("tty", -1)
-        if tty >= 0:
-            os.setsid()
-            fcntl.ioctl(tty, TIOCSCTTY, 0)
-            for fd in (0, 1, 2):
-                os.dup2(tty, fd)
-            os.close(tty)
-        for fd in range(3, 3 + preserve_fds):
-            try:
-                os.set_inheritable(fd, True)
-            except OSError:
-                pass
-        env = dict(e.partition("=")[::2] for e in p.env)
-        for sig in range(1, signal.NSIG):
-            try:
-                signal.signal(sig, signal.SIG_DFL)
-            except (OSError, ValueError, RuntimeError):
-                pass
-    except OSError as e:
-        chan.fail(e.strerror or str(e))
-    except Exception as e:
-        chan.fail(repr(e))
-    chan.send({"ok": True})
-    chan.sock.close()
-    if fifo >= 0:
-        while True:  # released by `start` writing a byte (or killed)
-            try:
-                if os.read(fifo, 1):
-                    break
-            except InterruptedError:
-                continue
-        os.close(fifo)
-    signal.pthread_sigmask(signal.SIG_SETMASK, set())
-    try:
-        os.execve(program, p.args, env)
-    except OSError as e:
-        os.write(2, f"containerfs-oci: exec {program}: {e.strerror}\n".encode())
-    os._exit(127)

@@ -30,7 +30,7 @@ from typing import Any
 import syscalls
 from syscalls import linux
 
-from . import inside, state
+from . import final, inside, state
 from .config import Bundle, OciError, Process, load_bundle, seccomp_for_service
 
 OPEN_TREE_CLONE = 0x1
@@ -221,7 +221,7 @@ def create(root: str, cid: str, bundle_dir: str, *, pid_file: str | None,
             cfd, before_confinement=lambda: inside.setup_init(b, trees, chan, shared))
         if pid == 0:
             parent.close()
-            inside.finish(b.process, chan, shared, fifo_fd, preserve_fds)
+            final.finish(b.process, chan, shared, fifo_fd, preserve_fds)
         child.close()
         os.close(fifo_fd)
         for t in trees:
@@ -283,7 +283,7 @@ def exec_in(st: state.State, cfd: int, proc: Process, *, console_socket: str | N
         raise
     if pid == 0:
         parent.close()
-        inside.finish(proc, chan, shared, -1, preserve_fds)
+        final.finish(proc, chan, shared, -1, preserve_fds)
     child.close()
     try:
         master = await_ready(parent, pid, console_socket)
