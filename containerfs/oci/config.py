@@ -141,11 +141,9 @@ def parse_config(spec: dict[str, Any], path: str) -> Bundle:
     _resources(b, _type("linux.resources", linux.get("resources", {}), dict))
     if linux.get("seccomp") is not None:
         b.seccomp = _type("linux.seccomp", linux["seccomp"], dict)
-        bounding = None if process.caps is None else process.caps["bounding"]
-        try:  # compiled now (nothing installed) so that a bad profile fails before anything
-            from syscalls.confine import prepare
-            prepare(None, _seccomp_for_service(b.seccomp)) if bounding is None else \
-                prepare(bounding, _seccomp_for_service(b.seccomp))
+        try:  # its structure checked now; the service compiles it (before init exists)
+            from syscalls.seccomp_profile import parse_profile
+            parse_profile(_seccomp_for_service(b.seccomp))
         except OSError as e:
             raise OciError(f"linux.seccomp: {e.strerror or e}") from None
     b.masked = _paths("linux.maskedPaths", linux.get("maskedPaths", []))

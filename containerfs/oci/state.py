@@ -135,9 +135,9 @@ def use_socket(st: State | None, explicit: str | None) -> None:
         os.environ["CONTAINERFS_SOCKET"] = chosen
 
 
-def open_handle(st: State) -> int | None:
-    """A handle of the container if it is still this state's (its init is our init), else
-    None (dead, removed, or another service's container of the same id)."""
+def open_handle(st: State) -> tuple[int, dict[str, Any]] | None:
+    """A handle of the container and its status if it is still this state's (its init is
+    our init), else None (dead, removed, or another service's container of the same id)."""
     try:
         reply, fds = client.call(protocol.Open(id=st.cfs_id))
     except OSError as e:
@@ -153,25 +153,21 @@ def open_handle(st: State) -> int | None:
     if status.get("init_pid") != st.pid or status.get("state") == "dead":
         os.close(cfd)
         return None
-    return cfd
+    return cfd, status
 
 
 def status_of(root: str, st: State) -> tuple[str, int | None]:
     """(runc status, a handle if the container lives). created/running/paused/stopped."""
     if start_time(st.pid) != st.pid_start or _zombie(st.pid):
         return "stopped", None
-    cfd = open_handle(st)
-    if cfd is None:
+    opened = open_handle(st)
+    if opened is None:
         return "stopped", None
+    cfd, status = opened
     if select.select([cfd], [], [], 0)[0]:  # POLLHUP: dead meanwhile
         os.close(cfd)
         return "stopped", None
-    try:
-        frozen = bool(syscalls.container_status(cfd).get("frozen"))
-    except OSError:
-        os.close(cfd)
-        return "stopped", None
-    if frozen:
+    if status.get("frozen"):
         return "paused", cfd
     try:
         created = stat.S_ISFIFO(os.stat(fifo_path(root, st.id)).st_mode)
