@@ -39,6 +39,7 @@ def rt(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Runtime]:
             pytest.skip(f"OCI_RUNTIME {path} not found")
         sock = None
     r = Runtime(path, tmp_path / "state", sock, tmp_path)
+    r.view = svc.view if sock else ""  # type: ignore[attr-defined]
     try:
         yield r
     finally:
@@ -260,6 +261,9 @@ def test_listed_by_service(rt: Runtime) -> None:
     assert row["name"] == "listed" and row["state"] == "running"
     ls = subprocess.run([_containerfs(), "ls"], capture_output=True, text=True)
     assert any(line.split()[1:2] == ["listed"] for line in ls.stdout.splitlines()), ls.stdout
+    view = Path(rt.view) / "by-name" / "listed"  # type: ignore[attr-defined]
+    assert (view / "init_pid").read_text().strip() == str(pid)
+    assert "CAP_KILL" in (view / "caps").read_text()  # the config's bounding set
     assert rt.call("delete", "--force", "listed").returncode == 0
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline and any(r["init_pid"] == pid and r["state"] != "dead"

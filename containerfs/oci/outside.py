@@ -84,6 +84,9 @@ def await_ready(chan: socket.socket, pid: int, console_socket: str | None) -> in
             return master
     _, status = os.waitpid(pid, 0)
     code = os.waitstatus_to_exitcode(status)
+    if code == -9:
+        raise OciError("container process was killed (SIGKILL) before it was ready: out of "
+                       "memory under linux.resources.memory.limit, or killed by someone")
     raise OciError(f"container process exited ({'signal ' + str(-code) if code < 0 else code})"
                    " before it was ready (its reason, if any, is on the runtime's stderr)")
 
