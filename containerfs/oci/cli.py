@@ -160,10 +160,14 @@ def _dispatch(args: argparse.Namespace) -> int:
         st, made = outside.create(root, args.id, args.bundle, pid_file=args.pid_file,
                                   console_socket=args.console_socket,
                                   preserve_fds=args.preserve_fds, detach=detach,
-                                  socket_path=sock)
+                                  socket_path=sock, pidfd_socket=args.pidfd_socket)
         if cmd == "create":
             return 0
-        commands.start(root, args.id, sock)
+        try:
+            commands.start(root, args.id, sock)
+        except BaseException:
+            commands.delete(root, args.id, True, sock)
+            raise
         if detach:
             return 0
         try:
@@ -188,7 +192,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         return commands.exec_process(
             root, args.id, _exec_process(args, root), detach=args.detach,
             pid_file=args.pid_file, console_socket=args.console_socket,
-            preserve_fds=args.preserve_fds, socket_path=sock)
+            preserve_fds=args.preserve_fds, socket_path=sock, pidfd_socket=args.pidfd_socket)
     elif cmd == "features":
         print(json.dumps(features(), indent=2))
     return 0

@@ -185,7 +185,7 @@ def ps(root: str, cid: str, fmt: str, ps_args: list[str], socket_path: str | Non
 
 def exec_process(root: str, cid: str, proc: Process, *, detach: bool, pid_file: str | None,
                  console_socket: str | None, preserve_fds: int,
-                 socket_path: str | None) -> int:
+                 socket_path: str | None, pidfd_socket: str | None = None) -> int:
     st, status, cfd = _living(root, cid, socket_path)
     if status == "stopped" or cfd is None:
         raise OciError("cannot exec in a stopped container")
@@ -197,7 +197,8 @@ def exec_process(root: str, cid: str, proc: Process, *, detach: bool, pid_file: 
         raise OciError("cannot allocate tty if runc will detach without setting console socket")
     try:
         made = outside.exec_in(st, cfd, proc, console_socket=console_socket,
-                               pid_file=pid_file, preserve_fds=preserve_fds)
+                               pid_file=pid_file, preserve_fds=preserve_fds,
+                               pidfd_socket=pidfd_socket)
     finally:
         os.close(cfd)
     if detach:

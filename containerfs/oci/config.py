@@ -131,7 +131,8 @@ def parse_config(spec: dict[str, Any], path: str) -> Bundle:
     for key in ("hostname", "domainname"):
         if key in spec:
             value = _type(key, spec[key], str)
-            if value and not b.flags & syscalls.CONTAINER_NEW_UTS_NS:
+            if value and not (b.flags & syscalls.CONTAINER_NEW_UTS_NS
+                              or any(t == "uts" for t, _p in b.joins)):
                 raise OciError(f"{key}: cannot be set without a private uts namespace "
                                "(add {\"type\": \"uts\"} to linux.namespaces)")
             setattr(b, key, value)

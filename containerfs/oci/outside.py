@@ -50,7 +50,7 @@ def send_console(path: str, master: int, name: str) -> None:
         s.connect(path)
         socket.send_fds(s, [name.encode()], [master])
     except OSError as e:
-        raise OciError(f"console socket {path}: {(e.strerror or str(e)).lower()}") from None
+        raise OciError(f"socket {path}: {(e.strerror or str(e)).lower()}") from None
     finally:
         s.close()
 
@@ -89,6 +89,17 @@ def await_ready(chan: socket.socket, pid: int, console_socket: str | None) -> in
                        "memory under linux.resources.memory.limit, or killed by someone")
     raise OciError(f"container process exited ({'signal ' + str(-code) if code < 0 else code})"
                    " before it was ready (its reason, if any, is on the runtime's stderr)")
+
+
+def send_pidfd(path: str | None, pid: int) -> None:
+    """With --pidfd-socket: a pidfd of the new process, sent as runc 1.2 sends it."""
+    if not path:
+        return
+    fd = os.pidfd_open(pid)
+    try:
+        send_console(path, fd, "pidfd")
+    finally:
+        os.close(fd)
 
 
 def write_pid_file(path: str | None, pid: int) -> None:
@@ -193,7 +204,8 @@ def _configure(cfd: int, b: Bundle) -> None:
 
 def create(root: str, cid: str, bundle_dir: str, *, pid_file: str | None,
            console_socket: str | None, preserve_fds: int, detach: bool = True,
-           socket_path: str | None = None) -> tuple[state.State, Made]:
+           socket_path: str | None = None, pidfd_socket: str | None = None
+           ) -> tuple[state.State, Made]:
     """Make container `cid` from the bundle, its init waiting for `start`."""
     b = load_bundle(bundle_dir)
     if b.process.terminal and not console_socket and detach:
@@ -244,6 +256,7 @@ def create(root: str, cid: str, bundle_dir: str, *, pid_file: str | None,
                          annotations=b.annotations, hooks=b.hooks)
         state.save(root, st)
         write_pid_file(pid_file, pid)
+        send_pidfd(pidfd_socket, pid)
         hook_state = state.oci_state(st, "created")
         run_hooks(b.hooks.get("createRuntime", []) + b.hooks.get("prestart", []), hook_state,
                   "createRuntime")
@@ -270,7 +283,7 @@ def create(root: str, cid: str, bundle_dir: str, *, pid_file: str | None,
 
 
 def exec_in(st: state.State, cfd: int, proc: Process, *, console_socket: str | None,
-            pid_file: str | None, preserve_fds: int) -> Made:
+            pid_file: str | None, preserve_fds: int, pidfd_socket: str | None = None) -> Made:
     """A process forked into the living container behind `cfd`, set up as `proc` says."""
     parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     chan = inside.Channel(child)
@@ -293,6 +306,7 @@ def exec_in(st: state.State, cfd: int, proc: Process, *, console_socket: str | N
     finally:
         parent.close()
     write_pid_file(pid_file, pid)
+    send_pidfd(pidfd_socket, pid)
     return Made(pid, master)
 
 
