@@ -86,10 +86,13 @@ def run_detached(rt: Runtime, cid: str, config: dict[str, Any]) -> Path:
 
 def test_lifecycle_create_start_kill_delete(rt: Runtime) -> None:
     pid_file = rt.tmp / "pid"
-    out, _err = create(rt, "life", default_config(["sh", "-c", "echo ran; exec sleep 60"]),
-                       "--pid-file", str(pid_file))
+    config = default_config(["sh", "-c", "echo ran; exec sleep 60"])
+    config["annotations"] = {"org.example.test": "yes"}
+    out, _err = create(rt, "life", config, "--pid-file", str(pid_file))
     st = rt.state("life")
     assert st["status"] == "created" and st["id"] == "life"
+    assert st["ociVersion"].startswith("1.") and st["annotations"] == {"org.example.test": "yes"}
+    assert st["rootfs"] == str(rt.tmp / "life" / "rootfs") and st["created"]
     pid = int(pid_file.read_text())
     assert st["pid"] == pid and alive(pid)
     time.sleep(0.2)
@@ -186,6 +189,48 @@ def test_exec_into_running(rt: Runtime) -> None:
     detached = rt.call("exec", "--detach", "ex", "sleep", "30", stdout=subprocess.DEVNULL,
                        stderr=subprocess.DEVNULL)
     assert detached.returncode == 0
+    pids = json.loads(rt.call("ps", "--format", "json", "ex").stdout)
+    assert rt.state("ex")["pid"] in pids and len(pids) == 2, pids
+    assert rt.call("kill", "--all", "ex", "KILL").returncode == 0
+    assert rt.wait_status("ex", "stopped")["status"] == "stopped"
+
+
+def test_exec_tty_console_socket_detached(rt: Runtime) -> None:
+    """Podman's `exec -t`: exec --process J --detach --tty --console-socket S --pid-file P."""
+    run_detached(rt, "ext", default_config(["sleep", "60"]))
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    path = str(rt.tmp / "exec-console.sock")
+    listener.bind(path)
+    listener.listen(1)
+    listener.settimeout(10)
+    spec = rt.tmp / "exec-t.json"
+    spec.write_text(json.dumps({"terminal": True, "args": ["sh", "-c", "tty; exit 6"],
+                                "env": ["PATH=/bin"], "cwd": "/", "user": {"uid": 0, "gid": 0}}))
+    try:
+        res = rt.call("exec", "--pid-file", str(rt.tmp / "ext.pid"), "--process", str(spec),
+                      "--detach", "--tty", "--console-socket", path, "ext",
+                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        assert res.returncode == 0, res.stderr
+        conn, _ = listener.accept()
+        with conn:
+            _name, fds, _flags, _addr = socket.recv_fds(conn, 4096, 1)
+    finally:
+        listener.close()
+    master = fds[0]
+    try:
+        data = b""
+        while select.select([master], [], [], 5)[0]:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            data += chunk
+        assert b"/dev/pts/" in data, data
+    finally:
+        os.close(master)
+    assert int((rt.tmp / "ext.pid").read_text()) > 0
 
 
 def test_pause_resume(rt: Runtime) -> None:
@@ -216,7 +261,12 @@ def test_bad_config_json_error(rt: Runtime) -> None:
 
 def test_identity_hostname_env_cwd_user(rt: Runtime) -> None:
     config = default_config(["sh", "-c", "hostname; echo $FOO; pwd; id -u; id -g; id -G; "
-                                         "grep CapEff /proc/self/status"])
+                                         "grep CapEff /proc/self/status; "
+                                         "touch /x 2>/dev/null && echo root-writable; "
+                                         "touch /tmp/y && echo tmp-writable; "
+                                         "echo keys $(wc -c < /proc/keys); "
+                                         "echo > /proc/sys/kernel/domainname 2>/dev/null "
+                                         "|| echo proc-sys-readonly"])
     config["hostname"] = "box7"
     config["process"]["env"].append("FOO=bar baz")
     config["process"]["cwd"] = "/tmp"
@@ -228,6 +278,7 @@ def test_identity_hostname_env_cwd_user(rt: Runtime) -> None:
     assert lines[:5] == ["box7", "bar baz", "/tmp", "1000", "1000"], lines
     assert set(lines[5].split()) == {"1000", "2000", "3000"}
     assert lines[6].split()[1] == "0000000000000000"  # a non-root user keeps no capability
+    assert lines[7:] == ["tmp-writable", "keys 0", "proc-sys-readonly"], lines
 
 
 def test_resources_limits(rt: Runtime) -> None:
