@@ -233,6 +233,33 @@ def test_exec_tty_console_socket_detached(rt: Runtime) -> None:
     assert int((rt.tmp / "ext.pid").read_text()) > 0
 
 
+def test_preserve_fds(rt: Runtime) -> None:
+    """fd 3 reaches the program with --preserve-fds 1; fd 4, inherited too, does not."""
+    b = rt.bundle("fds", default_config(["sh", "-c", "echo via3 >&3; echo via4 >&4 || "
+                                                     "echo no4"]))
+    r3, w3 = os.pipe()
+    r4, w4 = os.pipe()
+
+    def give() -> None:
+        os.dup2(w3, 3)
+        os.dup2(w4, 4)
+    try:
+        res = subprocess.run(rt.argv("run", "--preserve-fds", "1", "--bundle", str(b), "fds"),
+                             preexec_fn=give, close_fds=False, capture_output=True, text=True,
+                             timeout=30)
+        rt.ids.append("fds")
+        os.close(w3)
+        os.close(w4)
+        w3 = w4 = -1
+        assert res.returncode == 0, res.stderr
+        assert os.read(r3, 100) == b"via3\n"
+        assert res.stdout.strip() == "no4"
+    finally:
+        for fd in (r3, r4, w3, w4):
+            if fd >= 0:
+                os.close(fd)
+
+
 def test_pause_resume(rt: Runtime) -> None:
     run_detached(rt, "pz", default_config(["sleep", "60"]))
     assert rt.call("pause", "pz").returncode == 0
