@@ -172,10 +172,16 @@ def test_console_socket_terminal(rt: Runtime) -> None:
 
 
 def test_exec_into_running(rt: Runtime) -> None:
-    run_detached(rt, "ex", default_config(["sleep", "60"]))
+    config = default_config(["sleep", "60"])
+    config["process"]["env"].append("FROM_CONFIG=1")
+    run_detached(rt, "ex", config)
     assert rt.state("ex")["status"] == "running"
     res = rt.call("exec", "ex", "sh", "-c", "echo $((1+2)); echo e >&2; exit 4")
     assert res.returncode == 4 and res.stdout == "3\n" and "e" in res.stderr
+    # Without --process, the container's own process is the base (env), as runc's exec.
+    res = rt.call("exec", "--env", "MORE=2", "--cwd", "/tmp", "ex", "sh", "-c",
+                  "echo $FROM_CONFIG $MORE $(pwd)")
+    assert res.stdout.split() == ["1", "2", "/tmp"], res.stderr
     proc = {"args": ["sh", "-c", "id -u; id -g; echo $GREETING; pwd"],
             "env": ["PATH=/bin", "GREETING=hi"], "cwd": "/tmp",
             "user": {"uid": 1000, "gid": 1000}}

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from . import VERSION, commands, outside, state
-from .config import OciError, Process, parse_process
+from .config import OciError, Process, load_bundle, parse_process
 from .log import Log
 
 SPEC_VERSION = "1.0.2"
@@ -108,21 +108,32 @@ def _exec_process(args: argparse.Namespace, root: str) -> Process:
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         raise OciError("exec: no command given (args after the container id, or --process)")
-    spec = {"args": command, "env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:"
-                                     "/usr/bin:/sbin:/bin", *args.env],
-            "cwd": args.cwd or "/", "terminal": args.tty, "noNewPrivileges": args.no_new_privs}
+    # As runc: the container's own process (config.json) is the base, the flags change it.
+    base = load_bundle(state.load(root, args.id).bundle).process
+    base.args = command
+    base.terminal = args.tty
+    base.env = base.env + args.env
+    if args.cwd:
+        base.cwd = args.cwd
     if args.user:
         uid, _, gid = args.user.partition(":")
-        spec["user"] = {"uid": int(uid), "gid": int(gid or 0),
-                        "additionalGids": args.additional_gids}
+        try:
+            base.uid, base.gid = int(uid), int(gid or 0)
+        except ValueError:
+            raise OciError(f"exec --user {args.user}: UID[:GID] as numbers") from None
+        base.groups = list(args.additional_gids)
+    elif args.additional_gids:
+        base.groups = list(args.additional_gids)
+    if args.no_new_privs:
+        base.no_new_privs = True
     if args.cap:
-        caps = [c if c.startswith("CAP_") else f"CAP_{c}" for c in args.cap]
-        spec["capabilities"] = {s: caps for s in ("bounding", "effective", "permitted",
-                                                  "ambient", "inheritable")}
-    try:
-        return parse_process(spec, "exec")
-    except ValueError as e:
-        raise OciError(f"exec: {e}") from None
+        from syscalls import caps as capset
+        try:
+            extra = capset.mask_of([c if c.startswith("CAP_") else f"CAP_{c}" for c in args.cap])
+        except OSError as e:
+            raise OciError(f"exec --cap: {e.strerror}") from None
+        base.caps = {k: v | extra for k, v in (base.caps or {}).items()} if base.caps else None
+    return base
 
 
 def features() -> dict[str, object]:
