@@ -84,16 +84,24 @@ def kill(root: str, cid: str, sig: int, all_procs: bool, socket_path: str | None
         raise OciError("container not running")
     try:
         if all_procs:
-            for outer, _inner in syscalls.container_pids(cfd):
-                try:
-                    pfd = os.pidfd_open(outer)
-                except OSError:
-                    continue  # gone meanwhile
-                try:
-                    signal.pidfd_send_signal(pfd, sig)
-                except ProcessLookupError:
-                    pass
-                finally:
+            # A pidfd opened before a listing that still names its pid is that member: a
+            # pid recycled in between would leave the pidfd on a dead process (ESRCH).
+            pidfds: dict[int, int] = {}
+            try:
+                for outer, _inner in syscalls.container_pids(cfd):
+                    try:
+                        pidfds[outer] = os.pidfd_open(outer)
+                    except OSError:
+                        pass  # gone meanwhile
+                members = {outer for outer, _inner in syscalls.container_pids(cfd)}
+                for pid, pfd in pidfds.items():
+                    if pid in members:
+                        try:
+                            signal.pidfd_send_signal(pfd, sig)
+                        except ProcessLookupError:
+                            pass
+            finally:
+                for pfd in pidfds.values():
                     os.close(pfd)
             return
         init = state.init_pidfd(st)
