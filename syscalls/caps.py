@@ -161,6 +161,20 @@ def drop_bounding(mask: int) -> None:
                 raise
 
 
+def set_sets(effective: int, permitted: int, inheritable: int) -> None:
+    """capset(2) of this thread's effective, permitted and inheritable sets, as the kernel
+    allows (EPERM for raising permitted, or effective beyond permitted)."""
+    _capset(effective, permitted, inheritable)
+
+
+def raise_ambient(cap: int) -> None:
+    """Add capability `cap` to the ambient set (it must be permitted and inheritable)."""
+    res = int(linux._libc.prctl(ctypes.c_int(PR_CAP_AMBIENT), ctypes.c_ulong(2),
+                                ctypes.c_ulong(cap), ctypes.c_ulong(0), ctypes.c_ulong(0)))
+    if res < 0:
+        linux._raise(ctypes.get_errno(), f"raising {name_of(cap)} in the ambient set")
+
+
 def limit_sets(mask: int) -> None:
     """Limit permitted, effective and inheritable to `mask` with one capset(2): each keeps
     what it had within `mask` (capset can lower a set, never raise one)."""

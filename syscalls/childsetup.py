@@ -5,6 +5,7 @@ placeholders a creator mounted before init existed (docs/design.md)."""
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 from . import linux
@@ -137,3 +138,18 @@ def wait_done(done_r: int, done_w: int) -> None:
             pass
     finally:
         os.close(done_r)
+
+
+def run_setup(setup: Callable[[], None] | None) -> None:
+    """The caller's own setup (fork_into_container's `before_confinement`), in the new
+    process before its confinement. A failure is never followed by the caller's code: the
+    process says why on fd 2 and exits (127)."""
+    if setup is None:
+        return
+    try:
+        setup()
+    except BaseException as e:
+        try:
+            os.write(2, f"fork_into_container: setup before confinement: {e}\n".encode())
+        finally:
+            os._exit(127)

@@ -7,6 +7,7 @@ import json
 import os
 import select
 import signal
+from collections.abc import Callable
 from typing import Any
 
 from . import childsetup, confine, forkplans, keys, linux, protocol, replies, validate
@@ -77,13 +78,25 @@ def container_wait(fd: int) -> int:
     return int(status)
 
 
-def fork_into_container(fd: int, *, clone_parent: bool = False) -> int:
+Setup = Callable[[], None]
+
+
+def fork_into_container(fd: int, *, clone_parent: bool = False,
+                        before_confinement: Setup | None = None) -> int:
     """Fork a process into the container: its pid in the caller, 0 in the child.
 
     The caller is the child's real parent (waitpid works). The first process becomes init.
     With `clone_parent` (an extension, for a spawn server), the child is made with CLONE_PARENT:
     the caller's parent is its parent. Only for root, single-threaded, with no user namespace
     to enter: EAGAIN otherwise, with nothing made.
+
+    `before_confinement` (an extension, for an OCI runtime's init): called in the child once
+    it stands in the container (namespaces, root, cgroup, procs in place) and before the
+    container's capabilities and seccomp filter apply, as runc's init mounts, sets the
+    hostname and changes user before it drops capabilities. It runs with the caller's own
+    privileges in namespaces the caller could enter anyway, so it lends nothing; the child
+    is confined once it returns. If it raises, the child writes the error to fd 2 and exits
+    (127) without running the caller's code.
     """
     check_handle(fd)
     if clone_parent and not (os.geteuid() == 0 and _single_threaded()):
@@ -94,7 +107,7 @@ def fork_into_container(fd: int, *, clone_parent: bool = False) -> int:
         # intermediate process.
         plan = None if clone_parent else plans.take(fd)
         if plan is not None:
-            return _fork_ahead(fd, plan)
+            return _fork_ahead(fd, plan, before_confinement)
         conn = Connection()
         try:
             reply, fds = conn.call(protocol.Fork(keep=1), [fd])
@@ -103,13 +116,14 @@ def fork_into_container(fd: int, *, clone_parent: bool = False) -> int:
             raise
         if "ns:user" not in reply.fds or linux.same_file(
                 fds[reply.fds.index("ns:user")], "/proc/self/ns/user"):
-            return _fork_here(conn, reply, fds, clone_parent=clone_parent)
+            return _fork_here(conn, reply, fds, clone_parent=clone_parent,
+                              setup=before_confinement)
         if clone_parent:
             conn.send(protocol.ForkFailed(errno=errno.EAGAIN))
             _close(conn, fds)
             raise OSError(errno.EAGAIN, "fork_into_container: clone_parent with a user namespace")
-        return _via_intermediate(fd, conn, reply, fds)
-    return _via_intermediate(fd, None, None, [])
+        return _via_intermediate(fd, conn, reply, fds, before_confinement)
+    return _via_intermediate(fd, None, None, [], before_confinement)
 
 
 def _single_threaded() -> bool:
@@ -124,7 +138,8 @@ def _close(conn: Connection, fds: list[int]) -> None:
 
 
 def _fork_here(conn: Connection, reply: replies.ForkGrant | None, fds: list[int],
-               plan: forkplans.Plan | None = None, clone_parent: bool = False) -> int:
+               plan: forkplans.Plan | None = None, clone_parent: bool = False,
+               setup: Setup | None = None) -> int:
     """Enter, fork once, and restore the caller's namespaces, root and cwd. With `plan` (its
     Fork request sent, not answered), the plan is entered first and the reply read there if
     it comes at once; a reply that is not the plan, or that keeps us waiting (it is then read
@@ -174,6 +189,7 @@ def _fork_here(conn: Connection, reply: replies.ForkGrant | None, fds: list[int]
                 os.close(done_r)
             childsetup.child_setup(reply, fds, -1, done_w)
             _close(conn, fds)
+            childsetup.run_setup(setup)
             confine.confine_child(reply)
             return 0
         try:
@@ -211,7 +227,7 @@ def drop_fork_plan(fd: int) -> None:
         plans.drop()
 
 
-def _fork_ahead(handle: int, plan: forkplans.Plan) -> int:
+def _fork_ahead(handle: int, plan: forkplans.Plan, setup: Setup | None = None) -> int:
     """Root's first fork into the container it created: the namespaces of the plan are
     entered while the Fork request travels (on the create's connection), and the process
     is made once the reply confirms that plan (any other reply is followed instead)."""
@@ -230,7 +246,7 @@ def _fork_ahead(handle: int, plan: forkplans.Plan) -> int:
         forkplans.close_fds(plan.fds)
         raise
     try:
-        return _fork_here(conn, None, [], plan)
+        return _fork_here(conn, None, [], plan, setup=setup)
     except BaseException:
         conn.close()
         raise
@@ -307,7 +323,7 @@ def _go_back(saved: list[tuple[str, int]], cwd: int, root: int) -> None:
 
 def _via_intermediate(handle: int, conn: Connection | None,
                       reply: replies.ForkGrant | None,
-                      fds: list[int]) -> int:
+                      fds: list[int], setup: Setup | None = None) -> int:
     """Fork an intermediate that enters and makes the process with CLONE_PARENT."""
     rfd, wfd = os.pipe2(os.O_CLOEXEC)
     try:
@@ -320,7 +336,7 @@ def _via_intermediate(handle: int, conn: Connection | None,
         raise
     if mid == 0:
         os.close(rfd)
-        if _intermediate(handle, wfd, conn, reply, fds):
+        if _intermediate(handle, wfd, conn, reply, fds, setup):
             return 0  # we are the new process in the container
         os._exit(0)
     os.close(wfd)
@@ -404,7 +420,7 @@ def _enter(reply: replies.ForkGrant, fds: list[int],
 
 def _intermediate(handle: int, wfd: int, conn: Connection | None,
                   reply: replies.ForkGrant | None,
-                  fds: list[int]) -> bool:
+                  fds: list[int], setup: Setup | None = None) -> bool:
     """Run in the short-lived intermediate; True only in the new process, which must return 0."""
     result: dict[str, Any]
     reap = 0
@@ -437,6 +453,7 @@ def _intermediate(handle: int, wfd: int, conn: Connection | None,
                 os.close(done_r)
             childsetup.child_setup(reply, fds, visible_proc[0] if visible_proc else -1, done_w)
             _close(conn, fds)
+            childsetup.run_setup(setup)
             confine.confine_child(reply)
             return True
         forkplans.close_fds(visible_proc)

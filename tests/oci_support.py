@@ -6,14 +6,21 @@ be run against runc (`OCI_RUNTIME=runc`) to show they test the interface, not ou
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-OURS = str(ROOT / ".venv" / "bin" / "containerfs-oci")
+# The checkout's own venv, else the one running the tests (a worktree shares main's venv; the
+# entry point imports from PYTHONPATH, so it runs the code under test).
+OURS = str(next((p for p in (ROOT / ".venv" / "bin" / "containerfs-oci",
+                             Path(sys.executable).parent / "containerfs-oci") if p.exists()),
+                ROOT / ".venv" / "bin" / "containerfs-oci"))
 
 
 def runtime() -> str:
@@ -102,3 +109,65 @@ def default_config(args: list[str], *, terminal: bool = False) -> dict[str, Any]
                               "/proc/sysrq-trigger"],
         },
     }
+
+
+class Runtime:
+    """Drives one OCI runtime as an engine does: its own state directory (--root), and for
+    ours the test's service (--socket; runc rejects unknown global flags, so only ours gets
+    it). Remembers every container it made: `cleanup()` deletes them all (--force)."""
+
+    def __init__(self, path: str, root: Path, socket: str | None, tmp: Path) -> None:
+        self.path = path
+        self.root = root
+        self.socket = socket
+        self.tmp = tmp
+        self.ids: list[str] = []
+
+    def argv(self, *args: str, log: Path | None = None, log_format: str | None = None
+             ) -> list[str]:
+        out = [self.path, "--root", str(self.root)]
+        if self.socket:
+            out += ["--socket", self.socket]
+        if log is not None:
+            out += ["--log", str(log)]
+        if log_format is not None:
+            out += ["--log-format", log_format]
+        return out + list(args)
+
+    def call(self, *args: str, timeout: float = 30, **kw: Any
+             ) -> subprocess.CompletedProcess[str]:
+        """Run a command to its end (output captured unless stdout/stderr are given)."""
+        for cmd in ("create", "run"):
+            if cmd in args:
+                self.ids.append(args[-1])
+        if "stdout" not in kw and "stderr" not in kw:
+            kw["capture_output"] = True
+        return subprocess.run(self.argv(*args, log=kw.pop("log", None),
+                                        log_format=kw.pop("log_format", None)),
+                              text=True, timeout=timeout, **kw)
+
+    def bundle(self, name: str, config: dict[str, Any]) -> Path:
+        """A bundle directory with a fresh busybox root and `config` as config.json."""
+        b = self.tmp / name
+        make_rootfs(b / "rootfs")
+        (b / "config.json").write_text(json.dumps(config))
+        return b
+
+    def state(self, cid: str) -> dict[str, Any]:
+        res = self.call("state", cid)
+        assert res.returncode == 0, res.stderr
+        data: dict[str, Any] = json.loads(res.stdout)
+        return data
+
+    def wait_status(self, cid: str, status: str, timeout: float = 10) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            st = self.state(cid)
+            if st["status"] == status or time.monotonic() > deadline:
+                return st
+            time.sleep(0.05)
+
+    def cleanup(self) -> None:
+        for cid in self.ids:
+            subprocess.run(self.argv("delete", "--force", cid), capture_output=True, timeout=30)
+        shutil.rmtree(self.root, ignore_errors=True)
