@@ -299,6 +299,34 @@ def test_run_missing_program_is_127(podman: Podman) -> None:
     assert "/no/such/program" in res.stderr
 
 
+def test_create_init_start_split(podman: Podman) -> None:
+    """`podman init` has the runtime create the container: its process exists but the program
+    has not run; `start` runs it. A created container that never started can be removed."""
+    name, never = "cfs-split", "cfs-never-started"
+    marker = podman.shared_dir / "split.ran"
+    flags = ["-v", f"{podman.shared_dir}:/shared"]
+    try:
+        for n in (name, never):
+            podman.ok("create", *podman.run_flags(n), *flags, "--rootfs", str(podman.rootfs),
+                      "sh", "-c", "echo ran > /shared/split.ran; exit 8")
+            podman.ok("init", n)
+            assert podman.status(n) == "initialized"  # podman's name for the runtime's created
+            pid = int(podman.ok("inspect", "--format", "{{.State.Pid}}", n))
+            assert pid > 0 and os.path.exists(f"/proc/{pid}"), f"no process after init: {pid}"
+        time.sleep(0.2)
+        assert not marker.exists(), "the program ran before start"
+        res = podman("start", "--attach", name)
+        assert res.returncode == 8, res.stderr
+        assert marker.read_text() == "ran\n"
+        podman.ok("rm", "-f", never)
+        assert never not in podman.ok("ps", "-a", "--format", "{{.Names}}").split()
+        assert not os.path.exists(f"/proc/{pid}") or \
+            open(f"/proc/{pid}/stat").read().split()[2] == "Z", "the created process outlived rm"
+    finally:
+        podman.remove(name)
+        podman.remove(never)
+
+
 # ---- detached run, exec, ps, top ------------------------------------------------------------
 
 def test_detached_run_wait_and_logs(podman: Podman) -> None:
@@ -319,6 +347,10 @@ def test_detached_run_wait_and_logs(podman: Podman) -> None:
 def test_exec_runs_in_the_container(podman: Podman, ticker: str) -> None:
     res = podman("exec", ticker, "sh", "-c", "echo hi; echo oops >&2; exit 4")
     assert (res.returncode, res.stdout, res.stderr) == (4, "hi\n", "oops\n")
+    # killed by a signal (it is not the init, so it can be): 128 + 9, as conmon reaps it
+    assert podman("exec", ticker, "sh", "-c", "kill -KILL $$").returncode == 137
+    missing = podman("exec", ticker, "/no/such/program")
+    assert missing.returncode == 127, missing.stderr
     # it joined the container's pid namespace: pid 1 there is the ticker's shell
     init = podman.ok("exec", ticker, "cat", "/proc/1/cmdline").split("\0")
     assert init[:2] == ["sh", "-c"] and "ticks" in init[2], init
