@@ -50,6 +50,11 @@ def _probe() -> str | None:
         subprocess.run(["podman", "--version"], check=True, capture_output=True, timeout=30)
     except (OSError, subprocess.SubprocessError) as e:
         return f"podman does not run: {e}"
+    version = subprocess.run([rt, "--version"], capture_output=True, text=True, timeout=30)
+    if version.returncode != 0 and "No module named 'containerfs.oci'" in version.stderr:
+        # the default runtime (the venv's entry point) on a checkout without the runtime yet;
+        # any other failure of the runtime is for the tests to show
+        return f"{rt} cannot import containerfs.oci: not in this checkout (set OCI_RUNTIME)"
     return None
 
 
