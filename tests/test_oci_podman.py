@@ -24,7 +24,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -74,7 +74,6 @@ class Podman:
     cgroup_parent: str
     rootfs: Path
     shared_dir: Path  # bind-mounted at /shared into containers that use it
-    names: list[str] = field(default_factory=list)
 
     def argv(self, *args: str) -> list[str]:
         b = self.base
@@ -87,7 +86,8 @@ class Podman:
             argv += ["--runtime-flag", f"socket={self.socket}"]
         return argv + list(args)
 
-    def __call__(self, *args: str, input: str | None = None, stdin: int | None = None,
+    def __call__(self, *args: str, input: str | None = None,
+                 stdin: int | None = subprocess.DEVNULL,
                  timeout: float = CALL_TIMEOUT) -> subprocess.CompletedProcess[str]:
         return subprocess.run(self.argv(*args), capture_output=True, text=True, input=input,
                               stdin=stdin if input is None else None, timeout=timeout,
@@ -105,7 +105,6 @@ class Podman:
         flags = ["--network", "none", "--ulimit", "nofile=1024:1024",
                  "--ulimit", "nproc=1000:1000", "--cgroup-parent", self.cgroup_parent]
         if name is not None:
-            self.names.append(name)
             flags += ["--name", name]
         return flags
 
@@ -118,7 +117,7 @@ class Podman:
     def detached(self, name: str, *args: str, flags: tuple[str, ...] = ()) -> str:
         """Start a detached container named `name`; returns its id."""
         out = self.ok("run", "-d", *self.run_flags(name), *flags, "--rootfs", str(self.rootfs),
-                      *args, stdin=subprocess.DEVNULL)
+                      *args)
         cid = out.strip().splitlines()[-1]
         assert re.fullmatch(r"[0-9a-f]{64}", cid), f"podman run -d printed {out!r}"
         return cid
@@ -243,8 +242,11 @@ def podman(runtime_service: ServiceUnderTest | None) -> Iterator[Podman]:
         assert not problems, "; ".join(problems)
 
 
-TICKER = ("i=0; trap 'echo usr1 > /shared/$NAME.usr1' USR1; "
-          "while :; do i=$((i+1)); echo $i > /shared/$NAME.ticks; usleep 20000; done")
+# Sleeps with the read builtin on a fifo, not usleep: no short-lived children, which podman top
+# would race with (it lists /proc, then fails on a pid that has gone).
+TICKER = ("mkfifo /dev/shm/tick; exec 3<>/dev/shm/tick; i=0; "
+          "trap 'echo usr1 > /shared/$NAME.usr1' USR1; "
+          "while :; do i=$((i+1)); echo $i > /shared/$NAME.ticks; read -t 0.02 x <&3; done")
 
 
 @pytest.fixture(scope="module")
@@ -369,7 +371,7 @@ def test_ps_and_top_show_the_running_container(podman: Podman, ticker: str) -> N
     lines = podman.ok("ps", "--format", "{{.Names}} {{.Status}}").splitlines()
     assert any(line.startswith(f"{ticker} Up") for line in lines), lines
     top = podman.ok("top", ticker, "pid", "args")
-    assert re.search(r"^\s*1\s+sh -c i=0", top, re.M), top
+    assert re.search(r"^\s*1\s+sh -c mkfifo", top, re.M), top
 
 
 # ---- stop, kill, rm -------------------------------------------------------------------------
@@ -541,7 +543,7 @@ def _through_pty(argv: list[str], send: bytes, timeout: float = CALL_TIMEOUT) ->
 
 
 def test_exec_t_and_it(podman: Podman, ticker: str) -> None:
-    res = podman("exec", "-t", ticker, "sh", "-c", "tty; exit 7", stdin=subprocess.DEVNULL)
+    res = podman("exec", "-t", ticker, "sh", "-c", "tty; exit 7")
     assert res.returncode == 7, res.stderr
     assert re.fullmatch(r"/dev/pts/\d+\n", res.stdout.replace("\r\n", "\n")), res.stdout
     # -it needs a terminal on our side too: the input typed there reaches the program
