@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import threading
 from typing import Any
 
@@ -312,5 +313,5 @@ def test_docs_example(service: Any) -> None:
     """docs/api.md's container_spawn example runs as written."""
     text = (ROOT / "docs" / "api.md").read_text()
     block = text[text.index("- `container_spawn(fd, path"):].split("```python\n")[1]
-    exec(compile(block.split("```", 1)[0], "docs/api.md container_spawn", "exec"),
+    exec(compile(textwrap.dedent(block.split("```", 1)[0]), "docs/api.md container_spawn", "exec"),
          {"__name__": "doc"})
