@@ -40,6 +40,7 @@ class Lifecycle:
         self.max_per_user = max_per_user
         self.dead_linger = dead_linger
         self.pool = namespaces.NamespacePool()
+        self.mounts = namespaces.MountCopies()
         # Told of each death (what other parts keep per container goes then).
         self.on_death: Callable[[Container], None] | None = None
         self.pool_wanted = trio.Event()
@@ -104,6 +105,13 @@ class Lifecycle:
                     made[nstype] = fd
             self.pool_wanted.set()
         rest = [t for t in new if t not in made]
+        if rest == ["mnt"] and peer.uid == 0 and pooled:
+            copy = self.mounts.take(creator)
+            self.pool_wanted.set()
+            if copy is not None:
+                log.debug("container %d: its mount namespace is a copy made ahead", cid)
+                made.update(copy)
+                rest = []
         try:
             if rest == ["mnt"] and peer.uid == 0:
                 # Copying a mount namespace takes tens of microseconds: cheaper here than a
@@ -127,11 +135,15 @@ class Lifecycle:
         return made
 
     async def fill_pool(self) -> None:
-        """Forever: keep the namespace pool full, off the path of any request."""
+        """Forever: keep the namespace pool and the mount copies full, off the path of any
+        request."""
         while True:
-            while self.pool.missing():
+            while self.pool.missing() or self.mounts.missing():
                 try:
-                    await trio.to_thread.run_sync(self.pool.fill_once)
+                    if self.pool.missing():
+                        await trio.to_thread.run_sync(self.pool.fill_once)
+                    if self.mounts.missing():
+                        await trio.to_thread.run_sync(self.mounts.fill_once)
                 except OSError as e:  # out of fds, say: creates make their own meanwhile
                     log.warning("namespace pool not refilled: %s; again in 1 s", e)
                     await trio.sleep(1)
@@ -276,4 +288,5 @@ class Lifecycle:
                     self.reg.remove(c)
 
     def close(self) -> None:
+        self.mounts.close()
         self.pool.close()

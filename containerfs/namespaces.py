@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import os
+import select
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -255,6 +256,63 @@ class NamespacePool:
             for fd in fds:
                 os.close(fd)
             fds.clear()
+
+
+class MountCopies:
+    """Copies of the service's own mount namespace made ahead of time, for root creators who
+    stand in it (its namespace and its root): {"mnt", "root"} each, as make_in_thread gives.
+
+    Unlike a UTS or network namespace, a copy can go stale: a mount made after it would be
+    missing, where unshare at create time would have it. The service's /proc/self/mountinfo
+    reports each change of its mount table once (POLLPRI); a copy made before the last change
+    is never handed out."""
+
+    def __init__(self, size: int = 2) -> None:
+        self.size = size
+        self.free: list[tuple[int, dict[str, int]]] = []  # (generation, copy)
+        self.generation = 0
+        self._mountinfo = os.open("/proc/self/mountinfo", os.O_RDONLY | os.O_CLOEXEC)
+        self._ours = {"mnt": os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC),
+                      "root": os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)}
+
+    def _look(self) -> int:
+        """The generation of our mount table: one more for each change seen since."""
+        poller = select.poll()
+        poller.register(self._mountinfo, select.POLLPRI)
+        if poller.poll(0):
+            self.generation += 1
+        return self.generation
+
+    def take(self, creator: Mapping[str, int]) -> dict[str, int] | None:
+        """A current copy for a creator standing where we stand (checked on the fds of its
+        namespace and root, proven to be the peer's), or None (the caller copies)."""
+        if not (linux.same_file(creator["mnt"], "/proc/self/ns/mnt")
+                and linux.same_file(creator["root"], "/")):
+            return None
+        now = self._look()
+        while self.free:
+            made, copy = self.free.pop(0)
+            if made == now:
+                return copy
+            close_all(copy)  # stale
+        return None
+
+    def missing(self) -> bool:
+        return len(self.free) < self.size
+
+    def fill_once(self) -> None:
+        """Add one copy (blocking: run it in a thread)."""
+        generation = self._look()  # seen before the copy: a change during it makes it stale
+        self.free.append((generation, make_in_thread(["mnt"], self._ours)))
+
+    def close(self) -> None:
+        for _, copy in self.free:
+            close_all(copy)
+        self.free.clear()
+        close_all(self._ours)
+        if self._mountinfo >= 0:
+            os.close(self._mountinfo)
+            self._mountinfo = -1
 
 
 def _make_in_helper(new: list[str], creator: Mapping[str, int], creds: Credentials,
