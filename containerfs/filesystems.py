@@ -57,8 +57,9 @@ def proc_attrs(attrs: int) -> int:
 
 
 def _userns_for(peer: Peer, c: Container) -> int | None:
-    """The user namespace a helper must enter to act as `peer` (None: root in a thread)."""
-    return c.ns["user"] if peer.uid != 0 and "user" in c.new_ns else None
+    """The user namespace a helper must enter to act as `peer` (None: root in a thread): an
+    fd of the caller's own, to close (it is used across an await, where a lent one may go)."""
+    return c.ns.dup("user") if peer.uid != 0 and "user" in c.new_ns else None
 
 
 def _dups(c: Container, names: list[str]) -> list[int]:
@@ -92,14 +93,21 @@ class Filesystems:
         if not c.flags & CONTAINER_NEW_EMPTY_FS_NS or "root" in c.ns:
             raise OSError(errno.EBUSY, f"container {c.id} already has a mount namespace")
         c.check_alive()
-        made = await trio.to_thread.run_sync(
-            namespaces.root_namespace, mfd, c.ns, namespaces.Credentials(peer.uid, peer.gid),
-            _userns_for(peer, c))
+        # Copies, not lent fds: the thread works while other requests run.
+        fds = _dups(c, ["mnt"])
+        userns = _userns_for(peer, c)
+        try:
+            made = await trio.to_thread.run_sync(
+                namespaces.root_namespace, mfd, {"mnt": fds[0]},
+                namespaces.Credentials(peer.uid, peer.gid), userns)
+        finally:
+            for fd in fds + ([userns] if userns is not None else []):
+                os.close(fd)
         if "root" in c.ns:  # set by a racing call while we worked: keep the first
             namespaces.close_all(made)
             raise OSError(errno.EBUSY, f"container {c.id} already has a mount namespace")
-        for name, fd in made.items():  # the new mount namespace replaces the one made empty
-            c.ns.put(name, fd)
+        # The new mount namespace replaces the one made empty.
+        self.reg.ns.put(c.ns, made)
         c.new_ns = c.new_ns | {"mnt"}
         self.reg.keep(c)
 
@@ -132,13 +140,19 @@ class Filesystems:
             if not c.proc_mounts:
                 c.proc_mounts_idle = trio.Event()
             c.proc_mounts += 1  # init's fork waits until this is attached and recorded
+        fds: list[int] = []
+        userns: int | None = None
         try:
+            fds = _dups(c, ["mnt", "root"])  # copies: the thread works while others run
+            userns = _userns_for(peer, c)
             await trio.to_thread.run_sync(
-                namespaces.mount_inside, mfd, c.ns["mnt"], c.ns["root"], unsafe_path,
-                namespaces.Credentials(peer.uid, peer.gid), _userns_for(peer, c))
+                namespaces.mount_inside, mfd, fds[0], fds[1], unsafe_path,
+                namespaces.Credentials(peer.uid, peer.gid), userns)
             if placeholder is not None and c.state == State.CREATED:
                 c.proc_paths.append(placeholder)
         finally:
+            for fd in fds + ([userns] if userns is not None else []):
+                os.close(fd)
             if placeholder is not None:
                 c.proc_mounts -= 1
                 if not c.proc_mounts:

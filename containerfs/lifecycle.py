@@ -18,10 +18,11 @@ import trio
 
 from syscalls import linux, validate
 from syscalls.constants import CONTAINER_KILL_ON_CLOSE, CONTAINER_NEW_EMPTY_FS_NS
-from syscalls.fd import Fd, FdMap
+from syscalls.fd import Fd
 
 from . import namespaces
 from .keyring.service import KeyringService
+from .nsstore import ContainerNs
 from .process import Peer, pidfd_pid, stat_fields
 from .record import Container, requested_namespaces
 from .registry import Registry
@@ -64,6 +65,7 @@ class Lifecycle:
         # A member's container is the new one's parent: its cgroup nests in the parent's.
         parent = self.reg.containers.get(self.reg.member_of(peer) or 0)
         cid = -1
+        held: ContainerNs | None = None
         try:
             cid = self.reg.store.next_id()
             self.reg.cgroups.create(cid, parent=parent.id if parent else None)
@@ -74,9 +76,13 @@ class Lifecycle:
                 ns[nstype] = fd
             if flags & CONTAINER_NEW_EMPTY_FS_NS:
                 os.close(ns.pop("root"))
+            taken, ns = ns, {}
+            held = self.reg.ns.hold(cid, taken)  # takes the fds, whatever happens
             rfd, wfd = os.pipe2(os.O_CLOEXEC)
         except BaseException as e:
             namespaces.close_all(ns)
+            if held is not None:
+                held.close_all()
             if cid > 0:
                 self.reg.cgroups.try_remove(cid)
                 self.keyrings.discard(cid)
@@ -84,10 +90,11 @@ class Lifecycle:
                 raise OSError(errno.EAGAIN, f"uid {peer.uid} has no user namespaces left "
                                             f"(user.max_user_namespaces): {e.strerror}") from None
             raise
+        assert held is not None
         st = os.fstat(rfd)
         c = Container(id=cid, name=raw_name, flags=flags, owner=peer.uid, group=peer.gid,
                       parent=parent.id if parent else 1, pipe=(st.st_dev, st.st_ino), wfd=Fd(wfd),
-                      ns=FdMap(ns), new_ns=requested_namespaces(flags))
+                      ns=held, new_ns=requested_namespaces(flags))
         self.reg.store.save(c.row(), new_pipe=True)
         self.reg.keep(c)
         self.reg.add(c)

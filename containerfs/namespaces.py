@@ -155,7 +155,7 @@ def make_in_thread(new: list[str], creator: Mapping[str, int] | None) -> dict[st
     return out
 
 
-def _pivot_into(mfd: int) -> dict[str, int]:
+def pivot_into(mfd: int) -> dict[str, int]:
     """In a fresh mount namespace: make mount `mfd` the root and only mount; return its fds."""
     mnt = os.open("/proc/thread-self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)  # while /proc is here
     # Private first, so nothing done here propagates back to the namespace it was copied from.
@@ -181,7 +181,7 @@ def root_namespace(mfd: int, creator: Mapping[str, int], creds: Credentials,
         with nsexec.elsewhere(["mnt"]):
             linux.setns(creator["mnt"], linux.CLONE_NEWNS)
             linux.unshare(linux.CLONE_NEWNS)
-            return _pivot_into(mfd)
+            return pivot_into(mfd)
 
     def helper(_parent: socket.socket) -> list[int]:
         with step("entering the creator's mount namespace"):
@@ -193,7 +193,7 @@ def root_namespace(mfd: int, creator: Mapping[str, int], creds: Credentials,
         with step("unshare(CLONE_NEWNS)"):
             linux.unshare(linux.CLONE_NEWNS)
         with step("making the mount the root"):
-            made = _pivot_into(mfd)
+            made = pivot_into(mfd)
         return [made["mnt"], made["root"]]
 
     return dict(zip(["mnt", "root"], nsexec.in_child(helper, 2)))

@@ -9,9 +9,10 @@ from typing import Any
 import trio
 
 from syscalls.constants import CONTAINER_NEW_EMPTY_FS_NS
-from syscalls.fd import Fd, FdMap
+from syscalls.fd import Fd
 from syscalls.nstypes import FLAG_NAMESPACES
 
+from .nsstore import ContainerNs
 from .states import State
 
 
@@ -25,7 +26,9 @@ class Container:
     parent: int
     pipe: tuple[int, int]
     wfd: Fd  # the service's write end of the handle pipe; closing it is the death notice
-    ns: FdMap  # every namespace the container's processes enter, by type (and "root")
+    # Every namespace the container's processes enter, by type (and "root"): held by the
+    # service's NsStore (nsfs binds), lent as fds on demand.
+    ns: ContainerNs
     new_ns: frozenset[str]
     state: State = State.CREATED
     handle_open: bool = True

@@ -20,11 +20,12 @@ import trio
 
 from syscalls import linux
 from syscalls.constants import CONTAINER_NEW_USER_NS
-from syscalls.fd import Fd, FdMap
+from syscalls.fd import Fd
 from syscalls.replies import ContainerStatus
 
 from .cgroups import CgroupTree
 from .fdstore import FdStore
+from .nsstore import ContainerNs, NsStore
 from .process import Peer
 from .record import Container, requested_namespaces
 from .states import State
@@ -45,6 +46,7 @@ class Registry:
                  fdstore: FdStore) -> None:
         self.store = store
         self.fdstore = fdstore
+        self.ns = NsStore(fdstore)  # every container's namespaces (started by recovery)
         self.cgroups = cgroups
         self.nursery = nursery
         self.containers: dict[int, Container] = {}  # listed: alive, or dead and still held
@@ -79,18 +81,18 @@ class Registry:
             # The handle of a container removed before this service started: its record.
             row = self.store.by_pipe(*key)
             if row is not None and (row["removed"] or row["state"] == State.DEAD.value):
-                c = self.from_row(row, key, wfd=-1, ns={})
+                c = self.from_row(row, key, wfd=-1, ns=ContainerNs(None, row["id"]))
                 c.state = State.DEAD
         if c is None:
             raise OSError(errno.EINVAL, "fd is not a container handle")
         return c
 
     def from_row(self, row: dict[str, Any], pipe: tuple[int, int], wfd: int,
-                 ns: dict[str, int]) -> Container:
+                 ns: ContainerNs) -> Container:
         """A container record rebuilt from its registry row."""
         return Container(id=row["id"], name=row["name"], flags=row["flags"], owner=row["owner"],
                          group=row["grp"], parent=row["parent"], pipe=pipe, wfd=Fd(wfd),
-                         ns=FdMap(ns),
+                         ns=ns,
                          new_ns=requested_namespaces(row["flags"]), init_pid=row["init_pid"],
                          exit_status=row["exit_status"], caps=row.get("caps"),
                          seccomp=row.get("seccomp"))
@@ -176,8 +178,9 @@ class Registry:
     # ---- what outlives the service: the record and the keeper's copies -----------------
 
     def keep(self, c: Container) -> None:
-        """Hand the keeper copies of what must outlive a crash of the service."""
-        fds = {"w": c.wfd.fileno(), **{f"ns:{t}": fd for t, fd in c.ns.items()}}
+        """Hand the keeper copies of what must outlive a crash of the service (the
+        namespaces outlive it in the NsStore's holder, which the keeper holds)."""
+        fds = {"w": c.wfd.fileno(), **self.ns.keep_fds(c.ns)}
         if not c.init_pidfd.closed:
             fds["init"] = c.init_pidfd.fileno()
         self.fdstore.put(f"c{c.id}", fds)
@@ -220,3 +223,4 @@ class Registry:
 
     def close(self) -> None:
         self.epoll.close()
+        self.ns.close()

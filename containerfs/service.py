@@ -86,9 +86,10 @@ class Service:
         """Adopt the containers a previous service left, with the fds the keeper kept."""
         reg = self.reg
         held = reg.fdstore.get_all()
+        reg.ns.start(held)  # the namespaces' holder first: adoption reads it
         for row in reg.store.unremoved_rows():
             fds = held.pop(f"c{row['id']}", {})
-            if row["state"] == State.DEAD.value or "w" not in fds:
+            if row["state"] == State.DEAD.value or "w" not in fds or not self._adopt(row, fds):
                 # Dead, or nothing kept its handles alive (the keeper died too): holders have
                 # seen their hang-up already; make sure nothing of it runs on.
                 for fd in fds.values():
@@ -98,8 +99,7 @@ class Service:
                 row["state"] = State.DEAD.value
                 reg.store.save({**row, "removed": 1})
                 reg.fdstore.drop(f"c{row['id']}")
-                continue
-            self._adopt(row, fds)
+        reg.ns.sweep(set(reg.containers))  # what no adopted container uses
         self.forks.recover(held)
         self.keyrings.recover(held)  # takes its own keys out of `held`
         for key, fds in held.items():
@@ -107,10 +107,21 @@ class Service:
                 os.close(fd)
             reg.fdstore.drop(key)
 
-    def _adopt(self, row: dict[str, Any], fds: dict[str, int]) -> None:
+    def _adopt(self, row: dict[str, Any], fds: dict[str, int]) -> bool:
+        """Adopt one container (taking `fds`); False, taking nothing, if its namespaces
+        were lost."""
+        old = {name[3:]: fds.pop(name) for name in list(fds) if name.startswith("ns:")}
+        if old:  # kept as fds by a service of an earlier version: held the new way now
+            ns = self.reg.ns.hold(row["id"], old)
+        else:
+            root = fds.pop("root", None)
+            found = self.reg.ns.adopt(row["id"], root)
+            if found is None:
+                log.warning("container %d: its namespaces were lost; it is dead", row["id"])
+                return False
+            ns = found
         wfd = fds.pop("w")
         init_pidfd = fds.pop("init", -1)
-        ns = {name[3:]: fd for name, fd in fds.items() if name.startswith("ns:")}
         st = os.fstat(wfd)
         c = self.reg.from_row(row, (st.st_dev, st.st_ino), wfd, ns)
         self.reg.cgroups.adopt(c.id, c.parent)  # rows come parents first (ids grow)
@@ -127,7 +138,10 @@ class Service:
         self.reg.add(c)
         self.reg.save_later(c.row())
         self.reg.watch_handle(c)  # if every handle closed while we were down, this fires at once
+        if old:
+            self.reg.keep(c)  # the keeper lets its copies of the namespace fds go
         log.info("container %d adopted (%s)", c.id, c.state.value)
+        return True
 
     def close(self) -> None:
         self.reg.close()

@@ -1,0 +1,488 @@
+"""Every container's namespaces, held without an fd each.
+
+An fd per namespace and container capped a service at about 2,200 containers under a 20,000
+fd limit (and its keeper with it). Here a namespace is held by an nsfs bind mount (as
+`ip netns` holds a network namespace) in a mount namespace of the service's own, the
+*holder*: made once, its only mount a private tmpfs, never entered by any container and
+never copied into one (a container's mount namespace is a copy of its creator's, and binds
+in the host's would be copied into every one made after them). The service reaches the
+tmpfs through one O_PATH fd of its root and opens a bind with openat(), from its own mount
+namespace; only making and removing a bind needs a thread standing in the holder
+(`nsexec.elsewhere`): move_mount and umount act only in the caller's mount namespace.
+
+Layout of the tmpfs (it is also what a restarted service reads back):
+    <type>.<ino>         a bind of that namespace, one per namespace whoever uses it
+    c<id>/<type>         a symlink to ../<type>.<ino>: which namespaces container <id> has
+    c<id>/root           a symlink to "derived" (the root of its mount namespace, as
+                         setns(2) finds it) or "held" (an fd the keeper holds: a creator's
+                         chroot, say)
+
+What cannot be bound is held by an fd instead, once per namespace, and the keeper gets a
+copy under `ns.<type>.<ino>`: the kernel refuses to bind a mount namespace that is not
+younger than the holder (`mnt_ns_loop`, ELOOP), so the host's own, and any made before the
+holder, are fds.
+
+Open fds are cached (least recently used first out, `CACHE_SIZE`): creating a container
+leaves its fresh fds there, so its first forks re-open nothing. A lent fd (`ns[name]`) stays
+open for the rest of the caller's synchronous step; across an await, take a `dup()`.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import logging
+import os
+from collections.abc import Iterator, Mapping
+
+from syscalls import linux, nsexec
+from syscalls.fd import Fd
+from syscalls.mount import OPEN_TREE_CLOEXEC, OPEN_TREE_CLONE
+
+from .fdstore import FdStore
+from .namespaces import pivot_into
+
+log = logging.getLogger("containerfs")
+
+HOLDER_KEY = "nsholder"  # the keeper's key of the holder's fds ("mnt", "root")
+HELD_PREFIX = "ns."  # keeper keys of namespaces held by fd: ns.<type>.<ino>
+CACHE_SIZE = 256  # open fds kept for recently used namespaces and roots
+DERIVED, HELD = "derived", "held"  # what c<id>/root says
+
+
+def _place(fd: int) -> tuple[int, int, int]:
+    """Where an fd is: (mount id, device, inode): a root is the same only if all three are."""
+    st = os.fstat(fd)
+    return linux.mount_id(fd), st.st_dev, st.st_ino
+
+
+class ContainerNs(Mapping[str, int]):
+    """One container's namespaces by type, and "root": a read-only Mapping that lends fds
+    (valid until the caller's next await), `dup` for an fd of one's own, `put` to replace
+    one, `close_all` to let all go. Holds no fd itself."""
+
+    __slots__ = ("_store", "cid", "ids", "root")
+
+    def __init__(self, store: NsStore | None, cid: int, ids: dict[str, int] | None = None,
+                 root: str | None = None) -> None:
+        self._store = store
+        self.cid = cid
+        self.ids: dict[str, int] = ids if ids is not None else {}  # type -> namespace inode
+        self.root = root  # None (no root yet), DERIVED or HELD
+
+    def __getitem__(self, name: str) -> int:
+        if name not in self or self._store is None:
+            raise KeyError(name)
+        return self._store.lend(self, name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.ids or (name == "root" and self.root is not None)
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self.ids
+        if self.root is not None:
+            yield "root"
+
+    def __len__(self) -> int:
+        return len(self.ids) + (self.root is not None)
+
+    def ino(self, name: str) -> int:
+        """The namespace's inode number (what /proc/PID/ns shows), with no fd opened."""
+        return self.ids[name]
+
+    def dup(self, name: str) -> int:
+        """A new fd for `name`, owned by the caller."""
+        return os.dup(self[name])
+
+    def put(self, name: str, fd: int) -> None:
+        """Hold `fd` (taken) as `name`, in place of what was held there."""
+        assert self._store is not None
+        self._store.put(self, {name: fd})
+
+    def close_all(self) -> None:
+        """Let every namespace and the root go (what no other container uses is unmounted)."""
+        if self._store is not None:
+            self._store.release(self)
+
+    def __repr__(self) -> str:
+        return f"ContainerNs({self.cid}, {self.ids}, root={self.root})"
+
+
+class NsStore:
+    """The holder, the binds in it, the namespaces held by fd, and the cache of open fds.
+    Used from the service's event-loop thread only."""
+
+    def __init__(self, fdstore: FdStore, cache_size: int = CACHE_SIZE) -> None:
+        self.fdstore = fdstore
+        self.cache_size = cache_size
+        self.mnt = Fd()  # the holder's mount namespace
+        self.dir = Fd()  # O_PATH fd of its tmpfs root
+        self.refs: collections.Counter[tuple[str, int]] = collections.Counter()
+        self.by_fd: dict[tuple[str, int], int] = {}  # namespaces that cannot be bound
+        self.roots: dict[int, int] = {}  # container id -> its root, where "held"
+        # (type, ino) or ("root", id) -> an open fd, least recently used first.
+        self.cache: collections.OrderedDict[tuple[str, int], int] = collections.OrderedDict()
+
+    # ---- the holder ---------------------------------------------------------------------
+
+    def start(self, held: dict[str, dict[str, int]]) -> None:
+        """Take the holder and the namespaces held by fd out of what the keeper kept
+        (`held`), or make a new holder. Before any container is adopted or created."""
+        kept = held.pop(HOLDER_KEY, {})
+        if "mnt" in kept and "root" in kept:
+            self.mnt, self.dir = Fd(kept.pop("mnt")), Fd(kept.pop("root"))
+        else:
+            self._make_holder()
+        for fd in kept.values():
+            os.close(fd)
+        for key in [k for k in held if k.startswith(HELD_PREFIX)]:
+            fds = held.pop(key)
+            _, nstype, ino = key.split(".", 2)
+            self.by_fd[(nstype, int(ino))] = fds.pop("ns")
+            for fd in fds.values():
+                os.close(fd)
+
+    def _make_holder(self) -> None:
+        fs = linux.fsopen("tmpfs", linux.FSOPEN_CLOEXEC)
+        try:
+            linux.fsconfig(fs, linux.FSCONFIG_SET_STRING, "source", "containerfs-ns", 0)
+            linux.fsconfig(fs, linux.FSCONFIG_SET_STRING, "mode", "0700", 0)
+            linux.fsconfig(fs, linux.FSCONFIG_CMD_CREATE, None, None, 0)
+            tmpfs = linux.fsmount(fs, linux.FSMOUNT_CLOEXEC, 0)
+        finally:
+            os.close(fs)
+        try:
+            with nsexec.elsewhere(["mnt"]):
+                linux.unshare(linux.CLONE_NEWNS)
+                made = pivot_into(tmpfs)
+        finally:
+            os.close(tmpfs)
+        self.mnt, self.dir = Fd(made["mnt"]), Fd(made["root"])
+        self.fdstore.put(HOLDER_KEY, {"mnt": self.mnt.fileno(), "root": self.dir.fileno()})
+
+    def close(self) -> None:
+        """Close the service's fds (at its stop): the keeper's copies keep everything."""
+        for fd in [*self.cache.values(), *self.by_fd.values(), *self.roots.values()]:
+            os.close(fd)
+        self.cache.clear()
+        self.by_fd.clear()
+        self.roots.clear()
+        self.mnt.close()
+        self.dir.close()
+
+    # ---- holding --------------------------------------------------------------------------
+
+    def hold(self, cid: int, fds: dict[str, int]) -> ContainerNs:
+        """Hold container `cid`'s namespaces and root (`fds`, taken: {type: fd, "root": fd})."""
+        ns = ContainerNs(self, cid)
+        os.mkdir(f"c{cid}", 0o700, dir_fd=self.dir.fileno())
+        try:
+            self.put(ns, fds)
+        except BaseException:
+            self.release(ns)
+            raise
+        return ns
+
+    def put(self, ns: ContainerNs, fds: dict[str, int]) -> None:
+        """Hold `fds` (taken) for `ns`, replacing what it held under those names."""
+        fds = dict(fds)
+        root = fds.pop("root", None)
+        try:
+            keys = {t: (t, os.fstat(fd).st_ino) for t, fd in fds.items()}
+            new = [(k, fds[t]) for t, k in keys.items()
+                   if not self.refs[k] and k not in self.by_fd]
+            check = None
+            if root is not None:  # (the new mount namespace, or the one held already)
+                check = (root, fds["mnt"] if "mnt" in fds else self.lend(ns, "mnt"))
+            derived = self._bind(new, check)
+        except BaseException:
+            for fd in [*fds.values(), *([root] if root is not None else [])]:
+                os.close(fd)
+            raise
+        d = f"c{ns.cid}"
+        for t, key in keys.items():
+            old = ns.ids.get(t)
+            self.refs[key] += 1
+            ns.ids[t] = key[1]
+            _replace_link(f"../{t}.{key[1]}", f"{d}/{t}", self.dir.fileno())
+            if key in self.cache or key in self.by_fd:
+                os.close(fds[t])  # (the open one may be lent right now)
+            else:
+                self._cache(key, fds[t])
+            if old is not None:
+                self._unref((t, old))
+        if root is not None:
+            self._forget_root(ns.cid)
+            ns.root = DERIVED if derived else HELD
+            if derived:
+                self._cache(("root", ns.cid), root)
+            else:
+                self.roots[ns.cid] = root
+            _replace_link(ns.root, f"{d}/root", self.dir.fileno())
+
+    def keep_fds(self, ns: ContainerNs) -> dict[str, int]:
+        """What the keeper must hold for `ns` beside the handle: its root, if held by fd."""
+        fd = self.roots.get(ns.cid)
+        return {"root": fd} if fd is not None else {}
+
+    def _bind(self, new: list[tuple[tuple[str, int], int]],
+              check: tuple[int, int] | None) -> bool:
+        """Bind the namespaces in `new` ((type, ino), fd) into the holder, those the kernel
+        refuses held by fd; with `check` (root, mount namespace), whether that root is the
+        one setns(2) into that mount namespace finds. One trip of this thread."""
+        derived = False
+        if not new and check is None:
+            return False
+        refused: list[tuple[tuple[str, int], int]] = []
+        made: list[str] = []
+        with nsexec.elsewhere(["mnt"]):
+            if check is not None:
+                linux.setns(check[1], linux.CLONE_NEWNS)
+                here = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+                try:
+                    derived = _place(here) == _place(check[0])
+                finally:
+                    os.close(here)
+            if new:
+                linux.setns(self.mnt.fileno(), linux.CLONE_NEWNS)
+                try:
+                    for key, fd in new:
+                        name = f"{key[0]}.{key[1]}"
+                        try:
+                            _bind_one(fd, name)
+                            made.append(name)
+                        except OSError as e:
+                            if e.errno == errno.ENOSPC:
+                                raise OSError(errno.EAGAIN, "the service holds as many "
+                                              "namespaces as fs.mount-max lets one mount "
+                                              "namespace have; remove containers first, or "
+                                              "raise that sysctl") from None
+                            if e.errno != errno.ELOOP:
+                                raise
+                            refused.append((key, fd))
+                except BaseException:
+                    for name in made:
+                        _unbind_one(name)
+                    raise
+        for key, fd in refused:
+            self.by_fd[key] = os.dup(fd)
+            self.fdstore.put(f"{HELD_PREFIX}{key[0]}.{key[1]}", {"ns": self.by_fd[key]})
+        return derived
+
+    def release(self, ns: ContainerNs) -> None:
+        """Let `ns` go: its entries, and every namespace no other container uses."""
+        d = f"c{ns.cid}"
+        dirfd = self.dir.fileno()
+        for t in list(ns.ids):
+            _unlink(f"{d}/{t}", dirfd)
+        _unlink(f"{d}/root", dirfd)
+        try:
+            os.rmdir(d, dir_fd=dirfd)
+        except FileNotFoundError:
+            pass
+        self._forget_root(ns.cid)
+        gone = []
+        for t, ino in ns.ids.items():
+            gone += self._unref((t, ino), later=True)
+        ns.ids = {}
+        ns.root = None
+        self._unbind(gone)
+
+    def _unref(self, key: tuple[str, int], later: bool = False) -> list[str]:
+        """One user fewer; unbound (or closed) when none is left. With `later`, the names
+        to unbind are returned instead (one trip for several)."""
+        self.refs[key] -= 1
+        if self.refs[key] > 0:
+            return []
+        del self.refs[key]
+        fd = self.cache.pop(key, None)
+        if fd is not None:
+            os.close(fd)
+        held = self.by_fd.pop(key, None)
+        if held is not None:
+            os.close(held)
+            self.fdstore.drop(f"{HELD_PREFIX}{key[0]}.{key[1]}")
+            return []
+        names = [f"{key[0]}.{key[1]}"]
+        if later:
+            return names
+        self._unbind(names)
+        return []
+
+    def _unbind(self, names: list[str]) -> None:
+        if not names:
+            return
+        with nsexec.elsewhere(["mnt"]):
+            linux.setns(self.mnt.fileno(), linux.CLONE_NEWNS)
+            for name in names:
+                _unbind_one(name)
+
+    def _forget_root(self, cid: int) -> None:
+        fd = self.cache.pop(("root", cid), None)
+        if fd is not None:
+            os.close(fd)
+        held = self.roots.pop(cid, None)
+        if held is not None:
+            os.close(held)
+
+    # ---- opening ------------------------------------------------------------------------
+
+    def lend(self, ns: ContainerNs, name: str) -> int:
+        """An fd of `ns`'s `name`, lent: open until this store's next step that may evict
+        (the caller's synchronous step at least, if it lends fewer than CACHE_SIZE)."""
+        if name == "root":
+            held = self.roots.get(ns.cid)
+            if held is not None:
+                return held
+            key = ("root", ns.cid)
+        else:
+            key = (name, ns.ids[name])
+            fd = self.by_fd.get(key)
+            if fd is not None:
+                return fd
+        fd = self.cache.get(key)
+        if fd is not None:
+            self.cache.move_to_end(key)
+            return fd
+        if name == "root":
+            fd = self._derive_root(self.lend(ns, "mnt"))
+        else:
+            fd = os.open(f"{name}.{key[1]}", os.O_RDONLY | os.O_CLOEXEC, dir_fd=self.dir.fileno())
+        self._cache(key, fd)
+        return fd
+
+    def _cache(self, key: tuple[str, int], fd: int) -> None:
+        """Keep `fd` (taken) open for `key`, closing the least recently used past the bound."""
+        old = self.cache.pop(key, None)
+        if old is not None and old != fd:
+            os.close(old)
+        self.cache[key] = fd
+        while len(self.cache) > self.cache_size:
+            _, out = self.cache.popitem(last=False)
+            os.close(out)
+
+    @staticmethod
+    def _derive_root(mnt: int) -> int:
+        """The root of mount namespace `mnt` as setns(2) finds it (what a process that
+        enters it stands in)."""
+        with nsexec.elsewhere(["mnt"]):
+            linux.setns(mnt, linux.CLONE_NEWNS)
+            return os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+
+    # ---- after a restart ----------------------------------------------------------------
+
+    def adopt(self, cid: int, root: int | None) -> ContainerNs | None:
+        """The namespaces of container `cid` as a previous service left them (`root`: the
+        keeper's fd of a held root, taken); None if none are recorded."""
+        d = f"c{cid}"
+        dirfd = self.dir.fileno()
+        try:
+            names = _listdir(d, dirfd)
+        except FileNotFoundError:
+            if root is not None:
+                os.close(root)
+            return None
+        ns = ContainerNs(self, cid)
+        for name in names:
+            target = os.readlink(f"{d}/{name}", dir_fd=dirfd)
+            if name == "root":
+                ns.root = target if target in (DERIVED, HELD) else None
+                continue
+            nstype, _, ino = target.removeprefix("../").partition(".")
+            if nstype != name or not ino.isdigit():
+                log.warning("container %d: stray entry %s -> %s ignored", cid, name, target)
+                continue
+            key = (nstype, int(ino))
+            if key not in self.by_fd and not _exists(f"{nstype}.{ino}", dirfd):
+                log.warning("container %d: its %s namespace was lost", cid, nstype)
+                continue
+            ns.ids[nstype] = key[1]
+            self.refs[key] += 1
+        if ns.root == HELD:
+            if root is None:
+                log.warning("container %d: its root was lost", cid)
+                ns.root = None
+            else:
+                self.roots[cid] = root
+                root = None
+        if root is not None:
+            os.close(root)
+        return ns
+
+    def sweep(self, live: set[int]) -> None:
+        """After adoption: remove what no adopted container (ids in `live`) uses."""
+        dirfd = self.dir.fileno()
+        gone = []
+        for name in _listdir(".", dirfd):
+            if name.startswith("c") and name[1:].isdigit():
+                if int(name[1:]) not in live:
+                    for entry in _listdir(name, dirfd):
+                        _unlink(f"{name}/{entry}", dirfd)
+                    os.rmdir(name, dir_fd=dirfd)
+                continue
+            nstype, _, ino = name.partition(".")
+            if not ino.isdigit() or not self.refs[(nstype, int(ino))]:
+                gone.append(name)
+        for key in [k for k in self.by_fd if not self.refs[k]]:
+            os.close(self.by_fd.pop(key))
+            self.fdstore.drop(f"{HELD_PREFIX}{key[0]}.{key[1]}")
+        self._unbind(gone)
+        self.refs = +self.refs  # (drop the zero counts the look-ups above left)
+
+    def stats(self) -> dict[str, int]:
+        """How much is held: namespaces bound, held by fd, roots held, fds cached."""
+        return {"bound": sum(1 for k in self.refs if k not in self.by_fd),
+                "by_fd": len(self.by_fd), "roots": len(self.roots), "cached": len(self.cache)}
+
+
+# ---- in the holder's thread, or on its tmpfs --------------------------------------------
+
+def _bind_one(fd: int, name: str) -> None:
+    """Bind namespace `fd` at `name` (the thread stands in the holder, at its root)."""
+    os.close(os.open(name, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o600))
+    try:
+        tree = linux.open_tree(fd, "", OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | linux.AT_EMPTY_PATH)
+        try:
+            linux.move_mount(tree, "", linux.AT_FDCWD, name, linux.MOVE_MOUNT_F_EMPTY_PATH)
+        finally:
+            os.close(tree)
+    except BaseException:
+        os.unlink(name)
+        raise
+
+
+def _unbind_one(name: str) -> None:
+    try:
+        linux.umount2(name, linux.MNT_DETACH)
+    except OSError as e:
+        if e.errno != errno.EINVAL:  # EINVAL: not mounted (a bind that never was)
+            log.warning("namespace %s not unmounted: %s", name, e)
+    _unlink(name, linux.AT_FDCWD)
+
+
+def _replace_link(target: str, path: str, dirfd: int) -> None:
+    _unlink(path, dirfd)
+    os.symlink(target, path, dir_fd=dirfd)
+
+
+def _unlink(path: str, dirfd: int) -> None:
+    try:
+        os.unlink(path, dir_fd=None if dirfd == linux.AT_FDCWD else dirfd)
+    except FileNotFoundError:
+        pass
+
+
+def _exists(path: str, dirfd: int) -> bool:
+    try:
+        os.stat(path, dir_fd=dirfd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _listdir(path: str, dirfd: int) -> list[str]:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dirfd)
+    try:
+        return os.listdir(fd)
+    finally:
+        os.close(fd)
