@@ -229,7 +229,7 @@ class Lifecycle:
         # what lingers is data. A holder that used the root before keeps its own copy.
         c.ns.close_all()
         # Its children die with it (those without an init have no process to notice).
-        for child in [x for x in self.reg.containers.values() if x.parent == c.id]:
+        for child in [self.reg.containers[i] for i in self.reg.children.get(c.id, ())]:
             self.kill(child)
         self.reg.save_later(c.row())
         self.reg.nursery.start_soon(self.remove_cgroup, c.id)

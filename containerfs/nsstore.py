@@ -11,8 +11,9 @@ namespace; only making and removing a bind needs a thread standing in the holder
 (`nsexec.elsewhere`): move_mount and umount act only in the caller's mount namespace.
 
 Layout of the tmpfs (it is also what a restarted service reads back):
-    <type>.<ino>         a bind of that namespace, one per namespace whoever uses it
-    c<id>/<type>         a symlink to ../<type>.<ino>: which namespaces container <id> has
+    <type>.<ino>.<tag>   a bind of that namespace, one per namespace whoever uses it (the tag
+                         makes the name unique: one being unmounted is never re-bound)
+    c<id>/<type>         a symlink to ../<type>.<ino>.<tag>: which namespaces <id> has
     c<id>/root           a symlink to "derived" (the root of its mount namespace, as
                          setns(2) finds it) or "held" (an fd the keeper holds: a creator's
                          chroot, say)
@@ -25,15 +26,21 @@ holder, are fds.
 Open fds are cached (least recently used first out, `CACHE_SIZE`): creating a container
 leaves its fresh fds there, so its first forks re-open nothing. A lent fd (`ns[name]`) stays
 open for the rest of the caller's synchronous step; across an await, take a `dup()`.
+
+Unmounting waits for an RCU grace period (about 0.7 ms here), so binds no container uses any
+more are unmounted by a worker thread (`unbind_forever`), off the event loop.
 """
 
 from __future__ import annotations
 
 import collections
 import errno
+import itertools
 import logging
 import os
 from collections.abc import Iterator, Mapping
+
+import trio
 
 from syscalls import linux, nsexec
 from syscalls.fd import Fd
@@ -118,6 +125,11 @@ class NsStore:
         self.mnt = Fd()  # the holder's mount namespace
         self.dir = Fd()  # O_PATH fd of its tmpfs root
         self.refs: collections.Counter[tuple[str, int]] = collections.Counter()
+        self.names: dict[tuple[str, int], str] = {}  # (type, ino) -> its bind's name
+        self._tags = itertools.count()
+        self._boot = os.urandom(3).hex()
+        self._doomed: list[str] = []  # binds to unmount (unbind_forever)
+        self._doomed_added = trio.Event()
         self.by_fd: dict[tuple[str, int], int] = {}  # namespaces that cannot be bound
         self.roots: dict[int, int] = {}  # container id -> its root, where "held"
         # (type, ino) or ("root", id) -> an open fd, least recently used first.
@@ -190,7 +202,7 @@ class NsStore:
         try:
             keys = {t: (t, os.fstat(fd).st_ino) for t, fd in fds.items()}
             new = [(k, fds[t]) for t, k in keys.items()
-                   if not self.refs[k] and k not in self.by_fd]
+                   if k not in self.names and k not in self.by_fd]
             check = None
             if root is not None:  # (the new mount namespace, or the one held already)
                 check = (root, fds["mnt"] if "mnt" in fds else self.lend(ns, "mnt"))
@@ -204,7 +216,8 @@ class NsStore:
             old = ns.ids.get(t)
             self.refs[key] += 1
             ns.ids[t] = key[1]
-            _replace_link(f"../{t}.{key[1]}", f"{d}/{t}", self.dir.fileno())
+            _replace_link(f"../{self.names[key]}" if key in self.names else f"../{t}.{key[1]}",
+                          f"{d}/{t}", self.dir.fileno())
             if key in self.cache or key in self.by_fd:
                 os.close(fds[t])  # (the open one may be lent right now)
             else:
@@ -247,10 +260,11 @@ class NsStore:
                 linux.setns(self.mnt.fileno(), linux.CLONE_NEWNS)
                 try:
                     for key, fd in new:
-                        name = f"{key[0]}.{key[1]}"
+                        name = f"{key[0]}.{key[1]}.{self._boot}{next(self._tags)}"
                         try:
                             _bind_one(fd, name)
                             made.append(name)
+                            self.names[key] = name
                         except OSError as e:
                             if e.errno == errno.ENOSPC:
                                 raise OSError(errno.EAGAIN, "the service holds as many "
@@ -261,6 +275,8 @@ class NsStore:
                                 raise
                             refused.append((key, fd))
                 except BaseException:
+                    for key, _fd in new:
+                        self.names.pop(key, None)
                     for name in made:
                         _unbind_one(name)
                     raise
@@ -281,19 +297,16 @@ class NsStore:
         except FileNotFoundError:
             pass
         self._forget_root(ns.cid)
-        gone = []
         for t, ino in ns.ids.items():
-            gone += self._unref((t, ino), later=True)
+            self._unref((t, ino))
         ns.ids = {}
         ns.root = None
-        self._unbind(gone)
 
-    def _unref(self, key: tuple[str, int], later: bool = False) -> list[str]:
-        """One user fewer; unbound (or closed) when none is left. With `later`, the names
-        to unbind are returned instead (one trip for several)."""
+    def _unref(self, key: tuple[str, int]) -> None:
+        """One user fewer; unbound (or closed) when none is left."""
         self.refs[key] -= 1
         if self.refs[key] > 0:
-            return []
+            return
         del self.refs[key]
         fd = self.cache.pop(key, None)
         if fd is not None:
@@ -302,20 +315,26 @@ class NsStore:
         if held is not None:
             os.close(held)
             self.fdstore.drop(f"{HELD_PREFIX}{key[0]}.{key[1]}")
-            return []
-        names = [f"{key[0]}.{key[1]}"]
-        if later:
-            return names
-        self._unbind(names)
-        return []
+        name = self.names.pop(key, None)
+        if name is not None:
+            self._doom([name])
 
-    def _unbind(self, names: list[str]) -> None:
-        if not names:
-            return
-        with nsexec.elsewhere(["mnt"]):
-            linux.setns(self.mnt.fileno(), linux.CLONE_NEWNS)
-            for name in names:
-                _unbind_one(name)
+    def _doom(self, names: list[str]) -> None:
+        self._doomed += names
+        self._doomed_added.set()
+
+    async def unbind_forever(self) -> None:
+        """Forever: unmount the binds no container uses any more, in a worker thread (an
+        unmount waits for an RCU grace period). Their names are never used again, so a
+        namespace bound anew meanwhile is not touched."""
+        while True:
+            await self._doomed_added.wait()
+            self._doomed_added = trio.Event()
+            names, self._doomed = self._doomed, []
+            await trio.to_thread.run_sync(_unbind_all, self.mnt.fileno(), names)
+
+    def pending_unbinds(self) -> int:
+        return len(self._doomed)
 
     def _forget_root(self, cid: int) -> None:
         fd = self.cache.pop(("root", cid), None)
@@ -347,7 +366,7 @@ class NsStore:
         if name == "root":
             fd = self._derive_root(self.lend(ns, "mnt"))
         else:
-            fd = os.open(f"{name}.{key[1]}", os.O_RDONLY | os.O_CLOEXEC, dir_fd=self.dir.fileno())
+            fd = os.open(self.names[key], os.O_RDONLY | os.O_CLOEXEC, dir_fd=self.dir.fileno())
         self._cache(key, fd)
         return fd
 
@@ -388,15 +407,17 @@ class NsStore:
             if name == "root":
                 ns.root = target if target in (DERIVED, HELD) else None
                 continue
-            nstype, _, ino = target.removeprefix("../").partition(".")
-            if nstype != name or not ino.isdigit():
+            bound = target.removeprefix("../")
+            key = _key(bound)
+            if key is None or key[0] != name:
                 log.warning("container %d: stray entry %s -> %s ignored", cid, name, target)
                 continue
-            key = (nstype, int(ino))
-            if key not in self.by_fd and not _exists(f"{nstype}.{ino}", dirfd):
-                log.warning("container %d: its %s namespace was lost", cid, nstype)
-                continue
-            ns.ids[nstype] = key[1]
+            if key not in self.by_fd:
+                if not _exists(bound, dirfd):
+                    log.warning("container %d: its %s namespace was lost", cid, name)
+                    continue
+                self.names[key] = bound
+            ns.ids[name] = key[1]
             self.refs[key] += 1
         if ns.root == HELD:
             if root is None:
@@ -420,19 +441,18 @@ class NsStore:
                         _unlink(f"{name}/{entry}", dirfd)
                     os.rmdir(name, dir_fd=dirfd)
                 continue
-            nstype, _, ino = name.partition(".")
-            if not ino.isdigit() or not self.refs[(nstype, int(ino))]:
+            key = _key(name)
+            if key is None or self.names.get(key) != name:
                 gone.append(name)
         for key in [k for k in self.by_fd if not self.refs[k]]:
             os.close(self.by_fd.pop(key))
             self.fdstore.drop(f"{HELD_PREFIX}{key[0]}.{key[1]}")
-        self._unbind(gone)
-        self.refs = +self.refs  # (drop the zero counts the look-ups above left)
+        self._doom(gone)
 
     def stats(self) -> dict[str, int]:
         """How much is held: namespaces bound, held by fd, roots held, fds cached."""
-        return {"bound": sum(1 for k in self.refs if k not in self.by_fd),
-                "by_fd": len(self.by_fd), "roots": len(self.roots), "cached": len(self.cache)}
+        return {"bound": len(self.names), "by_fd": len(self.by_fd), "roots": len(self.roots),
+                "cached": len(self.cache), "to_unmount": len(self._doomed)}
 
 
 # ---- in the holder's thread, or on its tmpfs --------------------------------------------
@@ -449,6 +469,21 @@ def _bind_one(fd: int, name: str) -> None:
     except BaseException:
         os.unlink(name)
         raise
+
+
+def _key(name: str) -> tuple[str, int] | None:
+    """(type, ino) of a bind's name, <type>.<ino>.<tag>; None if it is none."""
+    nstype, _, rest = name.partition(".")
+    ino = rest.partition(".")[0]
+    return (nstype, int(ino)) if ino.isdigit() else None
+
+
+def _unbind_all(holder: int, names: list[str]) -> None:
+    """Unmount and remove the binds `names` (in a worker thread: each unmount waits)."""
+    with nsexec.elsewhere(["mnt"]):
+        linux.setns(holder, linux.CLONE_NEWNS)
+        for name in names:
+            _unbind_one(name)
 
 
 def _unbind_one(name: str) -> None:

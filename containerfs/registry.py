@@ -52,6 +52,7 @@ class Registry:
         self.containers: dict[int, Container] = {}  # listed: alive, or dead and still held
         self.by_pipe: dict[tuple[int, int], Container] = {}
         self.by_wfd: dict[int, Container] = {}
+        self.children: dict[int, set[int]] = {}  # listed containers by parent id
         # Dead containers kept (bounded) so container_wait on a still-held handle answers.
         self.gone: collections.OrderedDict[tuple[int, int], Container] = collections.OrderedDict()
         # One epoll set of every write end: EPOLLERR, always reported, means "no reader is
@@ -119,6 +120,7 @@ class Registry:
     def add(self, c: Container) -> None:
         """List `c` and find it by its handle and write end from now on."""
         self.containers[c.id] = c
+        self.children.setdefault(c.parent, set()).add(c.id)
         self.by_pipe[c.pipe] = c
         if not c.wfd.closed:
             self.by_wfd[c.wfd.fileno()] = c
@@ -128,6 +130,11 @@ class Registry:
         """Forget a dead container: unlisted, but its record answers container_wait."""
         if self.containers.pop(c.id, None) is None:
             return
+        siblings = self.children.get(c.parent)
+        if siblings is not None:
+            siblings.discard(c.id)
+            if not siblings:
+                del self.children[c.parent]
         self.by_pipe.pop(c.pipe, None)
         self.gone[c.pipe] = c
         while len(self.gone) > GONE_KEPT:

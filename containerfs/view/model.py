@@ -90,7 +90,9 @@ class Model:
         """The service changed something a reader could see: tables are rendered afresh at
         their next open (and the kernel's copy replaced then), removed containers forgotten."""
         self.generation += 1
-        gone = self._by_cid.keys() - self.service.containers.keys()
+        # Only the containers a reader looked at (a set difference would walk them all).
+        live = self.service.containers
+        gone = [cid for cid in self._by_cid if cid not in live]
         if gone:
             # Inode numbers are never reused: a kernel that still asks about one gets ENOENT.
             # (Viewpoint inodes stay: one may still be open, and there are few.)
