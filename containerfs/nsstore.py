@@ -155,6 +155,35 @@ class NsStore:
                 os.close(fd)
 
     def _make_holder(self) -> None:
+        """A new holder, older than any mount namespace made after it on our CPUs.
+
+        The kernel binds a mount namespace only into an older one (by namespace id), and
+        since 6.18 ids come from per-CPU batches (of 4096): a holder made on a CPU whose
+        batch is above another CPU's would refuse the namespaces made on that one until
+        its batch runs out (a third of the first thousand containers here). So the holder
+        is made on the CPU whose next id is lowest, and checked: the next id on every
+        CPU we may run on must be above it (ids on one CPU only grow)."""
+        cpus = sorted(os.sched_getaffinity(0))
+        for _ in range(8):
+            nexts = {cpu: _next_id_on(cpu, cpus) for cpu in cpus}
+            lowest = min(cpus, key=lambda cpu: nexts[cpu] or 0)
+            try:
+                os.sched_setaffinity(0, {lowest})
+                self._make_holder_here()
+            finally:
+                os.sched_setaffinity(0, cpus)
+            mine = linux.ns_id(self.mnt.fileno())
+            if mine is None or all((_next_id_on(cpu, cpus) or 0) > mine for cpu in cpus):
+                break
+            self.mnt.close()
+            self.dir.close()
+        else:
+            log.warning("namespace holder: some CPU gives older namespace ids; mount "
+                        "namespaces made there are held by fd until its batch runs out")
+            self._make_holder_here()
+        self.fdstore.put(HOLDER_KEY, {"mnt": self.mnt.fileno(), "root": self.dir.fileno()})
+
+    def _make_holder_here(self) -> None:
         fs = linux.fsopen("tmpfs", linux.FSOPEN_CLOEXEC)
         try:
             linux.fsconfig(fs, linux.FSCONFIG_SET_STRING, "source", "containerfs-ns", 0)
@@ -170,7 +199,6 @@ class NsStore:
         finally:
             os.close(tmpfs)
         self.mnt, self.dir = Fd(made["mnt"]), Fd(made["root"])
-        self.fdstore.put(HOLDER_KEY, {"mnt": self.mnt.fileno(), "root": self.dir.fileno()})
 
     def close(self) -> None:
         """Close the service's fds (at its stop): the keeper's copies keep everything."""
@@ -469,6 +497,21 @@ def _bind_one(fd: int, name: str) -> None:
     except BaseException:
         os.unlink(name)
         raise
+
+
+def _next_id_on(cpu: int, cpus: list[int]) -> int | None:
+    """The id the next namespace made on `cpu` gets (about: a throwaway UTS namespace's)."""
+    try:
+        os.sched_setaffinity(0, {cpu})
+        with nsexec.elsewhere(["uts"]):
+            linux.unshare(linux.CLONE_NEWUTS)
+            fd = os.open("/proc/thread-self/ns/uts", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                return linux.ns_id(fd)
+            finally:
+                os.close(fd)
+    finally:
+        os.sched_setaffinity(0, cpus)
 
 
 def _key(name: str) -> tuple[str, int] | None:

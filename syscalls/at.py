@@ -16,6 +16,7 @@ import errno
 import os
 import stat
 import struct
+import threading
 from collections.abc import Iterator
 from typing import Any
 from contextlib import contextmanager
@@ -39,19 +40,49 @@ _CONFINED = RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS
 # Handle (pipe dev, ino) -> O_PATH fd of the container's root. Pipe inode numbers are not
 # reused while a handle is open, and a root never changes once set.
 _roots: dict[tuple[int, int], int] = {}
+# The handle fd numbers each root was asked for through: once none of them is that handle
+# any more, the caller has closed it, and the root goes (it pins the container's filesystem;
+# kept, a program that went through many containers kept an fd for each).
+_asked_by: dict[tuple[int, int], set[int]] = {}
+_lock = threading.Lock()
+_PRUNE_ABOVE = 8  # roots kept before a new one makes us look for handles closed since
+
+
+def _prune() -> None:
+    """Close the roots whose handles the caller has closed (no fd asked through is that
+    pipe any more). A root is never closed while one of its handles is open, so a call
+    that got it through an open handle keeps a valid fd."""
+    for key in list(_roots):
+        alive = set()
+        for fd in _asked_by.get(key, ()):
+            try:
+                st = os.fstat(fd)
+            except OSError:
+                continue
+            if (st.st_dev, st.st_ino) == key:
+                alive.add(fd)
+        if alive:
+            _asked_by[key] = alive
+        else:
+            _asked_by.pop(key, None)
+            os.close(_roots.pop(key))
 
 
 def container_root(fd: int) -> int | None:
     """The root of the container behind handle `fd`, or None if `fd` is no FIFO at all.
 
     EBADF for a closed fd; ENOTDIR for a FIFO that is not a handle (the kernel's answer for a
-    non-directory); ENOENT for an empty-fs container with no root yet.
+    non-directory); ENOENT for an empty-fs container with no root yet. The fd is lent: valid
+    while `fd` stays open.
     """
     st = os.fstat(fd)
     if not stat.S_ISFIFO(st.st_mode):
         return None
     key = (st.st_dev, st.st_ino)
-    root = _roots.get(key)
+    with _lock:
+        root = _roots.get(key)
+        if root is not None:
+            _asked_by.setdefault(key, set()).add(fd)
     if root is None:
         try:
             _reply, fds = call(protocol.Root(), [fd])
@@ -62,7 +93,15 @@ def container_root(fd: int) -> int | None:
             raise
         if not fds:
             raise OSError(errno.ENOENT, "the container has no root filesystem yet")
-        root = _roots[key] = fds[0]
+        with _lock:
+            if len(_roots) >= _PRUNE_ABOVE:
+                _prune()
+            if key in _roots:  # fetched by another thread meanwhile
+                os.close(fds[0])
+            else:
+                _roots[key] = fds[0]
+            _asked_by.setdefault(key, set()).add(fd)
+            root = _roots[key]
     return root
 
 

@@ -185,6 +185,22 @@ def pidfd_namespace(pidfd: int, nstype: str) -> int:
     return int(res)
 
 
+# NS_GET_ID (Linux 6.18+; ENOTTY before): the 64-bit id of the namespace an nsfs fd is of.
+_NS_GET_ID = (2 << 30) | (8 << 16) | (0xB7 << 8) | 0xD
+
+
+def ns_id(fd: int) -> int | None:
+    """The namespace id of nsfs fd `fd` (the order mount-namespace binds are checked in), or
+    None where the kernel has no NS_GET_ID."""
+    try:
+        raw = fcntl.ioctl(fd, _NS_GET_ID, bytes(8))
+    except OSError as e:
+        if e.errno in (_errno.ENOTTY, _errno.EINVAL):
+            return None
+        raise
+    return int(struct.unpack("Q", raw)[0])
+
+
 def pidfd_exit_status(pidfd: int) -> int | None:
     """Return the wait status of the reaped process behind `pidfd`, or None if not known yet.
 
