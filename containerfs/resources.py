@@ -145,6 +145,14 @@ class ResourceGroups(CgroupFS):
         for base, h in self._hier.items():
             if "cpuset" in h.controllers:
                 self._copy_cpuset(base)
+                # Groups made below copy their parent's CPUs and nodes as they are made (and
+                # pass the flag on): writing cpuset.cpus makes the kernel check every sibling
+                # and rebuild the scheduling domains, two thirds of a create's time at 6,000
+                # containers. Without the flag, create copies them as before.
+                try:
+                    self._write(os.path.join(base, "cgroup.clone_children"), "1")
+                except OSError as e:
+                    log.debug("cpuset clone_children not set on %s: %s", base, e)
         self._ready = True
 
     def _enable_v2(self) -> None:

@@ -1,0 +1,244 @@
+"""At scale (issue 18): containers' namespaces are held without an fd each (nsfs binds in the
+service's own holder mount namespace, containerfs/nsstore.py). Closed containers give every
+fd back, in service, keeper and caller; namespaces held that way still work after a kill -9
+of the service; and the binds go when their containers go, never showing in the host's mounts.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import syscalls as S
+from syscalls import (
+    CONTAINER_KILL_ON_CLOSE, CONTAINER_NEW_EMPTY_FS_NS, CONTAINER_NEW_FS_NS, CONTAINER_NEW_IPC_NS,
+    CONTAINER_NEW_NET_NS, CONTAINER_NEW_PID_NS, CONTAINER_NEW_UTS_NS, MOVE_MOUNT_T_CONTAINER_ROOT,
+    at, linux, nsexec,
+)
+
+from .conftest import child_result, hung_up, start_service, tmpfs
+from .test_restart import restart
+
+IDLE = CONTAINER_NEW_FS_NS | CONTAINER_NEW_PID_NS | CONTAINER_NEW_UTS_NS | CONTAINER_NEW_IPC_NS
+SET_ROOT = S.MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_CONTAINER_ROOT
+SIOCGSKNS = 0x894C  # the network namespace of a socket, as an fd
+
+
+def fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def keeper_pid(service: Any) -> int:
+    with open(os.path.join(service.runtime_dir, "keeper.pid")) as f:
+        return int(f.read())
+
+
+def settled(pid: int, bound: int, timeout: float = 15) -> int:
+    """The fd count of `pid` once at or under `bound` (deaths are dealt with in the
+    background), or as it is after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while (n := fds(pid)) > bound and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return n
+
+
+def holder(service: Any) -> tuple[list[str], int]:
+    """What the namespace holder holds: its tmpfs's entries and how many mounts it has,
+    looked at by this thread standing in it for a moment (through the keeper's fd of it)."""
+    kp = keeper_pid(service)
+    proc = os.open("/proc", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for name in os.listdir(f"/proc/{kp}/fd"):
+            try:
+                if not os.readlink(f"/proc/{kp}/fd/{name}").startswith("mnt:["):
+                    continue
+                ns = os.open(f"/proc/{kp}/fd/{name}", os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                continue
+            try:
+                with nsexec.elsewhere(["mnt"]):
+                    linux.setns(ns, linux.CLONE_NEWNS)
+                    info = os.open("thread-self/mountinfo", os.O_RDONLY | os.O_CLOEXEC, dir_fd=proc)
+                    with open(info) as f:
+                        lines = f.read().splitlines()
+                    entries = sorted(os.listdir("/"))
+            finally:
+                os.close(ns)
+            if any(line.split()[4] == "/" and " - tmpfs containerfs-ns " in line
+                   for line in lines):
+                return entries, len(lines)
+    finally:
+        os.close(proc)
+    raise AssertionError("no namespace holder among the keeper's fds")
+
+
+def host_mounts() -> list[str]:
+    """The host's mounts a namespace holder could leak: nsfs binds and its tmpfs (others
+    come and go with what else runs on the machine)."""
+    with open("/proc/self/mountinfo") as f:
+        return sorted(line for line in f if " - nsfs " in line or " containerfs-ns " in line)
+
+
+def test_closed_containers_leave_no_fds(service: Any) -> None:
+    """300 containers made, used (a fork, a root fetched for *at() calls) and closed: the
+    service, its keeper and this process end with the fds they started with, give or take
+    a few (idle connections, the last create's fork plan, a handful of cached roots)."""
+    svc, kp, me = service.proc.pid, keeper_pid(service), os.getpid()
+    warm = S.container_create("warm", IDLE | CONTAINER_KILL_ON_CLOSE)  # pool, holder, caches
+    os.close(warm)
+    time.sleep(0.3)
+    start = fds(svc), fds(kp), fds(me)
+    for i in range(300):
+        cfd = S.container_create("c", IDLE | CONTAINER_KILL_ON_CLOSE)
+        assert at.container_root(cfd) is not None  # the caller's root cache
+        if i % 10 == 0:
+            pid = S.fork_into_container(cfd)
+            if pid == 0:
+                os._exit(0)
+            assert child_result(pid) == 0
+        os.close(cfd)
+    left = settled(svc, start[0] + 16) - start[0], settled(kp, start[1] + 2) - start[1]
+    assert left[0] <= 16, f"the service kept {left[0]} fds of 300 closed containers"
+    assert left[1] <= 2, f"the keeper kept {left[1]} fds of 300 closed containers"
+    assert fds(me) - start[2] <= 24, f"this process kept {fds(me) - start[2]} fds"
+
+
+def test_a_container_s_namespaces_work_after_kill_9(service: Any) -> None:
+    """Held by binds across a crash of the service: the namespaces and root of an idle
+    container serve *at() calls, mounts, sockets and forks from the restarted service, and
+    are the same namespaces as before."""
+    cfd = S.container_create("held", CONTAINER_NEW_EMPTY_FS_NS | CONTAINER_NEW_PID_NS
+                             | CONTAINER_NEW_UTS_NS | CONTAINER_NEW_IPC_NS | CONTAINER_NEW_NET_NS)
+    r = w = -1
+    try:
+        mfd = tmpfs()
+        S.move_mount(mfd, "", cfd, "/", SET_ROOT)
+        os.close(mfd)
+        S.mkdirat(cfd, "sub", 0o755)
+        with socket.socket(fileno=S.container_socket(cfd, socket.AF_INET, socket.SOCK_STREAM, 0)) as s:
+            netns = os.fstat(fcntl.ioctl(s, SIOCGSKNS)).st_ino
+        restart(service, hard=True)
+        assert not hung_up(cfd, 0.2)
+        # *at() calls through the handle (the root, re-derived from the mount namespace).
+        f = S.openat(cfd, "sub/file", os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o644)
+        os.write(f, b"made after the restart")
+        os.close(f)
+        # A mount from outside, into the held mount namespace.
+        S.mkdirat(cfd, "mnt", 0o755)
+        mfd = tmpfs()
+        S.move_mount(mfd, "", cfd, "mnt", S.MOVE_MOUNT_F_EMPTY_PATH)
+        os.close(mfd)
+        # A socket in the held network namespace: the same one as before the crash.
+        with socket.socket(fileno=S.container_socket(cfd, socket.AF_INET, socket.SOCK_STREAM, 0)) as s:
+            sock_netns = fcntl.ioctl(s, SIOCGSKNS)
+            assert os.fstat(sock_netns).st_ino == netns
+            os.close(sock_netns)
+        # Init sees both, in namespaces of its own, and stays while we look at them.
+        r, w = os.pipe()
+        done_r, done_w = os.pipe()
+        init = S.fork_into_container(cfd)
+        if init == 0:
+            try:
+                os.close(r)
+                os.close(done_w)
+                socket.sethostname("held")
+                with open("/sub/file") as fh:
+                    text = fh.read()
+                os.write(w, json.dumps({"pid": os.getpid(), "file": text,
+                                        "mnt": os.path.ismount("/mnt")}).encode())
+                os.close(w)
+                os.read(done_r, 1)
+            finally:
+                os._exit(0)
+        os.close(w)
+        os.close(done_r)
+        got = json.loads(os.read(r, 4096))
+        assert got == {"pid": 1, "file": "made after the restart", "mnt": True}
+        for t in ("uts", "ipc", "mnt", "net"):
+            assert os.stat(f"/proc/{init}/ns/{t}").st_ino != os.stat(f"/proc/self/ns/{t}").st_ino
+        assert os.stat(f"/proc/{init}/ns/net").st_ino == netns
+        # Once more after another crash: a member joins init's namespaces (its PID
+        # namespace, bound when init was born, included).
+        restart(service, hard=True)
+        pid = S.fork_into_container(cfd)
+        if pid == 0:
+            os._exit(0 if socket.gethostname() == "held" and os.getpid() == 2 else 1)
+        assert child_result(pid) == 0
+        os.close(done_w)
+        assert child_result(init) == 0
+        assert hung_up(cfd, 5)
+    finally:
+        for fd in (r,):
+            if fd >= 0:
+                os.close(fd)
+        os.close(cfd)
+
+
+def test_binds_go_with_their_containers(service: Any) -> None:
+    """The holder gains a bind per namespace while containers live and is empty once they
+    are gone; none of it ever shows among the host's mounts; once service and keeper stop,
+    nothing holds the holder any more."""
+    before = host_mounts()
+    handles = [S.container_create("b", IDLE | CONTAINER_KILL_ON_CLOSE) for _ in range(20)]
+    inits: list[int] = []
+    try:
+        for cfd in handles[:5]:  # running ones: their PID namespaces are held too
+            pid = S.fork_into_container(cfd)
+            if pid == 0:
+                for h in handles:  # (a handle left open here would keep them all alive)
+                    os.close(h)
+                signal.pause()
+                os._exit(0)
+            inits.append(pid)
+        entries, mounts = holder(service)
+        ids = {f"c{S.container_status(cfd)['id']}" for cfd in handles}
+        assert ids <= set(entries)
+        assert mounts >= 1 + 20 * 3 + 5, f"{mounts} mounts in the holder"
+        assert host_mounts() == before
+    finally:
+        for cfd in handles:
+            os.close(cfd)
+        for pid in inits:  # killed with their containers (never left behind if not)
+            deadline = time.monotonic() + 10
+            while os.waitpid(pid, os.WNOHANG) == (0, 0):
+                if time.monotonic() > deadline:
+                    os.kill(pid, signal.SIGKILL)
+                    os.waitpid(pid, 0)
+                    raise AssertionError(f"init {pid} outlived its container's last close")
+                time.sleep(0.02)
+    deadline = time.monotonic() + 15
+    while holder(service) != ([], 1) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert holder(service) == ([], 1), "binds were left in the holder"
+    assert host_mounts() == before
+    # A container left running across the stop keeps the holder alive in the keeper...
+    keep = S.container_create("kept", IDLE)
+    holder_link = ""
+    kp = keeper_pid(service)
+    for name in os.listdir(f"/proc/{kp}/fd"):
+        link = os.readlink(f"/proc/{kp}/fd/{name}")
+        if link.startswith("mnt:["):
+            holder_link = link
+    service.stop()
+    assert holder(service)[0] != []
+    os.close(keep)
+    # ...until the keeper goes too: then no process holds it (nothing to unmount by hand).
+    service.stop_keeper()
+    time.sleep(0.2)
+    holders = []
+    for p in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            holders += [p for n in os.listdir(f"/proc/{p}/fd")
+                        if os.readlink(f"/proc/{p}/fd/{n}") == holder_link]
+        except (FileNotFoundError, PermissionError, ProcessLookupError):
+            continue
+    assert not holders, f"processes {holders} still hold the namespace holder"
+    assert host_mounts() == before
+    again = start_service(Path(service.socket).parent, os.path.basename(service.cgroups.base))
+    service.proc, service.log = again.proc, again.log  # (the fixture stops what runs)
