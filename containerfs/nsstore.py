@@ -34,7 +34,6 @@ more are unmounted by a worker thread (`unbind_forever`), off the event loop.
 from __future__ import annotations
 
 import collections
-import errno
 import itertools
 import logging
 import os
@@ -42,12 +41,10 @@ from collections.abc import Iterator, Mapping
 
 import trio
 
-from syscalls import linux, nsexec
 from syscalls.fd import Fd
-from syscalls.mount import OPEN_TREE_CLOEXEC, OPEN_TREE_CLONE
 
+from . import nsholder
 from .fdstore import FdStore
-from .namespaces import pivot_into
 
 log = logging.getLogger("containerfs")
 
@@ -55,12 +52,6 @@ HOLDER_KEY = "nsholder"  # the keeper's key of the holder's fds ("mnt", "root")
 HELD_PREFIX = "ns."  # keeper keys of namespaces held by fd: ns.<type>.<ino>
 CACHE_SIZE = 256  # open fds kept for recently used namespaces and roots
 DERIVED, HELD = "derived", "held"  # what c<id>/root says
-
-
-def _place(fd: int) -> tuple[int, int, int]:
-    """Where an fd is: (mount id, device, inode): a root is the same only if all three are."""
-    st = os.fstat(fd)
-    return linux.mount_id(fd), st.st_dev, st.st_ino
 
 
 class ContainerNs(Mapping[str, int]):
@@ -155,50 +146,9 @@ class NsStore:
                 os.close(fd)
 
     def _make_holder(self) -> None:
-        """A new holder, older than any mount namespace made after it on our CPUs.
-
-        The kernel binds a mount namespace only into an older one (by namespace id), and
-        since 6.18 ids come from per-CPU batches (of 4096): a holder made on a CPU whose
-        batch is above another CPU's would refuse the namespaces made on that one until
-        its batch runs out (a third of the first thousand containers here). So the holder
-        is made on the CPU whose next id is lowest, and checked: the next id on every
-        CPU we may run on must be above it (ids on one CPU only grow)."""
-        cpus = sorted(os.sched_getaffinity(0))
-        for _ in range(8):
-            nexts = {cpu: _next_id_on(cpu, cpus) for cpu in cpus}
-            lowest = min(cpus, key=lambda cpu: nexts[cpu] or 0)
-            try:
-                os.sched_setaffinity(0, {lowest})
-                self._make_holder_here()
-            finally:
-                os.sched_setaffinity(0, cpus)
-            mine = linux.ns_id(self.mnt.fileno())
-            if mine is None or all((_next_id_on(cpu, cpus) or 0) > mine for cpu in cpus):
-                break
-            self.mnt.close()
-            self.dir.close()
-        else:
-            log.warning("namespace holder: some CPU gives older namespace ids; mount "
-                        "namespaces made there are held by fd until its batch runs out")
-            self._make_holder_here()
-        self.fdstore.put(HOLDER_KEY, {"mnt": self.mnt.fileno(), "root": self.dir.fileno()})
-
-    def _make_holder_here(self) -> None:
-        fs = linux.fsopen("tmpfs", linux.FSOPEN_CLOEXEC)
-        try:
-            linux.fsconfig(fs, linux.FSCONFIG_SET_STRING, "source", "containerfs-ns", 0)
-            linux.fsconfig(fs, linux.FSCONFIG_SET_STRING, "mode", "0700", 0)
-            linux.fsconfig(fs, linux.FSCONFIG_CMD_CREATE, None, None, 0)
-            tmpfs = linux.fsmount(fs, linux.FSMOUNT_CLOEXEC, 0)
-        finally:
-            os.close(fs)
-        try:
-            with nsexec.elsewhere(["mnt"]):
-                linux.unshare(linux.CLONE_NEWNS)
-                made = pivot_into(tmpfs)
-        finally:
-            os.close(tmpfs)
-        self.mnt, self.dir = Fd(made["mnt"]), Fd(made["root"])
+        mnt, root = nsholder.make_holder()
+        self.mnt, self.dir = Fd(mnt), Fd(root)
+        self.fdstore.put(HOLDER_KEY, {"mnt": mnt, "root": root})
 
     def close(self) -> None:
         """Close the service's fds (at its stop): the keeper's copies keep everything."""
@@ -244,8 +194,8 @@ class NsStore:
             old = ns.ids.get(t)
             self.refs[key] += 1
             ns.ids[t] = key[1]
-            _replace_link(f"../{self.names[key]}" if key in self.names else f"../{t}.{key[1]}",
-                          f"{d}/{t}", self.dir.fileno())
+            target = self.names[key] if key in self.names else f"{t}.{key[1]}"
+            nsholder.replace_link(f"../{target}", f"{d}/{t}", self.dir.fileno())
             if key in self.cache or key in self.by_fd:
                 os.close(fds[t])  # (the open one may be lent right now)
             else:
@@ -259,7 +209,7 @@ class NsStore:
                 self._cache(("root", ns.cid), root)
             else:
                 self.roots[ns.cid] = root
-            _replace_link(ns.root, f"{d}/root", self.dir.fileno())
+            nsholder.replace_link(ns.root, f"{d}/root", self.dir.fileno())
 
     def keep_fds(self, ns: ContainerNs) -> dict[str, int]:
         """What the keeper must hold for `ns` beside the handle: its root, if held by fd."""
@@ -270,47 +220,19 @@ class NsStore:
               check: tuple[int, int] | None) -> bool:
         """Bind the namespaces in `new` ((type, ino), fd) into the holder, those the kernel
         refuses held by fd; with `check` (root, mount namespace), whether that root is the
-        one setns(2) into that mount namespace finds. One trip of this thread."""
-        derived = False
+        one setns(2) into that mount namespace finds."""
         if not new and check is None:
             return False
-        refused: list[tuple[tuple[str, int], int]] = []
-        made: list[str] = []
-        with nsexec.elsewhere(["mnt"]):
-            if check is not None:
-                linux.setns(check[1], linux.CLONE_NEWNS)
-                here = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-                try:
-                    derived = _place(here) == _place(check[0])
-                finally:
-                    os.close(here)
-            if new:
-                linux.setns(self.mnt.fileno(), linux.CLONE_NEWNS)
-                try:
-                    for key, fd in new:
-                        name = f"{key[0]}.{key[1]}.{self._boot}{next(self._tags)}"
-                        try:
-                            _bind_one(fd, name)
-                            made.append(name)
-                            self.names[key] = name
-                        except OSError as e:
-                            if e.errno == errno.ENOSPC:
-                                raise OSError(errno.EAGAIN, "the service holds as many "
-                                              "namespaces as fs.mount-max lets one mount "
-                                              "namespace have; remove containers first, or "
-                                              "raise that sysctl") from None
-                            if e.errno != errno.ELOOP:
-                                raise
-                            refused.append((key, fd))
-                except BaseException:
-                    for key, _fd in new:
-                        self.names.pop(key, None)
-                    for name in made:
-                        _unbind_one(name)
-                    raise
-        for key, fd in refused:
-            self.by_fd[key] = os.dup(fd)
-            self.fdstore.put(f"{HELD_PREFIX}{key[0]}.{key[1]}", {"ns": self.by_fd[key]})
+        names = [f"{key[0]}.{key[1]}.{self._boot}{next(self._tags)}" for key, _fd in new]
+        derived, refused = nsholder.bind(self.mnt.fileno(),
+                                         [(name, fd) for name, (_key, fd) in zip(names, new)],
+                                         check)
+        for i, (name, (key, fd)) in enumerate(zip(names, new)):
+            if i in refused:
+                self.by_fd[key] = os.dup(fd)
+                self.fdstore.put(f"{HELD_PREFIX}{key[0]}.{key[1]}", {"ns": self.by_fd[key]})
+            else:
+                self.names[key] = name
         return derived
 
     def release(self, ns: ContainerNs) -> None:
@@ -318,8 +240,8 @@ class NsStore:
         d = f"c{ns.cid}"
         dirfd = self.dir.fileno()
         for t in list(ns.ids):
-            _unlink(f"{d}/{t}", dirfd)
-        _unlink(f"{d}/root", dirfd)
+            nsholder.unlink(f"{d}/{t}", dirfd)
+        nsholder.unlink(f"{d}/root", dirfd)
         try:
             os.rmdir(d, dir_fd=dirfd)
         except FileNotFoundError:
@@ -359,7 +281,7 @@ class NsStore:
             await self._doomed_added.wait()
             self._doomed_added = trio.Event()
             names, self._doomed = self._doomed, []
-            await trio.to_thread.run_sync(_unbind_all, self.mnt.fileno(), names)
+            await trio.to_thread.run_sync(nsholder.unbind_all, self.mnt.fileno(), names)
 
     def pending_unbinds(self) -> int:
         return len(self._doomed)
@@ -392,7 +314,7 @@ class NsStore:
             self.cache.move_to_end(key)
             return fd
         if name == "root":
-            fd = self._derive_root(self.lend(ns, "mnt"))
+            fd = nsholder.derive_root(self.lend(ns, "mnt"))
         else:
             fd = os.open(self.names[key], os.O_RDONLY | os.O_CLOEXEC, dir_fd=self.dir.fileno())
         self._cache(key, fd)
@@ -408,14 +330,6 @@ class NsStore:
             _, out = self.cache.popitem(last=False)
             os.close(out)
 
-    @staticmethod
-    def _derive_root(mnt: int) -> int:
-        """The root of mount namespace `mnt` as setns(2) finds it (what a process that
-        enters it stands in)."""
-        with nsexec.elsewhere(["mnt"]):
-            linux.setns(mnt, linux.CLONE_NEWNS)
-            return os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-
     # ---- after a restart ----------------------------------------------------------------
 
     def adopt(self, cid: int, root: int | None) -> ContainerNs | None:
@@ -424,7 +338,7 @@ class NsStore:
         d = f"c{cid}"
         dirfd = self.dir.fileno()
         try:
-            names = _listdir(d, dirfd)
+            names = nsholder.listdir(d, dirfd)
         except FileNotFoundError:
             if root is not None:
                 os.close(root)
@@ -436,12 +350,12 @@ class NsStore:
                 ns.root = target if target in (DERIVED, HELD) else None
                 continue
             bound = target.removeprefix("../")
-            key = _key(bound)
+            key = nsholder.key(bound)
             if key is None or key[0] != name:
                 log.warning("container %d: stray entry %s -> %s ignored", cid, name, target)
                 continue
             if key not in self.by_fd:
-                if not _exists(bound, dirfd):
+                if not nsholder.exists(bound, dirfd):
                     log.warning("container %d: its %s namespace was lost", cid, name)
                     continue
                 self.names[key] = bound
@@ -462,14 +376,14 @@ class NsStore:
         """After adoption: remove what no adopted container (ids in `live`) uses."""
         dirfd = self.dir.fileno()
         gone = []
-        for name in _listdir(".", dirfd):
+        for name in nsholder.listdir(".", dirfd):
             if name.startswith("c") and name[1:].isdigit():
                 if int(name[1:]) not in live:
-                    for entry in _listdir(name, dirfd):
-                        _unlink(f"{name}/{entry}", dirfd)
+                    for entry in nsholder.listdir(name, dirfd):
+                        nsholder.unlink(f"{name}/{entry}", dirfd)
                     os.rmdir(name, dir_fd=dirfd)
                 continue
-            key = _key(name)
+            key = nsholder.key(name)
             if key is None or self.names.get(key) != name:
                 gone.append(name)
         for key in [k for k in self.by_fd if not self.refs[k]]:
@@ -481,86 +395,3 @@ class NsStore:
         """How much is held: namespaces bound, held by fd, roots held, fds cached."""
         return {"bound": len(self.names), "by_fd": len(self.by_fd), "roots": len(self.roots),
                 "cached": len(self.cache), "to_unmount": len(self._doomed)}
-
-
-# ---- in the holder's thread, or on its tmpfs --------------------------------------------
-
-def _bind_one(fd: int, name: str) -> None:
-    """Bind namespace `fd` at `name` (the thread stands in the holder, at its root)."""
-    os.close(os.open(name, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o600))
-    try:
-        tree = linux.open_tree(fd, "", OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | linux.AT_EMPTY_PATH)
-        try:
-            linux.move_mount(tree, "", linux.AT_FDCWD, name, linux.MOVE_MOUNT_F_EMPTY_PATH)
-        finally:
-            os.close(tree)
-    except BaseException:
-        os.unlink(name)
-        raise
-
-
-def _next_id_on(cpu: int, cpus: list[int]) -> int | None:
-    """The id the next namespace made on `cpu` gets (about: a throwaway UTS namespace's)."""
-    try:
-        os.sched_setaffinity(0, {cpu})
-        with nsexec.elsewhere(["uts"]):
-            linux.unshare(linux.CLONE_NEWUTS)
-            fd = os.open("/proc/thread-self/ns/uts", os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                return linux.ns_id(fd)
-            finally:
-                os.close(fd)
-    finally:
-        os.sched_setaffinity(0, cpus)
-
-
-def _key(name: str) -> tuple[str, int] | None:
-    """(type, ino) of a bind's name, <type>.<ino>.<tag>; None if it is none."""
-    nstype, _, rest = name.partition(".")
-    ino = rest.partition(".")[0]
-    return (nstype, int(ino)) if ino.isdigit() else None
-
-
-def _unbind_all(holder: int, names: list[str]) -> None:
-    """Unmount and remove the binds `names` (in a worker thread: each unmount waits)."""
-    with nsexec.elsewhere(["mnt"]):
-        linux.setns(holder, linux.CLONE_NEWNS)
-        for name in names:
-            _unbind_one(name)
-
-
-def _unbind_one(name: str) -> None:
-    try:
-        linux.umount2(name, linux.MNT_DETACH)
-    except OSError as e:
-        if e.errno != errno.EINVAL:  # EINVAL: not mounted (a bind that never was)
-            log.warning("namespace %s not unmounted: %s", name, e)
-    _unlink(name, linux.AT_FDCWD)
-
-
-def _replace_link(target: str, path: str, dirfd: int) -> None:
-    _unlink(path, dirfd)
-    os.symlink(target, path, dir_fd=dirfd)
-
-
-def _unlink(path: str, dirfd: int) -> None:
-    try:
-        os.unlink(path, dir_fd=None if dirfd == linux.AT_FDCWD else dirfd)
-    except FileNotFoundError:
-        pass
-
-
-def _exists(path: str, dirfd: int) -> bool:
-    try:
-        os.stat(path, dir_fd=dirfd, follow_symlinks=False)
-    except FileNotFoundError:
-        return False
-    return True
-
-
-def _listdir(path: str, dirfd: int) -> list[str]:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dirfd)
-    try:
-        return os.listdir(fd)
-    finally:
-        os.close(fd)
