@@ -22,7 +22,7 @@ from syscalls import (
     at, linux, nsexec,
 )
 
-from .conftest import child_result, hung_up, start_service, tmpfs
+from .conftest import OTHER_GID, OTHER_UID, child_result, hung_up, run_as, start_service, tmpfs
 from .test_restart import restart
 
 IDLE = CONTAINER_NEW_FS_NS | CONTAINER_NEW_PID_NS | CONTAINER_NEW_UTS_NS | CONTAINER_NEW_IPC_NS
@@ -242,3 +242,29 @@ def test_binds_go_with_their_containers(service: Any) -> None:
     assert host_mounts() == before
     again = start_service(Path(service.socket).parent, os.path.basename(service.cgroups.base))
     service.proc, service.log = again.proc, again.log  # (the fixture stops what runs)
+
+
+def test_an_owner_s_user_namespace_container_after_kill_9(service: Any) -> None:
+    """An unprivileged owner's container (its user namespace owns the rest) forks from the
+    namespaces the restarted service re-opens from the holder."""
+    cid = run_as(OTHER_UID, OTHER_GID, """
+        import syscalls
+        cfd = syscalls.container_create("u", syscalls.CONTAINER_NEW_USER_NS
+                                        | syscalls.CONTAINER_NEW_PID_NS
+                                        | syscalls.CONTAINER_NEW_FS_NS
+                                        | syscalls.CONTAINER_NEW_UTS_NS)
+        return syscalls.container_status(cfd)["id"]
+    """)
+    restart(service, hard=True)
+    got = run_as(OTHER_UID, OTHER_GID, f"""
+        import os, syscalls
+        from syscalls import client, protocol
+        _reply, fds = client.call(protocol.Open(id={cid}))
+        pid = syscalls.fork_into_container(fds[0])
+        if pid == 0:
+            os._exit(0 if os.getpid() == 1 and os.getuid() == 0 else 3)
+        _, status = os.waitpid(pid, 0)
+        syscalls.container_kill(fds[0])
+        return os.waitstatus_to_exitcode(status)
+    """)
+    assert got == 0
