@@ -82,9 +82,10 @@ class LazyGroups(CgroupFS):
         """The containers of `cid`'s tree known here (its top-level ancestor and all nested
         in it), parents first."""
         top = self._group(cid).split(os.sep, 1)[0]
-        return sorted((x for x, rel in self._rel.items()
-                       if rel == top or rel.startswith(top + os.sep)),
-                      key=lambda x: self._rel[x].count(os.sep))
+        # (a copy: the event loop adds and removes containers while a worker thread is here)
+        known = [(x, rel) for x, rel in list(self._rel.items())
+                 if rel == top or rel.startswith(top + os.sep)]
+        return [x for x, _ in sorted(known, key=lambda e: e[1].count(os.sep))]
 
     # --- making them --------------------------------------------------------------------
     def _make_lazy(self, cid: int, base: str) -> tuple[list[int], list[str]]:
@@ -121,7 +122,8 @@ class LazyGroups(CgroupFS):
         container's (a member may make some)."""
         assert self.v2_base is not None
         top = os.path.join(self.v2_base, self._group(cid))
-        theirs = {os.path.join(self.v2_base, rel) for x, rel in self._rel.items() if x != cid}
+        theirs = {os.path.join(self.v2_base, rel)
+                  for x, rel in list(self._rel.items()) if x != cid}
         pids: list[int] = []
         for d, dirs, _ in os.walk(top):
             dirs[:] = [n for n in dirs if os.path.join(d, n) not in theirs]
