@@ -310,7 +310,7 @@ class Connection:
 
     async def _set_limit(self, req: protocol.SetLimit, fds: list[int]) -> Answer:
         c = await self._container(fds[0])
-        return self.service.limits.set(self.peer, c, req.name, req.value), []
+        return await self.service.limits.set(self.peer, c, req.name, req.value), []
 
     async def _get_limit(self, req: protocol.GetLimit, fds: list[int]) -> Answer:
         return self.service.limits.get(await self._container(fds[0]), req.name), []

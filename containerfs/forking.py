@@ -47,6 +47,8 @@ class Forks:
         self.keyrings = keyrings
         self.confiner = confiner
         self._origins: dict[Peer, Origin] = {}  # a non-root intermediate -> its own groups
+        # ... and the container, and its groups in lazy hierarchies (lazy_return).
+        self._lazy: dict[Peer, tuple[int, dict[str, str]]] = {}
         # Forks whose connections the keeper held across a restart (see recover).
         self._pending: list[tuple[str, int, Container, str]] = []
         self._boot = os.urandom(4).hex()  # keeper keys of this run never meet an older one's
@@ -80,8 +82,13 @@ class Forks:
             # kills the intermediate.
             try:
                 # In every hierarchy, the pid written only while the pidfd shows it unreaped.
+                lazy: dict[str, str] = {}
                 self._origins[peer] = self.reg.cgroups.place(
-                    c.id, peer.pidfd.fileno(), peer.pid, v2=True)
+                    c.id, peer.pidfd.fileno(), peer.pid, v2=True, lazy=lazy)
+                # A first cpu limit set meanwhile would move it in with the container's
+                # processes: where it was there, to move it back.
+                if lazy:
+                    self._lazy[peer] = (c.id, lazy)
             except BaseException:
                 for fd in fds:
                     os.close(fd)
@@ -186,6 +193,13 @@ class Forks:
                     raise OSError(errno.EINVAL,
                                   "reported process is not in the container's cgroup")
                 pid = reported_pid
+            else:
+                try:
+                    # Into the container's groups made since its fork was granted (a first
+                    # cpu limit meanwhile, containerfs.lazygroups); a no-op without any.
+                    self.reg.cgroups.complete(c.id, pidfd, pid)
+                except ProcessLookupError:
+                    pass  # exited meanwhile: nothing to limit
         except BaseException:
             os.close(pidfd)
             self.abort(c, role)
@@ -213,6 +227,9 @@ class Forks:
     def return_intermediate(self, peer: Peer) -> None:
         """Move a non-root caller's intermediate back to its own cgroup after a fork."""
         origin = self._origins.pop(peer, None)
+        cid, lazy = self._lazy.pop(peer, (0, {}))
+        if origin is not None and lazy:
+            origin.update(self.reg.cgroups.lazy_return(cid, lazy))
         if origin is not None:
             try:
                 self.reg.cgroups.unplace(origin, peer.pidfd.fileno(), peer.pid)

@@ -24,10 +24,15 @@ class Limits:
         self.reg = reg
         self.policy = policy
 
-    def set(self, peer: Peer, c: Container, name: str, value: str) -> Reply:
+    async def set(self, peer: Peer, c: Container, name: str, value: str) -> Reply:
         self.policy.manager(peer, c, "limit")
         c.check_alive()
-        self.reg.cgroups.set_limit(c.id, name, value)
+        if self.reg.cgroups.needs_groups(c.id, name):
+            # The first limit of a lazy controller makes groups and moves every process of
+            # the container (a cgroup.procs write can stall): off the event loop.
+            await trio.to_thread.run_sync(self.reg.cgroups.set_limit, c.id, name, value)
+        else:
+            self.reg.cgroups.set_limit(c.id, name, value)
         self.reg.changed()  # the view's limits/ shows it
         return Reply()
 

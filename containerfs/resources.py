@@ -25,9 +25,10 @@ from collections.abc import Collection
 from typing import NoReturn
 
 
-from . import limits
 from .process import pidfd_pid
-from .cgroupfs import V1_CONTROLLERS, CgroupFS, Hierarchy, Layout, detect_layout
+from .cgroupfs import V1_CONTROLLERS, Hierarchy, Layout, detect_layout
+from .lazygroups import LAZY_CONTROLLERS
+from .limitfiles import LimitFiles
 
 log = logging.getLogger("containerfs")
 
@@ -39,7 +40,7 @@ MEMBERS = "members"  # the leaf of a v2 group with controllers that holds its ow
 Origin = dict[str, str]
 
 
-class ResourceGroups(CgroupFS):
+class ResourceGroups(LimitFiles):
     """A container's groups in every hierarchy used, named by container id."""
 
     def __init__(self, name: str = "containerfs", *, layout: Layout | None = None,
@@ -51,8 +52,9 @@ class ResourceGroups(CgroupFS):
         self.layout = layout if layout is not None else detect_layout()
         want = frozenset(V1_CONTROLLERS if controllers is None else controllers)
         self.freeze_timeout = freeze_timeout
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._ready = False
+        self._cpuset_clones = False  # the cpuset base copies its sets into new children
         self._rel: dict[int, str] = {}  # container id -> its group's path under each base
         v2 = self.layout.v2
         self.v2_base = (v2_base or os.path.join(v2.path(v2.root), name)) if v2 else None
@@ -64,14 +66,21 @@ class ResourceGroups(CgroupFS):
             frozenset()
         self._v1: dict[str, str] = {}  # controller -> the base directory of its hierarchy
         self._hier: dict[str, Hierarchy] = {}  # base directory -> its hierarchy
+        lazy = set()
         for h in self.layout.v1:
             use = {c for c in h.controllers & want if c not in self._v2_ctl}
-            use -= {"freezer"} if v2 else set()
-            use -= {"cpuacct"} if "cpu" in self._v2_ctl else set()
+            # Where a cgroup2 group holds the processes, its core cpu.stat gives the CPU
+            # usage (no cpuacct), and its cgroup.freeze freezes (no v1 freezer); and the
+            # groups of cpu and cpuset are made only when needed (containerfs.lazygroups).
+            use -= {"freezer", "cpuacct"} if v2 else set()
             if use:
                 base = os.path.join(h.path(h.own), name)
                 self._hier[base] = h
                 self._v1.update(dict.fromkeys(use, base))
+                if v2 and use <= LAZY_CONTROLLERS:
+                    lazy.add(base)
+        self._lazy = frozenset(lazy)
+        self._has = {}
 
     # --- layout ---------------------------------------------------------------------
     def _bases(self) -> list[str]:
@@ -97,12 +106,21 @@ class ResourceGroups(CgroupFS):
 
     def adopt(self, cid: int, parent: int | None) -> None:
         """After a restart: know the group of container `cid` again, inside `parent`'s if
-        that is known (so a nested member is told apart from its parent's at once)."""
+        that is known (so a nested member is told apart from its parent's at once), and
+        which lazy hierarchies it has a group in."""
         known = self._rel.get(parent) if parent is not None else None
         rel = f"c{cid}" if known is None else os.path.join(known, f"c{cid}")
         bases = self._bases()
         if bases and os.path.isdir(os.path.join(bases[0], rel)):
             self._rel[cid] = rel
+            self._has.pop(cid, None)
+            self._lazy_of(cid)
+
+    def _v1_bases(self, cid: int) -> list[str]:
+        """The v1 bases where the container has a group (every eager one, and the lazy ones
+        made for it), in the order of _bases()."""
+        has = self._lazy_of(cid) if self._lazy else frozenset()
+        return [b for b in self._hier if b not in self._lazy or b in has]
 
     def _find(self, base: str, leaf: str) -> str | None:
         for top, dirs, _ in os.walk(base):
@@ -145,13 +163,15 @@ class ResourceGroups(CgroupFS):
         for base, h in self._hier.items():
             if "cpuset" in h.controllers:
                 self._copy_cpuset(base)
-                # Groups made below get their parent's CPUs and nodes at mkdir: writing
-                # cpuset.cpus checked every sibling and rebuilt the scheduling domains (2/3
-                # of a create at 6,000 containers). Without the flag create copies them.
+                # v1 then gives each new group below a copy of its parent's CPUs and memory
+                # nodes itself (and the flag, so nested groups too): no copy per container.
+                # Writing cpuset.cpus checked every sibling and rebuilt the scheduling
+                # domains (2/3 of a create at 6,000 containers).
                 try:
                     self._write(os.path.join(base, "cgroup.clone_children"), "1")
+                    self._cpuset_clones = True
                 except OSError as e:
-                    log.debug("cpuset clone_children not set on %s: %s", base, e)
+                    log.info("cpuset groups get a copy of their parent's sets: %s", e)
         self._ready = True
 
     def _enable_v2(self) -> None:
@@ -180,36 +200,51 @@ class ResourceGroups(CgroupFS):
             if not self._read(os.path.join(path, f)).strip():
                 self._write(os.path.join(path, f), self._read(os.path.join(path, "..", f)))
 
+    def _new_group(self, base: str, path: str) -> None:
+        """mkdir one group (FileExistsError if there), ready for processes."""
+        self._mkdir(path)
+        if base == self.v2_base and self._v2_ctl:
+            self._write(os.path.join(path, "cgroup.subtree_control"),
+                        " ".join(f"+{c}" for c in sorted(self._v2_ctl)))
+            self._mkdir(os.path.join(path, MEMBERS))
+        elif not self._cpuset_clones and base in self._hier and \
+                "cpuset" in self._hier[base].controllers:
+            self._copy_cpuset(path)
+
     def create(self, cid: int, parent: int | None = None) -> None:
-        """Make the container's group in every hierarchy used (inside `parent`'s groups for a
-        nested container), with no limit set. A group left by an earlier service is
-        replaced if empty (EEXIST if in use). On failure nothing is left made."""
+        """Make the container's group in every hierarchy used but the lazy ones (inside
+        `parent`'s groups for a nested container; in the lazy ones too where the parent has
+        a group), with no limit set. A group left by an earlier service is replaced if empty
+        (EEXIST if in use). On failure nothing is left made."""
         with self._lock:
             self._ensure_bases()
-        rel = f"c{cid}" if parent is None else os.path.join(self._group(parent), f"c{cid}")
+        if parent is None:
+            self._make(cid, f"c{cid}", frozenset())
+            return
+        with self._lock:  # a lazy group being made for the parent's tree is made for it too
+            has = self._lazy_of(parent) if self._lazy else frozenset()
+            self._make(cid, os.path.join(self._group(parent), f"c{cid}"), has)
+
+    def _make(self, cid: int, rel: str, lazy: frozenset[str]) -> None:
         made: list[str] = []
         try:
             for base in self._bases():
+                if base in self._lazy and base not in lazy:
+                    continue
                 path = os.path.join(base, rel)
                 try:
-                    self._mkdir(path)
+                    self._new_group(base, path)
                 except FileExistsError:
                     if self._remove_tree(path, time.monotonic()):
                         raise OSError(errno.EEXIST, f"cgroup {path} exists and is in use") \
                             from None
-                    self._mkdir(path)
+                    self._new_group(base, path)
                 made.append(path)
-                if base == self.v2_base and self._v2_ctl:
-                    self._write(os.path.join(path, "cgroup.subtree_control"),
-                                " ".join(f"+{c}" for c in sorted(self._v2_ctl)))
-                    self._mkdir(os.path.join(path, MEMBERS))
-                elif base in self._hier and "cpuset" in self._hier[base].controllers:
-                    self._copy_cpuset(path)
         except BaseException:
-            for path in reversed(made):
-                self._remove_tree(path, time.monotonic())
+            self._unmake(made)
             raise
         self._rel[cid] = rel
+        self._has[cid] = lazy
 
     def remove(self, cid: int, timeout: float = 1.0) -> list[str]:
         """Remove the container's groups (and any left below them) in every hierarchy,
@@ -218,11 +253,17 @@ class ResourceGroups(CgroupFS):
             rel = self._group(cid)
         except FileNotFoundError:
             return []
+        with self._lock:  # not while a lazy group is being made for it
+            return self._remove(cid, rel, timeout)
+
+    def _remove(self, cid: int, rel: str, timeout: float) -> list[str]:
         deadline = time.monotonic() + timeout
-        left = [p for base in self._bases()
+        bases = ([self.v2_base] if self.v2_base else []) + self._v1_bases(cid)
+        left = [p for base in bases
                 for p in self._remove_tree(os.path.join(base, rel), deadline)]
         if not left:
             self._rel.pop(cid, None)
+            self._has.pop(cid, None)
         return left
 
     def remove_all(self, timeout: float = 2.0) -> list[str]:
@@ -236,6 +277,7 @@ class ResourceGroups(CgroupFS):
         deadline = time.monotonic() + timeout
         left = [p for base in self._bases() for p in self._remove_tree(base, deadline)]
         self._rel.clear()
+        self._has.clear()
         self._ready = False
         return left
 
@@ -254,22 +296,27 @@ class ResourceGroups(CgroupFS):
         write against the opener's credentials, so such an fd moves any process."""
         rel = self._group(cid)
         return [os.open(os.path.join(base, rel, "cgroup.procs"), os.O_WRONLY | os.O_CLOEXEC)
-                for base in self._hier]
+                for base in self._v1_bases(cid)]
 
-    def place(self, cid: int, pidfd: int, pid: int, *, v2: bool = False) -> Origin:
+    def place(self, cid: int, pidfd: int, pid: int, *, v2: bool = False,
+              lazy: dict[str, str] | None = None) -> Origin:
         """Move the process behind `pidfd` (whose pid is `pid`) into the container's v1 groups
         (and its cgroup2 group with `v2`), acting on the pid only while the pidfd shows it
         unreaped before and after (ESRCH otherwise, after moving it back). Returns where it
-        was, for unplace()."""
+        was, for unplace(). `lazy`, if given, gets {base: its group} for each lazy hierarchy
+        the container has no group in yet (see lazy_return)."""
         rel = self._group(cid)
-        targets = [os.path.join(b, rel) for b in self._hier]
+        targets = [os.path.join(b, rel) for b in self._v1_bases(cid)]
         if v2 and self.v2_base is not None:
             targets.insert(0, self._members_dir(cid))
-        if not targets:
+        missing = [b for b in self._lazy if lazy is not None and self._absent(cid, b)]
+        if not targets and not missing:
             return {}
         self._check_alive(pidfd, pid)
-        origin = self.layout.groups_of(pid, targets)
+        origin = self.layout.groups_of(pid, targets + missing)
         self._check_alive(pidfd, pid)  # the groups read were that process's
+        if lazy is not None:
+            lazy.update({b: origin.pop(b) for b in missing})
         self._move(pidfd, pid, origin)
         return origin
 
@@ -349,101 +396,6 @@ class ResourceGroups(CgroupFS):
                     os.close(fd)
         if freezer:
             self.thaw(cid)
-
-    # --- limits ---------------------------------------------------------------------
-    def _v1_files(self, d: str, name: str) -> dict[str, str]:
-        out = {}
-        for f in limits.V1_FILES[name]:
-            try:
-                out[f] = self._read(os.path.join(d, f)).strip()
-            except FileNotFoundError:
-                pass
-        return out
-
-    def _check(self, cid: int, name: str) -> tuple[str, bool]:
-        """(the group's directory carrying limit `name`, whether it is cgroup2), after the
-        checks that need no value: EINVAL unknown name, EOPNOTSUPP not available here."""
-        base = self._where(limits.CONTROLLER[limits.check_name(name)])
-        if base is None:
-            raise OSError(errno.EOPNOTSUPP, f"{name}: the {limits.CONTROLLER[name]} controller "
-                                            "is not available on this host")
-        d, is_v2 = os.path.join(base, self._group(cid)), base == self.v2_base
-        if not is_v2 and name in limits.V1_UNSUPPORTED:
-            raise OSError(errno.EOPNOTSUPP, f"{name}: {limits.V1_UNSUPPORTED[name]}")
-        if is_v2 and not os.path.exists(os.path.join(d, name)):  # memory.swap.max: no swap
-            raise OSError(errno.EOPNOTSUPP, f"{name} is not available on this host")
-        return d, is_v2
-
-    def set_limit(self, cid: int, name: str, value: str) -> None:
-        """Set limit `name` (v2 name and syntax) at once. EINVAL unknown name or malformed
-        value, EOPNOTSUPP not available on this host (checked before any write); a write the
-        kernel refuses raises its errno, naming the file, with the files written so far
-        restored."""
-        d, is_v2 = self._check(cid, name)
-        value = limits.normalise(name, value)
-        with self._lock:  # the v1 translations read, then write several files
-            if is_v2:
-                self._write(os.path.join(d, name), value)
-                return
-            files = self._v1_files(d, name)
-            old = {f: files[f] for f in files}
-            writes = limits.to_v1(name, value, files)
-            done: list[str] = []
-            try:
-                for f, v in writes:
-                    self._write(os.path.join(d, f), v)
-                    done.append(f)
-            except OSError:
-                for f in reversed(list(dict.fromkeys(done))):
-                    try:
-                        self._write(os.path.join(d, f), old[f])
-                    except OSError as e:
-                        log.error("could not restore %s: %s", os.path.join(d, f), e)
-                raise
-
-    def get_limit(self, cid: int, name: str) -> str:
-        """Limit `name` as the kernel holds it now, in v2 syntax (memory rounded down to
-        pages by the kernel). Errors as set_limit."""
-        d, is_v2 = self._check(cid, name)
-        if is_v2:
-            return self._read(os.path.join(d, name)).strip()
-        return limits.from_v1(name, self._v1_files(d, name))
-
-    def limits(self, cid: int) -> dict[str, str]:
-        """Every limit available here whose value is not the default, in v2 syntax."""
-        out = {}
-        for name in limits.NAMES:
-            try:
-                value = self.get_limit(cid, name)
-            except OSError as e:
-                if e.errno == errno.EOPNOTSUPP:
-                    continue
-                raise
-            if value != limits.DEFAULT[name]:
-                out[name] = value
-        return out
-
-    def stats(self, cid: int) -> dict[str, int]:
-        """Usage with v2 names and meanings, for the container and those nested in it; a
-        stat whose controller or file this host lacks is left out."""
-        out: dict[str, int] = {}
-        for name, v2 in limits.V2_STATS.items():
-            v1 = limits.V1_STATS.get(name)
-            stat = v1 if v1 is not None and v1.controller in self._v1 else v2
-            base = self._where(stat.controller) if stat is v2 else self._v1[stat.controller]
-            if base is None:
-                continue
-            top = os.path.join(base, self._group(cid))
-            dirs = [t for t, _, _ in os.walk(top)] if (
-                stat is v1 and name in limits.V1_SUBTREE_SUMS) else [top]
-            try:
-                values = [limits.parse_stat(stat, self._read(os.path.join(d, stat.file)))
-                          for d in dirs]
-            except FileNotFoundError:
-                continue
-            if all(v is not None for v in values):
-                out[name] = sum(v for v in values if v is not None)
-        return out
 
     # --- freezing -------------------------------------------------------------------
     def freeze(self, cid: int, timeout: float | None = None) -> None:

@@ -265,6 +265,15 @@ def children() -> Iterator[Callable[[Callable[[], None]], Child]]:
         os.close(c.go)
 
 
+def all_groups(groups: ResourceGroups, cid: int) -> None:
+    """Make the container's groups in the lazy hierarchies too (cpu, cpuset: made by a first
+    limit of theirs, containerfs.lazygroups), by setting their limits to the defaults."""
+    used = groups.controllers()
+    for name in ("cpu.weight", "cpuset.cpus"):
+        if limits.CONTROLLER[name] in used:
+            groups.set_limit(cid, name, limits.DEFAULT[name])
+
+
 def busy() -> None:
     while True:
         pass
@@ -435,6 +444,7 @@ def test_nested_inside_parent(groups: ResourceGroups, children: Callable[..., Ch
     kill in the victim's group and every ancestor; v1 counts it in the victim's only)."""
     groups.create(2)
     groups.create(5, parent=2)
+    all_groups(groups, 5)  # (the nested container's lazy groups make its parent's too)
     for base in groups._bases():
         assert os.path.isdir(os.path.join(base, "c2", "c5")), base
     groups.set_limit(2, "memory.max", "32M")
@@ -488,6 +498,7 @@ def test_clone_into_then_v1(groups: ResourceGroups) -> None:
     if detect_layout().v2 is None:
         pytest.skip("no cgroup2 hierarchy")
     groups.create(2)
+    all_groups(groups, 2)
     joins = groups.open_procs(2)
     assert len(joins) == len(groups._bases()) - 1
     made = []
@@ -518,6 +529,7 @@ def test_clone_into_then_v1(groups: ResourceGroups) -> None:
 @kernel
 def test_place_unplace(groups: ResourceGroups, children: Callable[..., Child]) -> None:
     groups.create(2)
+    all_groups(groups, 2)
     child = children(busy)
     with open(f"/proc/{child.pid}/cgroup") as f:
         before = f.read()
