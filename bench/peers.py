@@ -47,6 +47,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import syscalls
+from containerfs.api import mount_proc
 from syscalls import (
     CONTAINER_FD_CLOEXEC, CONTAINER_KILL_ON_CLOSE, CONTAINER_NEW_FS_NS, CONTAINER_NEW_IPC_NS,
     CONTAINER_NEW_NET_NS, CONTAINER_NEW_PID_NS, CONTAINER_NEW_UTS_NS,
@@ -65,50 +66,25 @@ INSTALL = {"bwrap": "apt-get install bubblewrap", "unshare": "apt-get install ut
 TICK = os.sysconf("SC_CLK_TCK")
 
 
-def one_containerfs(proc: bool = False) -> None:
+def one_containerfs(proc: bool = False, spawn: bool = False) -> None:
+    """create, (a fresh /proc,) /bin/true as init by fork_into_container + exec or (`spawn`)
+    by container_spawn (compiled, vfork), POLLHUP on the handle."""
     cfd = syscalls.container_create("bench", FLAGS)
     try:
         if proc:
             mount_proc(cfd)
-        pid = syscalls.fork_into_container(cfd)
-        if pid == 0:
-            os.execv("/bin/true", ["/bin/true"])
+        if spawn:
+            pid = syscalls.container_spawn(cfd, "/bin/true", ["/bin/true"])
+        else:
+            pid = syscalls.fork_into_container(cfd)
+            if pid == 0:
+                os.execv("/bin/true", ["/bin/true"])
         p = select.poll()
         p.register(cfd, select.POLLHUP)
         p.poll()
         os.waitpid(pid, 0)
     finally:
         os.close(cfd)
-
-
-def one_containerfs_spawn(proc: bool = False) -> None:
-    """The same with container_spawn (compiled, vfork) in place of fork + exec."""
-    cfd = syscalls.container_create("bench", FLAGS)
-    try:
-        if proc:
-            mount_proc(cfd)
-        pid = syscalls.container_spawn(cfd, "/bin/true", ["/bin/true"])
-        p = select.poll()
-        p.register(cfd, select.POLLHUP)
-        p.poll()
-        os.waitpid(pid, 0)
-    finally:
-        os.close(cfd)
-
-
-def mount_proc(cfd: int) -> None:
-    """A proc of the container's PID namespace at its /proc (completed as init starts)."""
-    fs = syscalls.fsopen("proc", syscalls.FSOPEN_CLOEXEC)
-    try:
-        syscalls.fsconfig(fs, syscalls.FSCONFIG_SET_CONTAINER, None, None, cfd)
-        syscalls.fsconfig(fs, syscalls.FSCONFIG_CMD_CREATE, None, None, 0)
-        mnt = syscalls.fsmount(fs, syscalls.FSMOUNT_CLOEXEC, 0)
-    finally:
-        os.close(fs)
-    try:
-        syscalls.move_mount(mnt, "", cfd, "proc", syscalls.MOVE_MOUNT_F_EMPTY_PATH)
-    finally:
-        os.close(mnt)
 
 
 def run_quiet(argv: list[str]) -> None:
@@ -242,8 +218,8 @@ def available_tools(lxc: Lxc | None) -> list[Tool]:
     tools = [Tool("containerfs", one_containerfs),
              Tool("containerfs+proc", lambda: one_containerfs(proc=True))]
     if syscalls.cspawn.available():
-        tools[1:1] = [Tool("containerfs spawn", one_containerfs_spawn),
-                      Tool("containerfs spawn+proc", lambda: one_containerfs_spawn(proc=True))]
+        tools[1:1] = [Tool("containerfs spawn", lambda: one_containerfs(spawn=True)),
+                      Tool("containerfs spawn+proc", lambda: one_containerfs(True, True))]
     else:
         print("containerfs spawn: the compiled path is not built (scripts/setup.sh): left out")
     for binary, name, argv in (("bwrap", "bwrap", BWRAP), ("unshare", "unshare", UNSHARE)):
@@ -325,8 +301,11 @@ def run(tools: list[Tool], svc: ServiceInfo, n: int, k: int, seconds: float) -> 
     by = {t.name: t for t in tools}
     if "bwrap" in by:
         b = by["bwrap"]
-        print(f"containerfs / bwrap: median {base / statistics.median(b.times):.2f}x "
-              f"(target <= 1.0), throughput {ours.rate / b.rate:.2f}x (target >= 1.0)")
+        for t in tools:
+            if t.name.startswith("containerfs"):
+                print(f"{t.name} / bwrap: median "
+                      f"{statistics.median(t.times) / statistics.median(b.times):.2f}x "
+                      f"(target <= 1.0), throughput {t.rate / b.rate:.2f}x (target >= 1.0)")
     count = sum(len(t.times) for t in tools if t.name.startswith("containerfs"))
     for t in tools[:2]:
         c = len(t.times)

@@ -239,14 +239,20 @@ def set_root(cfd: int, root: str, readonly: bool) -> None:
             return
         syscalls.mkdirat(cfd, "proc", 0o555)
     with nsexec.step("mounting proc"):
-        fs = syscalls.fsopen("proc", syscalls.FSOPEN_CLOEXEC)
-        try:
-            syscalls.fsconfig(fs, syscalls.FSCONFIG_SET_CONTAINER, None, None, cfd)
-            syscalls.fsconfig(fs, syscalls.FSCONFIG_CMD_CREATE, None, None, 0)
-            mnt = syscalls.fsmount(fs, syscalls.FSMOUNT_CLOEXEC, 0)
-        finally:
-            os.close(fs)
-        try:
-            syscalls.move_mount(mnt, "", cfd, "proc", syscalls.MOVE_MOUNT_F_EMPTY_PATH)
-        finally:
-            os.close(mnt)
+        mount_proc(cfd)
+
+
+def mount_proc(cfd: int) -> None:
+    """A proc of the container's own PID namespace at its /proc, through the mount API with
+    FSCONFIG_SET_CONTAINER (a placeholder until init exists; init puts its own in place)."""
+    fs = syscalls.fsopen("proc", syscalls.FSOPEN_CLOEXEC)
+    try:
+        syscalls.fsconfig(fs, syscalls.FSCONFIG_SET_CONTAINER, None, None, cfd)
+        syscalls.fsconfig(fs, syscalls.FSCONFIG_CMD_CREATE, None, None, 0)
+        mnt = syscalls.fsmount(fs, syscalls.FSMOUNT_CLOEXEC, 0)
+    finally:
+        os.close(fs)
+    try:
+        syscalls.move_mount(mnt, "", cfd, "proc", syscalls.MOVE_MOUNT_F_EMPTY_PATH)
+    finally:
+        os.close(mnt)

@@ -279,7 +279,7 @@ def _proc_view() -> list[int]:
 def test_init_puts_its_own_proc_in_place(service: Any) -> None:
     """A proc mounted by the creator before init (a placeholder) is replaced by init's own,
     as a forked init does: same mounts at /proc, of the container's PID namespace."""
-    from bench.peers import mount_proc
+    from containerfs.api import mount_proc
     spawned_cfd = syscalls.container_create("proc", FLAGS)
     forked_cfd = syscalls.container_create("proc", FLAGS)
     r, w = os.pipe()
