@@ -71,17 +71,7 @@ def started_service(profile: str | None = None, view: str = "") -> Iterator[Serv
                                       "--runtime-dir", state, "--mount", view,
                                       "--cgroup", f"cfs-bench-{os.getpid()}", "--log-level", "warning"])
     try:
-        while True:
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-            try:
-                probe.connect(sock)
-                break
-            except OSError:
-                if proc.poll() is not None:
-                    raise RuntimeError("the service did not start") from None
-                time.sleep(0.02)
-            finally:
-                probe.close()
+        wait_for(sock, proc, "the service")
         os.environ["CONTAINERFS_SOCKET"] = sock
         yield ServiceInfo(sock, proc.pid, _pid_file(os.path.join(state, "keeper.pid")))
     finally:
@@ -94,3 +84,18 @@ def started_service(profile: str | None = None, view: str = "") -> Iterator[Serv
         from containerfs.cgroups import CgroupTree
         CgroupTree(f"cfs-bench-{os.getpid()}").remove_all()
         shutil.rmtree(where, ignore_errors=True)
+
+
+def wait_for(sock: str, proc: subprocess.Popen[bytes], what: str) -> None:
+    """Until the service `proc` answers at `sock` (RuntimeError naming `what` if it exits)."""
+    while True:
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            probe.connect(sock)
+            return
+        except OSError:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{what} did not start") from None
+            time.sleep(0.02)
+        finally:
+            probe.close()

@@ -17,7 +17,6 @@ import argparse
 import os
 import shutil
 import signal
-import socket
 import statistics
 import struct
 import subprocess
@@ -30,6 +29,7 @@ from dataclasses import dataclass, field
 
 from syscalls import childsetup
 
+from ._service import wait_for
 from .peers import one_containerfs, proc_cpu
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -59,17 +59,7 @@ def service(name: str, tree: str) -> Iterator[Svc]:
                              "--runtime-dir", state, "--mount", "", "--cgroup", cgroup,
                              "--log-level", "warning"], cwd=tree, env=env)
     try:
-        while True:
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-            try:
-                probe.connect(sock)
-                break
-            except OSError:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"the {name} service did not start") from None
-                time.sleep(0.02)
-            finally:
-                probe.close()
+        wait_for(sock, proc, f"the {name} service")
         with open(os.path.join(state, "keeper.pid")) as f:
             keeper = int(f.read())
         yield Svc(name, tree, sock, proc.pid, keeper)
@@ -96,7 +86,7 @@ def timed_joins(pipe_w: int) -> None:
         t = time.perf_counter_ns()
         real(reply, fds)
         os.write(pipe_w, struct.pack("q", time.perf_counter_ns() - t))
-    childsetup.join_groups = join_groups  # type: ignore[assignment]
+    childsetup.join_groups = join_groups
 
 
 def round_of(svc: Svc, k: int, pipe_r: int) -> None:
