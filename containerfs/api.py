@@ -45,6 +45,7 @@ class Container:
         self._lock = threading.Lock()  # held while the first process (init) is made
         self._started = False
         self._closed = False
+        self._init: spawn.ContainerPopen | None = None  # the first process, if popen made it
         self._id: int | None = None
         self.user_ns = bool(flags & syscalls.CONTAINER_NEW_USER_NS)
         self.fd: int = syscalls.container_create(name, flags)
@@ -70,7 +71,10 @@ class Container:
         self._closed = True
         try:
             drop_fork_plan(self.fd)
-            if not select.select([self.fd], [], [], 0)[0]:  # POLLHUP: dead already
+            # Dead already: POLLHUP, or its init reaped here (its death is the container's,
+            # which the service is dealing with; no need to ask for a kill).
+            reaped = self._init is not None and self._init.returncode is not None
+            if not reaped and not select.select([self.fd], [], [], 0)[0]:
                 self.kill()
         except OSError as e:
             if e.errno not in (errno.ECANCELED, errno.ESRCH):
@@ -123,7 +127,10 @@ class Container:
         """subprocess.Popen in the container (see ContainerPopen); this process never forks."""
         with self._first() as first:
             on_init = self._set_hostname if first and self.hostname is not None else None
-            return spawn.ContainerPopen(self, args, on_init=on_init, **kwargs)
+            process = spawn.ContainerPopen(self, args, on_init=on_init, **kwargs)
+            if first:
+                self._init = process
+            return process
 
     def run(self, args: Any, **kwargs: Any) -> subprocess.CompletedProcess[Any]:
         """subprocess.run in the container: same arguments, result and exceptions."""

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -568,3 +569,22 @@ def test_pids_in_context(service: Any) -> None:
             member.wait()
             init.kill()
             init.wait()
+
+
+def test_leaving_after_init_exited_leaves_no_member(service: Any) -> None:
+    """A run whose init left a member behind: leaving the block (which asks no kill once
+    init is reaped here) still leaves nothing running; the container is dead."""
+    from .conftest import pid_alive
+    with Container("leftover") as c:  # no PID namespace: $! is the member's pid here
+        r = c.run(["sh", "-c", "sleep 100 & echo $!"], capture_output=True, text=True)
+        members = [int(r.stdout)]
+        fd = os.dup(c.fd)
+    try:
+        assert syscalls.container_wait(fd) == 0
+        assert syscalls.container_status(fd)["state"] == "dead"
+        deadline = time.monotonic() + 5
+        while any(pid_alive(p) for p in members) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not any(pid_alive(p) for p in members)
+    finally:
+        os.close(fd)
