@@ -315,3 +315,49 @@ def test_docs_example(service: Any) -> None:
     block = text[text.index("- `container_spawn(fd, path"):].split("```python\n")[1]
     exec(compile(textwrap.dedent(block.split("```", 1)[0]), "docs/api.md container_spawn", "exec"),
          {"__name__": "doc"})
+
+
+def test_caps_in_a_user_namespace_do_not_follow_the_callers_bounding_set(service: Any) -> None:
+    """Entering a user namespace gives the new process every capability there (bounding set
+    included): a caller whose own bounding set lacks a capability outside the container's
+    mask must not leave it in the spawned process's bounding set (a uid 0 exec would gain it
+    back), as the forked path's confinement, which reads the child's own sets, does not."""
+    cfd = syscalls.container_create("b", CONTAINER_NEW_USER_NS | CONTAINER_NEW_FS_NS
+                                    | CONTAINER_NEW_UTS_NS | CONTAINER_KILL_ON_CLOSE)
+    sys_admin = 21
+    assert not DEFAULT_CAPS >> sys_admin & 1
+    try:
+        syscalls.container_set_caps(cfd, DEFAULT_CAPS)
+        hold_r, hold_w = os.pipe()
+        init = syscalls.fork_into_container(cfd)
+        if init == 0:  # init, until the test is done
+            os.close(hold_w)
+            os.read(hold_r, 1)
+            os._exit(0)
+        os.close(hold_r)
+        r, w = os.pipe()
+        caller = os.fork()
+        if caller == 0:  # a caller without CAP_SYS_ADMIN in its bounding set
+            try:
+                os.close(r)
+                from syscalls import caps
+                caps._prctl(caps.PR_CAPBSET_DROP, sys_admin)
+                pid, spawned, stdin = spawn_probe(cfd)
+                os.close(stdin)
+                os.write(w, json.dumps([spawned, child_result(pid)]).encode())
+            finally:
+                os._exit(0)
+        os.close(w)
+        with os.fdopen(r) as f:
+            spawned, status = json.loads(f.read())
+        assert child_result(caller) == 0 and status == 0
+        member, forked = in_container(cfd, probe)
+        assert child_result(member) == 0
+        assert forked["ns"]["user"] == spawned["ns"]["user"] != os.stat("/proc/self/ns/user").st_ino
+        assert int(forked["CapBnd"], 16) == DEFAULT_CAPS
+        for key in ("CapEff", "CapBnd", "CapPrm", "CapInh", "CapAmb"):
+            assert spawned[key] == forked[key], key
+        os.close(hold_w)
+        assert child_result(init) == 0
+    finally:
+        os.close(cfd)
