@@ -117,13 +117,15 @@ class LazyGroups(CgroupFS):
             self._has[x] = self._lazy_of(x) | {base}
 
     # --- moving processes in ------------------------------------------------------------
-    def _own_procs(self, cid: int) -> list[int]:
+    def _own_procs(self, cid: int, theirs: set[str] | None = None) -> list[int]:
         """The pids in the container's cgroup2 group and in groups below it that are no
-        container's (a member may make some)."""
+        container's (a member may make some); `theirs`: every container's cgroup2 group,
+        if the caller has it."""
         assert self.v2_base is not None
         top = os.path.join(self.v2_base, self._group(cid))
-        theirs = {os.path.join(self.v2_base, rel)
-                  for x, rel in list(self._rel.items()) if x != cid}
+        if theirs is None:
+            theirs = {os.path.join(self.v2_base, rel) for rel in list(self._rel.values())}
+        theirs = theirs - {top}
         pids: list[int] = []
         for d, dirs, _ in os.walk(top):
             dirs[:] = [n for n in dirs if os.path.join(d, n) not in theirs]
@@ -192,6 +194,46 @@ class LazyGroups(CgroupFS):
         finally:
             if not was:
                 self._write(freeze, "0")
+
+    # --- after a restart ----------------------------------------------------------------
+    def settle_adopted(self) -> None:
+        """After every container was adopted: finish what a service killed in set_limit's
+        first limit left half done, which no later set_limit would (it finds the group and
+        only writes the limit). The groups of a tree made parents first: a container whose
+        parent has a group that it lacks gets its own; then every process of a container
+        with lazy groups not yet in them is moved in (_sweep: nothing to move, usually)."""
+        with self._lock:
+            for cid in self._tree_order():
+                rel = self._rel[cid]
+                parent = os.path.dirname(rel)
+                above = next((x for x, r in self._rel.items() if r == parent), None)
+                missing = (self._lazy_of(above) - self._lazy_of(cid)) if above is not None \
+                    else frozenset()
+                for base in missing:
+                    try:
+                        self._new_group(base, os.path.join(base, rel))
+                    except FileExistsError:
+                        pass
+                    self._has[cid] = self._lazy_of(cid) | {base}
+        if self.v2_base is None:
+            return
+        theirs = {os.path.join(self.v2_base, rel) for rel in self._rel.values()}
+        for cid in self._tree_order():
+            has = self._lazy_of(cid)
+            if not has:
+                continue
+            try:
+                own = set(self._own_procs(cid, theirs))
+                for base in has:
+                    there = self._read(os.path.join(base, self._rel[cid], "cgroup.procs"))
+                    if own - set(map(int, there.split())):
+                        self._sweep([cid], base)
+            except FileNotFoundError:
+                continue  # gone meanwhile
+
+    def _tree_order(self) -> list[int]:
+        """Every known container, parents first."""
+        return [x for x, _ in sorted(self._rel.items(), key=lambda e: e[1].count(os.sep))]
 
     # --- a fork granted before ----------------------------------------------------------
     def complete(self, cid: int, pidfd: int, pid: int) -> None:

@@ -305,3 +305,36 @@ def test_nested_lazy_groups(groups: ResourceGroups,  # noqa: F811 - the fixture
         child.wait()
     assert groups.remove(2) == [] and not os.path.exists(os.path.join(cpu, "c2"))
     assert groups.remove(9) == []
+
+
+def test_kill_9_while_a_first_limit_moves_processes_in(service: Any) -> None:
+    """A service killed while making a container's first cpu group (after its mkdir, before
+    every process was moved in) leaves a group that a restarted service finds: the
+    container's processes must end up in it, or a limit set on it later never holds them."""
+    from pathlib import Path
+
+    from .conftest import start_service
+    base = os.path.basename(service.cgroups.base)
+    cfd = syscalls.container_create("half", CONTAINER_NEW_PID_NS)
+    try:
+        cid = syscalls.container_status(cfd)["id"]
+        init = syscalls.fork_into_container(cfd)
+        if init == 0:
+            time.sleep(60)
+            os._exit(0)
+        assert wait_for(lambda: in_group(init, "memory", base, cid))
+        service.proc.send_signal(signal.SIGKILL)
+        service.proc.wait()
+        # What the killed service had done of set_limit: the group made, nobody moved yet.
+        cpu_dir = os.path.join(service.cgroups._v1["cpu"], f"c{cid}")
+        os.mkdir(cpu_dir)
+        again = start_service(Path(service.socket).parent, base)
+        service.proc, service.log = again.proc, again.log
+        syscalls.container_set_limit(cfd, "cpu.max", LIMIT)
+        assert syscalls.container_get_limit(cfd, "cpu.max") == LIMIT
+        assert wait_for(lambda: in_group(init, "cpu", base, cid)), cgroups_of(init)
+        syscalls.container_kill(cfd)
+        assert child_result(init) == -signal.SIGKILL
+        assert wait_for(lambda: not os.path.exists(cpu_dir))
+    finally:
+        os.close(cfd)
