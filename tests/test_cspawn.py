@@ -361,3 +361,36 @@ def test_caps_in_a_user_namespace_do_not_follow_the_callers_bounding_set(service
         assert child_result(init) == 0
     finally:
         os.close(cfd)
+
+
+def test_exec_error_reported_whatever_fd_a_file_action_targets(service: Any) -> None:
+    """A file action may name any fd number, the one container_spawn reports a failure on
+    included (the caller cannot know it): exec's error must still be raised, never a pid of
+    a process that is dead already, nor written into the caller's fd."""
+    cfd = syscalls.container_create("f", FLAGS)
+    hold_r, hold_w = os.pipe()
+    try:
+        init = syscalls.fork_into_container(cfd)
+        if init == 0:
+            os.close(hold_w)
+            os.read(hold_r, 1)
+            os._exit(0)
+        os.close(hold_r)
+        null = os.open("/dev/null", os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            for target in range(3, 64):
+                with pytest.raises(FileNotFoundError):
+                    pid = cspawn.container_spawn(cfd, "/no/such/program", ["x"],
+                                                 file_actions=[(os.POSIX_SPAWN_DUP2, null,
+                                                                target)])
+                    child_result(pid)
+                    pytest.fail(f"dup2 to fd {target}: pid {pid} returned for a failed exec")
+        finally:
+            os.close(null)
+        os.close(hold_w)
+        hold_w = -1
+        assert child_result(init) == 0
+    finally:
+        if hold_w >= 0:
+            os.close(hold_w)
+        os.close(cfd)
