@@ -196,17 +196,17 @@ class LazyGroups(CgroupFS):
                 self._write(freeze, "0")
 
     # --- after a restart ----------------------------------------------------------------
-    def settle_adopted(self) -> None:
-        """After every container was adopted: finish what a service killed in set_limit's
+    def settle_adopted(self, live: set[int]) -> None:
+        """After every container was adopted (ids in `live`): finish what a service killed in set_limit's
         first limit left half done, which no later set_limit would (it finds the group and
         only writes the limit). The groups of a tree made parents first: a container whose
         parent has a group that it lacks gets its own; then every process of a container
         with lazy groups not yet in them is moved in (_sweep: nothing to move, usually)."""
         with self._lock:
-            for cid in self._tree_order():
+            by_rel = {r: x for x, r in self._rel.items()}
+            for cid in self._tree_order(live):
                 rel = self._rel[cid]
-                parent = os.path.dirname(rel)
-                above = next((x for x, r in self._rel.items() if r == parent), None)
+                above = by_rel.get(os.path.dirname(rel))
                 missing = (self._lazy_of(above) - self._lazy_of(cid)) if above is not None \
                     else frozenset()
                 for base in missing:
@@ -214,11 +214,14 @@ class LazyGroups(CgroupFS):
                         self._new_group(base, os.path.join(base, rel))
                     except FileExistsError:
                         pass
+                    except OSError as e:  # (the service starts all the same)
+                        log.warning("container %d: its group in %s not made: %s", cid, base, e)
+                        continue
                     self._has[cid] = self._lazy_of(cid) | {base}
         if self.v2_base is None:
             return
         theirs = {os.path.join(self.v2_base, rel) for rel in self._rel.values()}
-        for cid in self._tree_order():
+        for cid in self._tree_order(live):
             has = self._lazy_of(cid)
             if not has:
                 continue
@@ -228,12 +231,13 @@ class LazyGroups(CgroupFS):
                     there = self._read(os.path.join(base, self._rel[cid], "cgroup.procs"))
                     if own - set(map(int, there.split())):
                         self._sweep([cid], base)
-            except FileNotFoundError:
-                continue  # gone meanwhile
+            except OSError as e:  # (gone meanwhile, say: the service starts all the same)
+                log.warning("container %d: its processes not moved into its groups: %s", cid, e)
 
-    def _tree_order(self) -> list[int]:
-        """Every known container, parents first."""
-        return [x for x, _ in sorted(self._rel.items(), key=lambda e: e[1].count(os.sep))]
+    def _tree_order(self, among: set[int]) -> list[int]:
+        """The known containers of `among`, parents first."""
+        return [x for x, _ in sorted(self._rel.items(), key=lambda e: e[1].count(os.sep))
+                if x in among]
 
     # --- a fork granted before ----------------------------------------------------------
     def complete(self, cid: int, pidfd: int, pid: int) -> None:

@@ -338,3 +338,29 @@ def test_kill_9_while_a_first_limit_moves_processes_in(service: Any) -> None:
         assert wait_for(lambda: not os.path.exists(cpu_dir))
     finally:
         os.close(cfd)
+
+
+@kernel
+def test_restart_completes_a_tree_left_half_made(groups: ResourceGroups,  # noqa: F811
+                                                 children: Callable[..., Child]) -> None:  # noqa: F811
+    """A service killed while making a tree's first cpu groups (the parent's made, the
+    nested one's not, nobody moved): the next one makes the missing group and moves every
+    process in, so a limit on the parent holds the nested container's processes too."""
+    groups.create(2)
+    groups.create(5, parent=2)
+    procs = {cid: children(busy) for cid in (2, 5)}
+    for cid, child in procs.items():
+        groups.place(cid, child.pidfd, child.pid, v2=True)
+    cpu = groups._v1["cpu"]
+    os.mkdir(os.path.join(cpu, "c2"))  # what the killed service had done
+    assert groups.v2_base is not None
+    again = ResourceGroups(os.path.basename(groups.v2_base), layout=groups.layout)
+    again.adopt(2, None)
+    again.adopt(5, 2)
+    again.settle_adopted({2, 5})
+    for cid, rel in ((2, "c2"), (5, "c2/c5")):
+        assert cgroups_of(procs[cid].pid)["cpu"].endswith(rel), cid
+    again.kill(2)
+    for child in procs.values():
+        child.wait()
+    assert again.remove(2) == []
