@@ -24,6 +24,7 @@ The rules (docs/resources.md, "Groups made when needed"):
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import threading
@@ -250,7 +251,11 @@ class LazyGroups(CgroupFS):
             return
         rel = self._group(cid)
         want = [os.path.join(b, rel) for b in has]
-        now = self.layout.groups_of(pid, want)
+        try:
+            now = self.layout.groups_of(pid, want)
+        except FileNotFoundError:  # (its /proc entry: reaped)
+            raise ProcessLookupError(errno.ESRCH, f"process {pid} was reaped") from None
+        self._check_alive(pidfd, pid)  # the groups read were that process's
         for base in has:
             d = os.path.join(base, rel)
             if now[d] != d:

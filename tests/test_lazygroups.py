@@ -364,3 +364,22 @@ def test_restart_completes_a_tree_left_half_made(groups: ResourceGroups,  # noqa
     for child in procs.values():
         child.wait()
     assert again.remove(2) == []
+
+
+@kernel
+def test_complete_of_a_process_reaped_meanwhile_is_esrch(groups: ResourceGroups,  # noqa: F811
+                                                         children: Callable[..., Child]  # noqa: F811
+                                                         ) -> None:
+    """complete() on a process reaped since its report (a fast init whose caller reaps it
+    at once) raises ProcessLookupError, which Forks.finish takes as "nothing to limit";
+    any other error would undo the record of a process that was made."""
+    groups.create(2)
+    groups.set_limit(2, "cpu.max", LIMIT)  # the container has its cpu group
+    child = children(lambda: None)
+    groups.place(2, child.pidfd, child.pid, v2=True)
+    pid = child.pid
+    child.release()
+    child.wait()
+    with pytest.raises(ProcessLookupError):
+        groups.complete(2, child.pidfd, pid)
+    assert groups.remove(2) == []
