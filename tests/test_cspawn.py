@@ -394,3 +394,49 @@ def test_exec_error_reported_whatever_fd_a_file_action_targets(service: Any) -> 
         if hold_w >= 0:
             os.close(hold_w)
         os.close(cfd)
+
+
+def test_a_process_whose_report_fails_is_not_left(service: Any,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """If the process made cannot be reported to the service (its connection broken), it is
+    killed and reaped, as fork_into_container does: never left running in the container
+    with nobody knowing of it."""
+    from syscalls import client, protocol
+    cfd = syscalls.container_create("r", FLAGS)
+    hold_r, hold_w = os.pipe()
+    try:
+        init = syscalls.fork_into_container(cfd)
+        if init == 0:
+            os.close(hold_w)
+            os.read(hold_r, 1)
+            os._exit(0)
+        os.close(hold_r)
+        real_send = client.Connection.send
+        made: list[int] = []
+
+        def send(self: Any, msg: Any, fds: Any = ()) -> None:
+            if isinstance(msg, protocol.StartedNoReply):
+                made.append(msg.pid)
+                raise BrokenPipeError(errno.EPIPE, "injected")
+            real_send(self, msg, fds)
+        monkeypatch.setattr(client.Connection, "send", send)
+        with pytest.raises(BrokenPipeError):
+            cspawn.container_spawn(cfd, "/bin/sleep", ["sleep", "30"])
+        monkeypatch.undo()
+        assert len(made) == 1
+        try:
+            os.kill(made[0], 0)
+            left = True
+        except ProcessLookupError:
+            left = False
+        if left:  # (cleanup: it is our child)
+            os.kill(made[0], signal.SIGKILL)
+            os.waitpid(made[0], 0)
+        assert not left, "the process whose report failed is still there"
+        os.close(hold_w)
+        hold_w = -1
+        assert child_result(init) == 0
+    finally:
+        if hold_w >= 0:
+            os.close(hold_w)
+        os.close(cfd)
