@@ -103,6 +103,9 @@ class Filesystems:
         finally:
             for fd in fds + ([userns] if userns is not None else []):
                 os.close(fd)
+        if c.state == State.DEAD:  # died while we worked: its namespaces are released
+            namespaces.close_all(made)
+            c.check_alive()
         if "root" in c.ns:  # set by a racing call while we worked: keep the first
             namespaces.close_all(made)
             raise OSError(errno.EBUSY, f"container {c.id} already has a mount namespace")

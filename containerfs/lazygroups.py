@@ -24,6 +24,7 @@ The rules (docs/resources.md, "Groups made when needed"):
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import threading
@@ -117,13 +118,15 @@ class LazyGroups(CgroupFS):
             self._has[x] = self._lazy_of(x) | {base}
 
     # --- moving processes in ------------------------------------------------------------
-    def _own_procs(self, cid: int) -> list[int]:
+    def _own_procs(self, cid: int, theirs: set[str] | None = None) -> list[int]:
         """The pids in the container's cgroup2 group and in groups below it that are no
-        container's (a member may make some)."""
+        container's (a member may make some); `theirs`: every container's cgroup2 group,
+        if the caller has it."""
         assert self.v2_base is not None
         top = os.path.join(self.v2_base, self._group(cid))
-        theirs = {os.path.join(self.v2_base, rel)
-                  for x, rel in list(self._rel.items()) if x != cid}
+        if theirs is None:
+            theirs = {os.path.join(self.v2_base, rel) for rel in list(self._rel.values())}
+        theirs = theirs - {top}
         pids: list[int] = []
         for d, dirs, _ in os.walk(top):
             dirs[:] = [n for n in dirs if os.path.join(d, n) not in theirs]
@@ -193,6 +196,50 @@ class LazyGroups(CgroupFS):
             if not was:
                 self._write(freeze, "0")
 
+    # --- after a restart ----------------------------------------------------------------
+    def settle_adopted(self, live: set[int]) -> None:
+        """After every container was adopted (ids in `live`): finish what a service killed in set_limit's
+        first limit left half done, which no later set_limit would (it finds the group and
+        only writes the limit). The groups of a tree made parents first: a container whose
+        parent has a group that it lacks gets its own; then every process of a container
+        with lazy groups not yet in them is moved in (_sweep: nothing to move, usually)."""
+        with self._lock:
+            by_rel = {r: x for x, r in self._rel.items()}
+            for cid in self._tree_order(live):
+                rel = self._rel[cid]
+                above = by_rel.get(os.path.dirname(rel))
+                missing = (self._lazy_of(above) - self._lazy_of(cid)) if above is not None \
+                    else frozenset()
+                for base in missing:
+                    try:
+                        self._new_group(base, os.path.join(base, rel))
+                    except FileExistsError:
+                        pass
+                    except OSError as e:  # (the service starts all the same)
+                        log.warning("container %d: its group in %s not made: %s", cid, base, e)
+                        continue
+                    self._has[cid] = self._lazy_of(cid) | {base}
+        if self.v2_base is None:
+            return
+        theirs = {os.path.join(self.v2_base, rel) for rel in self._rel.values()}
+        for cid in self._tree_order(live):
+            has = self._lazy_of(cid)
+            if not has:
+                continue
+            try:
+                own = set(self._own_procs(cid, theirs))
+                for base in has:
+                    there = self._read(os.path.join(base, self._rel[cid], "cgroup.procs"))
+                    if own - set(map(int, there.split())):
+                        self._sweep([cid], base)
+            except OSError as e:  # (gone meanwhile, say: the service starts all the same)
+                log.warning("container %d: its processes not moved into its groups: %s", cid, e)
+
+    def _tree_order(self, among: set[int]) -> list[int]:
+        """The known containers of `among`, parents first."""
+        return [x for x, _ in sorted(self._rel.items(), key=lambda e: e[1].count(os.sep))
+                if x in among]
+
     # --- a fork granted before ----------------------------------------------------------
     def complete(self, cid: int, pidfd: int, pid: int) -> None:
         """A new process of container `cid` was reported: if the container has lazy groups,
@@ -204,7 +251,11 @@ class LazyGroups(CgroupFS):
             return
         rel = self._group(cid)
         want = [os.path.join(b, rel) for b in has]
-        now = self.layout.groups_of(pid, want)
+        try:
+            now = self.layout.groups_of(pid, want)
+        except FileNotFoundError:  # (its /proc entry: reaped)
+            raise ProcessLookupError(errno.ESRCH, f"process {pid} was reaped") from None
+        self._check_alive(pidfd, pid)  # the groups read were that process's
         for base in has:
             d = os.path.join(base, rel)
             if now[d] != d:

@@ -286,8 +286,11 @@ class MountCopies:
     def take(self, creator: Mapping[str, int]) -> dict[str, int] | None:
         """A current copy for a creator standing where we stand (checked on the fds of its
         namespace and root, proven to be the peer's), or None (the caller copies)."""
+        # The root compared by mount too: another mount of / (a read-only bind, say) has
+        # its device and inode, and a copy's root would be ours, not a copy of that one.
         if not (linux.same_file(creator["mnt"], "/proc/self/ns/mnt")
-                and linux.same_file(creator["root"], "/")):
+                and linux.same_file(creator["root"], self._ours["root"])
+                and linux.mount_id(creator["root"]) == linux.mount_id(self._ours["root"])):
             return None
         now = self._look()
         while self.free:

@@ -100,6 +100,7 @@ class Service:
                 reg.store.save({**row, "removed": 1})
                 reg.fdstore.drop(f"c{row['id']}")
         reg.ns.sweep(set(reg.containers))  # what no adopted container uses
+        reg.cgroups.settle_adopted(set(reg.containers))  # a first cpu limit left half done
         self.forks.recover(held)
         self.keyrings.recover(held)  # takes its own keys out of `held`
         for key, fds in held.items():

@@ -312,9 +312,28 @@ static int run_step(const struct cfs_ctx *c, const struct cfs_step *s, struct cf
     return -1;
 }
 
+/* The report fd moved above every fd a step dup2s onto or closes: the caller's file actions
+ * may name any number, errfd's included (it cannot know it). */
+static int move_errfd(const struct cfs_ctx *c)
+{
+    int errfd = c->errfd, top = -1, hit = 0;
+    for (int i = 0; i < c->n; i++) {
+        const struct cfs_step *s = &c->steps[i];
+        long fd = s->op == CFS_DUP2 ? s->b : s->op == CFS_CLOSE ? s->a : -1;
+        if (fd > top)
+            top = (int)fd;
+        hit |= fd == errfd;
+    }
+    return hit ? fcntl(errfd, F_DUPFD_CLOEXEC, top + 1) : errfd;
+}
+
 static int child(void *arg)
 {
-    const struct cfs_ctx *c = arg;
+    struct cfs_ctx own = *(const struct cfs_ctx *)arg;
+    const struct cfs_ctx *c = &own;
+    own.errfd = move_errfd(c);
+    if (own.errfd < 0)
+        _exit(127);  /* (no fd left: nothing can be reported; the caller sees a dead pid) */
     /* No handler of the caller may run here (they would touch its memory): every caught
      * signal back to its default while all are still blocked. */
     for (int sig = 1; sig < _NSIG; sig++) {

@@ -10,6 +10,7 @@ import dataclasses
 import errno
 import importlib
 import os
+import signal
 import struct
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -176,6 +177,7 @@ def _make(conn: Connection, reply: replies.ForkGrant, fds: list[int], steps: lis
             finally:
                 linux.setns(own_pid, linux.NS_FLAGS["pid"])
         except OSError as e:
+            os.close(err_r)
             conn.send(protocol.ForkFailed(errno=e.errno or errno.EIO))
             raise
         finally:
@@ -185,6 +187,12 @@ def _make(conn: Connection, reply: replies.ForkGrant, fds: list[int], steps: lis
             # Made and in the container: reported even if its exec failed (it is then
             # dead, and as init its death is the container's).
             conn.send(protocol.StartedNoReply(pid=pid), [pidfd])
+        except BaseException:
+            # Nobody would know of it: no process is left (as fork_into_container).
+            linux.pidfd_send_signal(pidfd, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            os.close(err_r)
+            raise
         finally:
             os.close(pidfd)
     finally:

@@ -115,7 +115,7 @@ def entry_steps(reply: ForkGrant, fds: Sequence[int], conn: int,
                   Step("sendfd", "handing over the request_key listener", conn,
                        data=protocol.encode(protocol.KeyListener()), ignore=errno.EPIPE)]
     steps.append(Step("umask", "umask", 0o022))
-    return steps + proc_steps(reply) + confinement_steps(reply)
+    return steps + proc_steps(reply) + confinement_steps(reply, enters_userns(reply, fds))
 
 
 def proc_steps(reply: ForkGrant) -> list[Step]:
@@ -136,19 +136,24 @@ def proc_steps(reply: ForkGrant) -> list[Step]:
     return steps
 
 
-def confinement_steps(reply: ForkGrant) -> list[Step]:
-    """Step 6, computed here from this thread's capabilities (the child's are the same: it
-    is cloned from this thread, as root)."""
+def confinement_steps(reply: ForkGrant, in_userns: bool = False) -> list[Step]:
+    """Step 6, computed here from the capabilities the child will have by then: this
+    thread's (it is cloned from this thread, as root), or with `in_userns` (it enters
+    another user namespace) every capability there, as setns(2) gives them (bounding set
+    included: the caller's own bounding set says nothing about the child's then)."""
     steps: list[Step] = []
     if reply.seccomp:
         steps.append(Step("prctl", "confinement: no_new_privs", PR_SET_NO_NEW_PRIVS, 1))
     if reply.caps is not None:
         mask = reply.caps
+        every = (1 << (_caps.cap_last_cap() + 1)) - 1
+        bounding = every if in_userns else _caps.bounding_set()
         steps += [Step("prctl", f"confinement: bounding set: dropping {_caps.name_of(n)}",
                        _caps.PR_CAPBSET_DROP, n)
                   for n in range(_caps.cap_last_cap() + 1)
-                  if not mask >> n & 1 and _caps.bounding_set() >> n & 1]
-        effective, permitted, inheritable = _caps.get_caps()
+                  if not mask >> n & 1 and bounding >> n & 1]
+        # (setns into a user namespace: effective and permitted full, inheritable empty)
+        effective, permitted, inheritable = (every, every, 0) if in_userns else _caps.get_caps()
         steps.append(Step("capset", "confinement: permitted, effective and inheritable sets",
                           data=_capset_data(effective & mask, permitted & mask,
                                             inheritable & mask)))

@@ -315,3 +315,128 @@ def test_docs_example(service: Any) -> None:
     block = text[text.index("- `container_spawn(fd, path"):].split("```python\n")[1]
     exec(compile(textwrap.dedent(block.split("```", 1)[0]), "docs/api.md container_spawn", "exec"),
          {"__name__": "doc"})
+
+
+def test_caps_in_a_user_namespace_do_not_follow_the_callers_bounding_set(service: Any) -> None:
+    """Entering a user namespace gives the new process every capability there (bounding set
+    included): a caller whose own bounding set lacks a capability outside the container's
+    mask must not leave it in the spawned process's bounding set (a uid 0 exec would gain it
+    back), as the forked path's confinement, which reads the child's own sets, does not."""
+    cfd = syscalls.container_create("b", CONTAINER_NEW_USER_NS | CONTAINER_NEW_FS_NS
+                                    | CONTAINER_NEW_UTS_NS | CONTAINER_KILL_ON_CLOSE)
+    sys_admin = 21
+    assert not DEFAULT_CAPS >> sys_admin & 1
+    try:
+        syscalls.container_set_caps(cfd, DEFAULT_CAPS)
+        hold_r, hold_w = os.pipe()
+        init = syscalls.fork_into_container(cfd)
+        if init == 0:  # init, until the test is done
+            os.close(hold_w)
+            os.read(hold_r, 1)
+            os._exit(0)
+        os.close(hold_r)
+        r, w = os.pipe()
+        caller = os.fork()
+        if caller == 0:  # a caller without CAP_SYS_ADMIN in its bounding set
+            try:
+                os.close(r)
+                from syscalls import caps
+                caps._prctl(caps.PR_CAPBSET_DROP, sys_admin)
+                pid, spawned, stdin = spawn_probe(cfd)
+                os.close(stdin)
+                os.write(w, json.dumps([spawned, child_result(pid)]).encode())
+            finally:
+                os._exit(0)
+        os.close(w)
+        with os.fdopen(r) as f:
+            spawned, status = json.loads(f.read())
+        assert child_result(caller) == 0 and status == 0
+        member, forked = in_container(cfd, probe)
+        assert child_result(member) == 0
+        assert forked["ns"]["user"] == spawned["ns"]["user"] != os.stat("/proc/self/ns/user").st_ino
+        assert int(forked["CapBnd"], 16) == DEFAULT_CAPS
+        for key in ("CapEff", "CapBnd", "CapPrm", "CapInh", "CapAmb"):
+            assert spawned[key] == forked[key], key
+        os.close(hold_w)
+        assert child_result(init) == 0
+    finally:
+        os.close(cfd)
+
+
+def test_exec_error_reported_whatever_fd_a_file_action_targets(service: Any) -> None:
+    """A file action may name any fd number, the one container_spawn reports a failure on
+    included (the caller cannot know it): exec's error must still be raised, never a pid of
+    a process that is dead already, nor written into the caller's fd."""
+    cfd = syscalls.container_create("f", FLAGS)
+    hold_r, hold_w = os.pipe()
+    try:
+        init = syscalls.fork_into_container(cfd)
+        if init == 0:
+            os.close(hold_w)
+            os.read(hold_r, 1)
+            os._exit(0)
+        os.close(hold_r)
+        null = os.open("/dev/null", os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            for target in range(3, 64):
+                with pytest.raises(FileNotFoundError):
+                    pid = cspawn.container_spawn(cfd, "/no/such/program", ["x"],
+                                                 file_actions=[(os.POSIX_SPAWN_DUP2, null,
+                                                                target)])
+                    child_result(pid)
+                    pytest.fail(f"dup2 to fd {target}: pid {pid} returned for a failed exec")
+        finally:
+            os.close(null)
+        os.close(hold_w)
+        hold_w = -1
+        assert child_result(init) == 0
+    finally:
+        if hold_w >= 0:
+            os.close(hold_w)
+        os.close(cfd)
+
+
+def test_a_process_whose_report_fails_is_not_left(service: Any,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """If the process made cannot be reported to the service (its connection broken), it is
+    killed and reaped, as fork_into_container does: never left running in the container
+    with nobody knowing of it."""
+    from syscalls import client, protocol
+    cfd = syscalls.container_create("r", FLAGS)
+    hold_r, hold_w = os.pipe()
+    try:
+        init = syscalls.fork_into_container(cfd)
+        if init == 0:
+            os.close(hold_w)
+            os.read(hold_r, 1)
+            os._exit(0)
+        os.close(hold_r)
+        real_send = client.Connection.send
+        made: list[int] = []
+
+        def send(self: Any, msg: Any, fds: Any = ()) -> None:
+            if isinstance(msg, protocol.StartedNoReply):
+                made.append(msg.pid)
+                raise BrokenPipeError(errno.EPIPE, "injected")
+            real_send(self, msg, fds)
+        monkeypatch.setattr(client.Connection, "send", send)
+        with pytest.raises(BrokenPipeError):
+            cspawn.container_spawn(cfd, "/bin/sleep", ["sleep", "30"])
+        monkeypatch.undo()
+        assert len(made) == 1
+        try:
+            os.kill(made[0], 0)
+            left = True
+        except ProcessLookupError:
+            left = False
+        if left:  # (cleanup: it is our child)
+            os.kill(made[0], signal.SIGKILL)
+            os.waitpid(made[0], 0)
+        assert not left, "the process whose report failed is still there"
+        os.close(hold_w)
+        hold_w = -1
+        assert child_result(init) == 0
+    finally:
+        if hold_w >= 0:
+            os.close(hold_w)
+        os.close(cfd)

@@ -305,3 +305,81 @@ def test_nested_lazy_groups(groups: ResourceGroups,  # noqa: F811 - the fixture
         child.wait()
     assert groups.remove(2) == [] and not os.path.exists(os.path.join(cpu, "c2"))
     assert groups.remove(9) == []
+
+
+def test_kill_9_while_a_first_limit_moves_processes_in(service: Any) -> None:
+    """A service killed while making a container's first cpu group (after its mkdir, before
+    every process was moved in) leaves a group that a restarted service finds: the
+    container's processes must end up in it, or a limit set on it later never holds them."""
+    from pathlib import Path
+
+    from .conftest import start_service
+    base = os.path.basename(service.cgroups.base)
+    cfd = syscalls.container_create("half", CONTAINER_NEW_PID_NS)
+    try:
+        cid = syscalls.container_status(cfd)["id"]
+        init = syscalls.fork_into_container(cfd)
+        if init == 0:
+            time.sleep(60)
+            os._exit(0)
+        assert wait_for(lambda: in_group(init, "memory", base, cid))
+        service.proc.send_signal(signal.SIGKILL)
+        service.proc.wait()
+        # What the killed service had done of set_limit: the group made, nobody moved yet.
+        cpu_dir = os.path.join(service.cgroups._v1["cpu"], f"c{cid}")
+        os.mkdir(cpu_dir)
+        again = start_service(Path(service.socket).parent, base)
+        service.proc, service.log = again.proc, again.log
+        syscalls.container_set_limit(cfd, "cpu.max", LIMIT)
+        assert syscalls.container_get_limit(cfd, "cpu.max") == LIMIT
+        assert wait_for(lambda: in_group(init, "cpu", base, cid)), cgroups_of(init)
+        syscalls.container_kill(cfd)
+        assert child_result(init) == -signal.SIGKILL
+        assert wait_for(lambda: not os.path.exists(cpu_dir))
+    finally:
+        os.close(cfd)
+
+
+@kernel
+def test_restart_completes_a_tree_left_half_made(groups: ResourceGroups,  # noqa: F811
+                                                 children: Callable[..., Child]) -> None:  # noqa: F811
+    """A service killed while making a tree's first cpu groups (the parent's made, the
+    nested one's not, nobody moved): the next one makes the missing group and moves every
+    process in, so a limit on the parent holds the nested container's processes too."""
+    groups.create(2)
+    groups.create(5, parent=2)
+    procs = {cid: children(busy) for cid in (2, 5)}
+    for cid, child in procs.items():
+        groups.place(cid, child.pidfd, child.pid, v2=True)
+    cpu = groups._v1["cpu"]
+    os.mkdir(os.path.join(cpu, "c2"))  # what the killed service had done
+    assert groups.v2_base is not None
+    again = ResourceGroups(os.path.basename(groups.v2_base), layout=groups.layout)
+    again.adopt(2, None)
+    again.adopt(5, 2)
+    again.settle_adopted({2, 5})
+    for cid, rel in ((2, "c2"), (5, "c2/c5")):
+        assert cgroups_of(procs[cid].pid)["cpu"].endswith(rel), cid
+    again.kill(2)
+    for child in procs.values():
+        child.wait()
+    assert again.remove(2) == []
+
+
+@kernel
+def test_complete_of_a_process_reaped_meanwhile_is_esrch(groups: ResourceGroups,  # noqa: F811
+                                                         children: Callable[..., Child]  # noqa: F811
+                                                         ) -> None:
+    """complete() on a process reaped since its report (a fast init whose caller reaps it
+    at once) raises ProcessLookupError, which Forks.finish takes as "nothing to limit";
+    any other error would undo the record of a process that was made."""
+    groups.create(2)
+    groups.set_limit(2, "cpu.max", LIMIT)  # the container has its cpu group
+    child = children(lambda: None)
+    groups.place(2, child.pidfd, child.pid, v2=True)
+    pid = child.pid
+    child.release()
+    child.wait()
+    with pytest.raises(ProcessLookupError):
+        groups.complete(2, child.pidfd, pid)
+    assert groups.remove(2) == []

@@ -74,3 +74,39 @@ def test_copies_are_their_own(service: Any) -> None:
     finally:
         for fd in fds:
             os.close(fd)
+
+
+def test_a_creator_whose_root_is_another_mount_of_it_gets_no_copy() -> None:
+    """A copy made ahead has the service's own root. A creator chrooted into another mount of
+    that directory (a read-only bind of /, say: same device and inode) must not be given
+    one: its container's root would be the writable / instead of a copy of its own."""
+    from containerfs.namespaces import MountCopies
+    ms_rdonly, ms_remount, ms_bind = 1, 32, 4096
+    where = tempfile.mkdtemp(prefix="cfs-rootbind-")
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # in a mount namespace of its own: nothing here is seen outside
+        result = "error"
+        try:
+            os.close(r)
+            linux.unshare(linux.CLONE_NEWNS)
+            linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
+            linux.mount("/", where, None, ms_bind)
+            linux.mount(None, where, None, ms_bind | ms_remount | ms_rdonly)
+            copies = MountCopies()
+            copies.fill_once()
+            bound = os.open(where, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            creator = {"mnt": os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC),
+                       "root": bound}
+            assert linux.same_file(bound, "/")
+            got = copies.take(creator)
+            result = "no copy" if got is None else "copy"
+        finally:
+            os.write(w, result.encode())
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r) as f:
+        result = f.read()
+    assert child_result(pid) == 0
+    os.rmdir(where)
+    assert result == "no copy"

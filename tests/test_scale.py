@@ -268,3 +268,33 @@ def test_an_owner_s_user_namespace_container_after_kill_9(service: Any) -> None:
         return os.waitstatus_to_exitcode(status)
     """)
     assert got == 0
+
+
+def test_a_root_set_while_the_container_dies_leaves_no_bind(service: Any) -> None:
+    """MOVE_MOUNT_T_CONTAINER_ROOT works in a thread; a container killed meanwhile has
+    released its namespaces already: the new mount namespace must not be held for it
+    (a bind and fds nobody would ever let go)."""
+    import threading
+    from syscalls import CONTAINER_NEW_EMPTY_FS_NS, MOVE_MOUNT_F_EMPTY_PATH, \
+        MOVE_MOUNT_T_CONTAINER_ROOT
+    for i in range(40):
+        cfd = S.container_create("r", CONTAINER_NEW_EMPTY_FS_NS | CONTAINER_KILL_ON_CLOSE)
+        mfd = tmpfs()
+
+        def set_root(cfd: int = cfd, mfd: int = mfd) -> None:
+            try:
+                S.move_mount(mfd, "", cfd, "/",
+                             MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_CONTAINER_ROOT)
+            except OSError:
+                pass  # (dead first)
+        t = threading.Thread(target=set_root)
+        t.start()
+        time.sleep(0.0002 * (i % 10))
+        S.container_kill(cfd)
+        t.join()
+        os.close(mfd)
+        os.close(cfd)
+    deadline = time.monotonic() + 15
+    while holder(service) != ([], 1) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert holder(service) == ([], 1), "binds were left in the holder"
