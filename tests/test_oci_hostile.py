@@ -1,0 +1,60 @@
+"""Hostile or malformed input to the OCI runtime, as runc takes it: sysctls that would change
+the host, malformed hooks, container ids runc refuses. Each must fail with an error in runc's
+log format and leave nothing behind (no state directory, no living container). Runs against
+runc too (OCI_RUNTIME=runc)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from .oci_support import Runtime, default_config
+from . import test_oci_runtime
+
+rt = test_oci_runtime.rt  # the same runtime fixture (ours with a fresh service, or runc)
+
+
+def refused(rt: Runtime, cid: str, config: dict[str, Any], *, bundle_name: str = "") -> str:
+    """`create` of `config` fails with one JSON log error, and nothing is left: returns it."""
+    b = rt.bundle(bundle_name or cid, config)
+    log = rt.tmp / f"{bundle_name or cid}.log"
+    err_path = rt.tmp / f"{bundle_name or cid}.err"
+    with err_path.open("w") as err:  # a file: a wrongly made init would hold a pipe open
+        res = rt.call("create", "--bundle", str(b), cid, log=log, log_format="json",
+                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
+    stderr = err_path.read_text()
+    assert res.returncode == 1, stderr
+    assert "Traceback" not in stderr, stderr
+    lines = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    errors = [line["msg"] for line in lines if line.get("level") == "error"]
+    assert errors, (lines, stderr)
+    left = list(rt.root.iterdir()) if rt.root.exists() else []
+    assert left == [], left
+    return str(errors[-1])
+
+
+def test_host_sysctl_refused(rt: Runtime) -> None:
+    """A sysctl of no namespace the container has (vm.*, or net.* without a network
+    namespace) would change the host: refused, as runc refuses it. The value given is the
+    host's own, so a runtime that wrongly writes it changes nothing."""
+    for key in ("vm.overcommit_ratio", "net.ipv4.ip_forward"):
+        current = Path("/proc/sys/" + key.replace(".", "/")).read_text().strip()
+        config = default_config(["true"])
+        config["linux"]["namespaces"] = [ns for ns in config["linux"]["namespaces"]
+                                         if ns["type"] != "network"]
+        config["linux"]["sysctl"] = {key: current}
+        msg = refused(rt, "sysctl", config, bundle_name=key.split(".")[0])
+        assert key in msg, msg
+
+
+def test_namespaced_sysctl_allowed(rt: Runtime) -> None:
+    """net.* in the container's own network namespace, kernel.shmmni in its ipc one."""
+    config = default_config(["sh", "-c", "cat /proc/sys/net/ipv4/ip_forward "
+                                         "/proc/sys/kernel/shmmni"])
+    config["linux"]["sysctl"] = {"net.ipv4.ip_forward": "1", "kernel.shmmni": "1234"}
+    b = rt.bundle("nssysctl", config)
+    res = rt.call("run", "--bundle", str(b), "nssysctl", stdin=subprocess.DEVNULL)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == ["1", "1234"]
