@@ -10,6 +10,8 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from .oci_support import Runtime, default_config
 from . import test_oci_runtime
 
@@ -58,3 +60,13 @@ def test_namespaced_sysctl_allowed(rt: Runtime) -> None:
     res = rt.call("run", "--bundle", str(b), "nssysctl", stdin=subprocess.DEVNULL)
     assert res.returncode == 0, res.stderr
     assert res.stdout.split() == ["1", "1234"]
+
+
+@pytest.mark.parametrize("hook", [{"path": "/bin/true", "timeout": "5"},
+                                  {"path": "/bin/true", "args": "true"},
+                                  {"path": "/bin/true", "env": [1]}])
+def test_malformed_hook_refused(rt: Runtime, hook: dict[str, Any]) -> None:
+    config = default_config(["true"])
+    config["hooks"] = {"createRuntime": [hook]}
+    msg = refused(rt, "hooked", config)
+    assert "hooks.createRuntime[0]" in msg or "hook" in msg.lower(), msg

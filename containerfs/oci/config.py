@@ -125,8 +125,14 @@ def parse_config(spec: dict[str, Any], path: str) -> Bundle:
     b.hooks = _type("hooks", spec.get("hooks", {}), dict)
     for name, hooks in b.hooks.items():
         for i, hook in enumerate(_type(f"hooks.{name}", hooks, list)):
-            _type(f"hooks.{name}[{i}].path", _type(f"hooks.{name}[{i}]", hook, dict)
-                  .get("path"), str)
+            w = f"hooks.{name}[{i}]"
+            _type(f"{w}.path", _type(w, hook, dict).get("path"), str)
+            for key in ("args", "env"):
+                if hook.get(key) is not None:
+                    _strings(f"{w}.{key}", hook[key])
+            if hook.get("timeout") is not None and _type(f"{w}.timeout", hook["timeout"],
+                                                         int) <= 0:
+                raise OciError(f"{w}.timeout: must be a positive number of seconds")
     _namespaces(b, _type("linux.namespaces", linux.get("namespaces", []), list))
     for key in ("hostname", "domainname"):
         if key in spec:
