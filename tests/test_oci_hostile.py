@@ -70,3 +70,10 @@ def test_malformed_hook_refused(rt: Runtime, hook: dict[str, Any]) -> None:
     config["hooks"] = {"createRuntime": [hook]}
     msg = refused(rt, "hooked", config)
     assert "hooks.createRuntime[0]" in msg or "hook" in msg.lower(), msg
+
+
+@pytest.mark.parametrize("cid", ["nl\n", "caf\u00e9"])
+def test_id_outside_runc_alphabet_refused(rt: Runtime, cid: str) -> None:
+    """runc's ids are ASCII letters, digits and _ + - . (no trailing newline either)."""
+    msg = refused(rt, cid, default_config(["true"]), bundle_name="badid")
+    assert "id" in msg, msg
