@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from .oci_support import Runtime, default_config
+from .oci_support import Runtime, default_config, make_rootfs
 from . import test_oci_runtime
 
 rt = test_oci_runtime.rt  # the same runtime fixture (ours with a fresh service, or runc)
@@ -77,3 +77,30 @@ def test_id_outside_runc_alphabet_refused(rt: Runtime, cid: str) -> None:
     """runc's ids are ASCII letters, digits and _ + - . (no trailing newline either)."""
     msg = refused(rt, cid, default_config(["true"]), bundle_name="badid")
     assert "id" in msg, msg
+
+
+@pytest.mark.parametrize("fs", ["proc", "sysfs"])
+def test_proc_sysfs_through_symlink_refused(rt: Runtime, fs: str) -> None:
+    """An image whose /proc (or /sys) is a symlink must not get its procfs mounted where the
+    link points: masks and read-only paths named under /proc would then resolve through a
+    link the image (or a shared volume) controls (runc's CVE-2019-19921 class). runc
+    refuses: "filesystem must be mounted on ordinary directory"."""
+    config = default_config(["true"])
+    dest = "/proc" if fs == "proc" else "/sys"
+    assert any(m["destination"] == dest and m["type"] == fs for m in config["mounts"])
+    b = rt.tmp / f"link-{fs}"
+    make_rootfs(b / "rootfs")
+    (b / "rootfs" / dest.lstrip("/")).rmdir()
+    (b / "rootfs" / "elsewhere").mkdir()
+    (b / "rootfs" / dest.lstrip("/")).symlink_to("/elsewhere")
+    (b / "config.json").write_text(json.dumps(config))
+    log = rt.tmp / f"link-{fs}.log"
+    err_path = rt.tmp / f"link-{fs}.err"
+    with err_path.open("w") as err:
+        res = rt.call("create", "--bundle", str(b), f"link-{fs}", log=log, log_format="json",
+                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
+    assert res.returncode == 1, err_path.read_text()
+    assert "ordinary directory" in log.read_text(), log.read_text()
+    assert not (rt.root / f"link-{fs}").exists()
+    with open("/proc/self/mountinfo") as f:
+        assert not any(str(b / "rootfs" / "elsewhere") in line for line in f)

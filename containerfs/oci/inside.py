@@ -205,6 +205,19 @@ def mount_one(ins: Inside, m: MountSpec, tree: int) -> None:
             _new_fs(m.type, m.params, m.attrs)
     try:
         target = ins.mount_point(m.destination, is_dir)
+        if m.type in ("proc", "sysfs"):
+            # As runc: never through a symlink, whose target the image (or a shared volume)
+            # chooses; masks and read-only paths under /proc must land on this procfs.
+            os.close(target)
+            try:
+                target = linux.openat2(ins.root, m.destination.lstrip("/") or ".",
+                                       O_PATH | os.O_DIRECTORY, 0,
+                                       _IN_ROOT | linux.RESOLVE_NO_SYMLINKS)
+            except OSError as e:
+                if e.errno not in (errno.ELOOP, errno.ENOTDIR):
+                    raise
+                raise OSError(e.errno, f"filesystem {m.type!r} must be mounted on an ordinary "
+                                       f"directory, not through a symlink") from None
         try:
             ins.attach(mnt, target)
         finally:
