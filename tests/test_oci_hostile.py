@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from .oci_support import Runtime, default_config, make_rootfs
+from .oci_support import Runtime, default_config, make_rootfs, runtime_is_ours
 from . import test_oci_runtime
 
 rt = test_oci_runtime.rt  # the same runtime fixture (ours with a fresh service, or runc)
@@ -104,3 +104,30 @@ def test_proc_sysfs_through_symlink_refused(rt: Runtime, fs: str) -> None:
     assert not (rt.root / f"link-{fs}").exists()
     with open("/proc/self/mountinfo") as f:
         assert not any(str(b / "rootfs" / "elsewhere") in line for line in f)
+
+
+def test_cgroup_mount_not_told_by_image(rt: Runtime) -> None:
+    """The cgroup mount shows the container's own cgroup2 directory, found from the kernel's
+    /proc: an image with no procfs mounted over its /proc, whose /proc/self/cgroup file says
+    "0::/", must not get the host's whole cgroup2 tree (every group's name, writable files)."""
+    if not runtime_is_ours():
+        pytest.skip("the container's own cgroup2 directory at a cgroup mount: ours only "
+                    "(runc mounts the v1 hierarchies on a hybrid host)")
+    host = {p.name for p in Path("/sys/fs/cgroup/unified").iterdir() if p.is_dir()}
+    if not host:
+        pytest.skip("no group in the host's cgroup2 tree to tell apart")
+    config = default_config(["ls", "-a", "/sys/fs/cgroup"])
+    config["mounts"] = [m for m in config["mounts"] if m["type"] != "proc"]
+    config["mounts"].append({"destination": "/sys/fs/cgroup", "type": "cgroup",
+                             "source": "cgroup", "options": ["nosuid", "noexec", "nodev"]})
+    config["linux"]["maskedPaths"] = config["linux"]["readonlyPaths"] = []
+    b = rt.tmp / "fakeproc"
+    make_rootfs(b / "rootfs")
+    (b / "rootfs" / "proc" / "self").mkdir()
+    (b / "rootfs" / "proc" / "self" / "cgroup").write_text("0::/\n")
+    (b / "config.json").write_text(json.dumps(config))
+    res = rt.call("run", "--bundle", str(b), "fakeproc", stdin=subprocess.DEVNULL)
+    assert res.returncode == 0, res.stderr
+    shown = set(res.stdout.split())
+    assert "cgroup.procs" in shown or shown <= {".", ".."}, shown
+    assert not shown & host, f"the host's cgroup2 groups shown: {sorted(shown & host)}"

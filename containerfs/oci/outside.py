@@ -231,12 +231,19 @@ def create(root: str, cid: str, bundle_dir: str, *, pid_file: str | None,
         fifo_fd = os.open(fifo, os.O_RDWR | os.O_CLOEXEC)
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         chan = inside.Channel(child)
-        shared: dict[str, Any] = {}
-        pid = syscalls.fork_into_container(
-            cfd, before_confinement=lambda: inside.setup_init(b, trees, chan, shared))
+        # Our /proc: init learns its cgroup there, not from the image's /proc (inside.py).
+        host_proc = os.open("/proc", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        shared: dict[str, Any] = {"host_proc": host_proc}
+        try:
+            pid = syscalls.fork_into_container(
+                cfd, before_confinement=lambda: inside.setup_init(b, trees, chan, shared))
+        except BaseException:
+            os.close(host_proc)
+            raise
         if pid == 0:
             parent.close()
             final.finish(b.process, chan, shared, fifo_fd, preserve_fds)
+        os.close(host_proc)
         child.close()
         os.close(fifo_fd)
         for t in trees:
