@@ -6,6 +6,8 @@ runc too (OCI_RUNTIME=runc)."""
 from __future__ import annotations
 
 import json
+import os
+import stat
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -131,3 +133,33 @@ def test_cgroup_mount_not_told_by_image(rt: Runtime) -> None:
     shown = set(res.stdout.split())
     assert "cgroup.procs" in shown or shown <= {".", ".."}, shown
     assert not shown & host, f"the host's cgroup2 groups shown: {sorted(shown & host)}"
+
+
+def _openable_disk() -> Path | None:
+    """A block device of the host that this (host) process can open for reading."""
+    for p in sorted(Path("/sys/block").iterdir()):
+        dev = Path("/dev") / p.name
+        try:
+            os.close(os.open(dev, os.O_RDONLY | os.O_CLOEXEC))
+        except OSError:
+            continue
+        return dev
+    return None
+
+
+def test_image_device_node_unusable(rt: Runtime) -> None:
+    """A block device node shipped in the image (here one of the host's disks) must not
+    open in the container: runc's device cgroup refuses it, and ours makes no device usable
+    but those of the /dev tmpfs. Only read, never written."""
+    disk = _openable_disk()
+    if disk is None:
+        pytest.skip("no block device the host can open, to name from the image")
+    config = default_config(["sh", "-c", "dd if=/hostdisk of=/dev/null bs=512 count=1 "
+                                         "2>/dev/null && echo opened || echo refused"])
+    b = rt.tmp / "devnode"
+    make_rootfs(b / "rootfs")
+    os.mknod(b / "rootfs" / "hostdisk", stat.S_IFBLK | 0o600, os.stat(disk).st_rdev)
+    (b / "config.json").write_text(json.dumps(config))
+    res = rt.call("run", "--bundle", str(b), "devnode", stdin=subprocess.DEVNULL)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "refused", f"the image's node of {disk} opened"

@@ -32,6 +32,7 @@ from syscalls import linux
 
 from . import final, inside, state
 from .config import Bundle, OciError, Process, load_bundle, seccomp_for_service
+from .mountopts import MOUNT_ATTR_NODEV
 
 OPEN_TREE_CLONE = 0x1
 
@@ -196,6 +197,14 @@ def _configure(cfd: int, b: Bundle) -> None:
     except OSError as e:
         raise OciError(f"root.path: binding {b.rootfs}: {e.strerror}") from None
     try:
+        if any(m.destination.rstrip("/") == "/dev" and m.type == "tmpfs" for m in b.mounts):
+            # No device cgroup here (runc's guard): the image's own device nodes must not
+            # open, only those made in the /dev tmpfs (defaults and linux.devices there).
+            try:
+                linux.mount_setattr(tree, "", linux.AT_EMPTY_PATH | linux.AT_RECURSIVE,
+                                    MOUNT_ATTR_NODEV, 0)
+            except OSError as e:
+                raise OciError(f"root.path: nodev on {b.rootfs}: {e.strerror}") from None
         syscalls.move_mount(tree, "", cfd, "/", syscalls.MOVE_MOUNT_F_EMPTY_PATH
                             | syscalls.MOVE_MOUNT_T_CONTAINER_ROOT)
     finally:
