@@ -163,3 +163,19 @@ def test_image_device_node_unusable(rt: Runtime) -> None:
     res = rt.call("run", "--bundle", str(b), "devnode", stdin=subprocess.DEVNULL)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "refused", f"the image's node of {disk} opened"
+
+
+def test_failed_hook_leaves_no_pid_file(rt: Runtime) -> None:
+    """A createRuntime hook that fails fails create, and leaves nothing: no state, no living
+    container, and no pid file naming a dead (soon reused) pid."""
+    config = default_config(["sleep", "60"])
+    config["hooks"] = {"createRuntime": [{"path": "/bin/false"}]}
+    pid_file = rt.tmp / "hooked.pid"
+    b = rt.bundle("hookfail", config)
+    err_path = rt.tmp / "hookfail.err"
+    with err_path.open("w") as err:
+        res = rt.call("create", "--bundle", str(b), "--pid-file", str(pid_file), "hookfail",
+                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
+    assert res.returncode == 1, err_path.read_text()
+    assert not pid_file.exists(), f"pid file left naming {pid_file.read_text()}"
+    assert not (rt.root / "hookfail").exists()

@@ -12,7 +12,8 @@ Order of `create`, each step before the next because of what it needs:
    root.path) and the bind mounts' detached trees (their sources are only visible here);
 5. init forked in: it mounts and sets up inside before the confinement applies, then says
    "ready" and waits on exec.fifo for `start`;
-6. the state and the pid file written: only then is the container reported created.
+6. the state written, the createRuntime hooks run, the pid file written last: only then is
+   the container reported created.
 A failure after step 4 kills the container and removes the state: nothing is left.
 """
 
@@ -271,11 +272,13 @@ def create(root: str, cid: str, bundle_dir: str, *, pid_file: str | None,
                          socket=socket_path or os.environ.get("CONTAINERFS_SOCKET", ""),
                          annotations=b.annotations, hooks=b.hooks)
         state.save(root, st)
-        write_pid_file(pid_file, pid)
-        send_pidfd(pidfd_socket, pid)
         hook_state = state.oci_state(st, "created")
         run_hooks(b.hooks.get("createRuntime", []) + b.hooks.get("prestart", []), hook_state,
                   "createRuntime")
+        send_pidfd(pidfd_socket, pid)
+        # Last: a pid file is the engine's word that the container exists, and must never be
+        # left naming a pid that this failure path has just killed.
+        write_pid_file(pid_file, pid)
         return st, Made(pid, master)
     except BaseException:
         for t in trees:
