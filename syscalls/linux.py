@@ -296,6 +296,7 @@ def clone3_fork(flags: int, exit_signal: int, cgroup_fd: int = -1) -> tuple[int,
 AT_FDCWD = -100
 AT_EMPTY_PATH = 0x1000
 RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_NO_SYMLINKS = 0x04
 RESOLVE_IN_ROOT = 0x10
 MOVE_MOUNT_F_EMPTY_PATH = 0x04
 MOVE_MOUNT_T_EMPTY_PATH = 0x40

@@ -228,6 +228,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error(e.strerror or str(e) if not e.filename else f"{e.filename}: {e.strerror}")
     except KeyboardInterrupt:
         log.error("interrupted")
+    except Exception as e:  # a fault of ours still reaches the engine in runc's log format
+        log.error(f"internal error: {type(e).__name__}: {e}")
     return 1
 
 

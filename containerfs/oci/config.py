@@ -125,8 +125,14 @@ def parse_config(spec: dict[str, Any], path: str) -> Bundle:
     b.hooks = _type("hooks", spec.get("hooks", {}), dict)
     for name, hooks in b.hooks.items():
         for i, hook in enumerate(_type(f"hooks.{name}", hooks, list)):
-            _type(f"hooks.{name}[{i}].path", _type(f"hooks.{name}[{i}]", hook, dict)
-                  .get("path"), str)
+            w = f"hooks.{name}[{i}]"
+            _type(f"{w}.path", _type(w, hook, dict).get("path"), str)
+            for key in ("args", "env"):
+                if hook.get(key) is not None:
+                    _strings(f"{w}.{key}", hook[key])
+            if hook.get("timeout") is not None and _type(f"{w}.timeout", hook["timeout"],
+                                                         int) <= 0:
+                raise OciError(f"{w}.timeout: must be a positive number of seconds")
     _namespaces(b, _type("linux.namespaces", linux.get("namespaces", []), list))
     for key in ("hostname", "domainname"):
         if key in spec:
@@ -154,6 +160,7 @@ def parse_config(spec: dict[str, Any], path: str) -> Bundle:
     for k in b.sysctl:
         if "/" in k.replace(".", "") or ".." in k.split("."):
             raise OciError(f"linux.sysctl.{k}: not a sysctl name")
+        _check_sysctl(b, k)
     for i, dev in enumerate(_type("linux.devices", linux.get("devices") or [], list)):
         d = _type(f"linux.devices[{i}]", dev, dict)
         _type(f"linux.devices[{i}].path", d.get("path"), str)
@@ -192,6 +199,47 @@ def _namespaces(b: Bundle, entries: list[Any]) -> None:
                 raise OciError(f"{where}: a user namespace is not supported by "
                                "containerfs-oci (uid/gid mappings)")
             b.flags |= NAMESPACE_FLAGS[kind]
+
+
+# The sysctls of an ipc namespace (the rest of kernel.* and vm.*, fs.* are the host's).
+_IPC_SYSCTLS = {"kernel.msgmax", "kernel.msgmnb", "kernel.msgmni", "kernel.sem",
+                "kernel.shmall", "kernel.shmmax", "kernel.shmmni", "kernel.shm_rmid_forced"}
+
+
+def _own_ns(b: Bundle, kind: str) -> bool:
+    """Whether the container has a namespace of `kind` (a JOINABLE name) that is not the
+    runtime's: a new one, or one joined by path that is not ours."""
+    if b.flags & NAMESPACE_FLAGS[kind]:
+        return True
+    for name, path in b.joins:
+        if name == JOINABLE[kind]:
+            try:
+                theirs, ours = os.stat(path), os.stat(f"/proc/self/ns/{name}")
+            except OSError:
+                return True  # checked when joined
+            return (theirs.st_dev, theirs.st_ino) != (ours.st_dev, ours.st_ino)
+    return False
+
+
+def _check_sysctl(b: Bundle, key: str) -> None:
+    """runc's rule: a sysctl is written only in a namespace of the container's own, never the
+    host's (vm.*, kernel.core_pattern... are the whole machine's)."""
+    if key in _IPC_SYSCTLS or key.startswith("fs.mqueue."):
+        if not _own_ns(b, "ipc"):
+            raise OciError(f"linux.sysctl.{key}: not allowed in the host's ipc namespace "
+                           "(add {\"type\": \"ipc\"} to linux.namespaces)")
+        return
+    if key.startswith("net."):
+        if not _own_ns(b, "network"):
+            raise OciError(f"linux.sysctl.{key}: not allowed in the host's network namespace "
+                           "(add {\"type\": \"network\"} to linux.namespaces)")
+        return
+    if key == "kernel.domainname" and _own_ns(b, "uts"):
+        return
+    if key == "kernel.hostname":
+        raise OciError(f"linux.sysctl.{key}: not allowed: use the hostname field")
+    raise OciError(f"linux.sysctl.{key}: not in a namespace of the container's own (it would "
+                   "change the host); only net.*, ipc and kernel.domainname sysctls are allowed")
 
 
 def _paths(where: str, value: Any) -> list[str]:

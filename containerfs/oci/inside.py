@@ -78,8 +78,9 @@ class Channel:
 class Inside:
     """The process's view of its own root: resolving, making mount points, mounting."""
 
-    def __init__(self) -> None:
+    def __init__(self, host_proc: int = -1) -> None:
         self.root = os.open("/", O_PATH | os.O_DIRECTORY)
+        self.host_proc = host_proc  # the runtime's /proc (-1: none), not the image's
 
     def open(self, unsafe_path: str, flags: int = O_PATH) -> int:
         rel = unsafe_path.lstrip("/") or "."
@@ -176,12 +177,16 @@ def _new_fs(fstype: str, params: list[tuple[str, str | None]], attrs: int) -> in
         os.close(fs)
 
 
-def _own_cgroup(attrs: int) -> int:
+def _own_cgroup(attrs: int, host_proc: int) -> int:
     """The container's own cgroup2 directory (never the host's whole tree: without a cgroup
     namespace a fresh cgroup2 shows every group's name), or an empty read-only tmpfs where
-    that cannot be had. Limits live in the v1 hierarchies on a hybrid host anyway."""
+    that cannot be had. Limits live in the v1 hierarchies on a hybrid host anyway. Our cgroup
+    is read from the runtime's /proc (`host_proc`): the path /proc/self/cgroup is the image's
+    file until a procfs is mounted there, and it could say "0::/"."""
     try:
-        with open("/proc/self/cgroup") as f:
+        if host_proc < 0:
+            raise OSError(errno.ENOENT, "no /proc of the runtime's")
+        with open(os.open("self/cgroup", os.O_RDONLY | os.O_CLOEXEC, dir_fd=host_proc)) as f:
             own = next(line.split(":", 2)[2].strip() for line in f if line.startswith("0::"))
         whole = _new_fs("cgroup2", [], attrs)
         try:
@@ -201,10 +206,23 @@ def mount_one(ins: Inside, m: MountSpec, tree: int) -> None:
         mnt = tree
     else:
         is_dir = True
-        mnt = _own_cgroup(m.attrs) if m.type in ("cgroup", "cgroup2") else \
+        mnt = _own_cgroup(m.attrs, ins.host_proc) if m.type in ("cgroup", "cgroup2") else \
             _new_fs(m.type, m.params, m.attrs)
     try:
         target = ins.mount_point(m.destination, is_dir)
+        if m.type in ("proc", "sysfs"):
+            # As runc: never through a symlink, whose target the image (or a shared volume)
+            # chooses; masks and read-only paths under /proc must land on this procfs.
+            os.close(target)
+            try:
+                target = linux.openat2(ins.root, m.destination.lstrip("/") or ".",
+                                       O_PATH | os.O_DIRECTORY, 0,
+                                       _IN_ROOT | linux.RESOLVE_NO_SYMLINKS)
+            except OSError as e:
+                if e.errno not in (errno.ELOOP, errno.ENOTDIR):
+                    raise
+                raise OSError(e.errno, f"filesystem {m.type!r} must be mounted on an ordinary "
+                                       f"directory, not through a symlink") from None
         try:
             ins.attach(mnt, target)
         finally:
@@ -337,10 +355,13 @@ def setup_init(b: Bundle, trees: list[int], chan: Channel, state: dict[str, Any]
     mount's detached bind (-1 for the others). On failure, the runtime is told and we exit."""
     step = "setting up"
     try:
-        ins = Inside()
+        ins = Inside(state.pop("host_proc", -1))
         for m, tree in zip(b.mounts, trees):
             step = f"{m.where} ({m.type} at {m.destination})"
             mount_one(ins, m, tree)
+        if ins.host_proc >= 0:  # never into the program (a host /proc is a way out)
+            os.close(ins.host_proc)
+            ins.host_proc = -1
         step = "devices"
         make_devices(ins, b)
         for key, value in b.sysctl.items():

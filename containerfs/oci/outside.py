@@ -12,7 +12,8 @@ Order of `create`, each step before the next because of what it needs:
    root.path) and the bind mounts' detached trees (their sources are only visible here);
 5. init forked in: it mounts and sets up inside before the confinement applies, then says
    "ready" and waits on exec.fifo for `start`;
-6. the state and the pid file written: only then is the container reported created.
+6. the state written, the createRuntime hooks run, the pid file written last: only then is
+   the container reported created.
 A failure after step 4 kills the container and removes the state: nothing is left.
 """
 
@@ -32,6 +33,7 @@ from syscalls import linux
 
 from . import final, inside, state
 from .config import Bundle, OciError, Process, load_bundle, seccomp_for_service
+from .mountopts import MOUNT_ATTR_NODEV
 
 OPEN_TREE_CLONE = 0x1
 
@@ -196,6 +198,14 @@ def _configure(cfd: int, b: Bundle) -> None:
     except OSError as e:
         raise OciError(f"root.path: binding {b.rootfs}: {e.strerror}") from None
     try:
+        if any(m.destination.rstrip("/") == "/dev" and m.type == "tmpfs" for m in b.mounts):
+            # No device cgroup here (runc's guard): the image's own device nodes must not
+            # open, only those made in the /dev tmpfs (defaults and linux.devices there).
+            try:
+                linux.mount_setattr(tree, "", linux.AT_EMPTY_PATH | linux.AT_RECURSIVE,
+                                    MOUNT_ATTR_NODEV, 0)
+            except OSError as e:
+                raise OciError(f"root.path: nodev on {b.rootfs}: {e.strerror}") from None
         syscalls.move_mount(tree, "", cfd, "/", syscalls.MOVE_MOUNT_F_EMPTY_PATH
                             | syscalls.MOVE_MOUNT_T_CONTAINER_ROOT)
     finally:
@@ -231,12 +241,19 @@ def create(root: str, cid: str, bundle_dir: str, *, pid_file: str | None,
         fifo_fd = os.open(fifo, os.O_RDWR | os.O_CLOEXEC)
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         chan = inside.Channel(child)
-        shared: dict[str, Any] = {}
-        pid = syscalls.fork_into_container(
-            cfd, before_confinement=lambda: inside.setup_init(b, trees, chan, shared))
+        # Our /proc: init learns its cgroup there, not from the image's /proc (inside.py).
+        host_proc = os.open("/proc", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        shared: dict[str, Any] = {"host_proc": host_proc}
+        try:
+            pid = syscalls.fork_into_container(
+                cfd, before_confinement=lambda: inside.setup_init(b, trees, chan, shared))
+        except BaseException:
+            os.close(host_proc)
+            raise
         if pid == 0:
             parent.close()
             final.finish(b.process, chan, shared, fifo_fd, preserve_fds)
+        os.close(host_proc)
         child.close()
         os.close(fifo_fd)
         for t in trees:
@@ -255,11 +272,13 @@ def create(root: str, cid: str, bundle_dir: str, *, pid_file: str | None,
                          socket=socket_path or os.environ.get("CONTAINERFS_SOCKET", ""),
                          annotations=b.annotations, hooks=b.hooks)
         state.save(root, st)
-        write_pid_file(pid_file, pid)
-        send_pidfd(pidfd_socket, pid)
         hook_state = state.oci_state(st, "created")
         run_hooks(b.hooks.get("createRuntime", []) + b.hooks.get("prestart", []), hook_state,
                   "createRuntime")
+        send_pidfd(pidfd_socket, pid)
+        # Last: a pid file is the engine's word that the container exists, and must never be
+        # left naming a pid that this failure path has just killed.
+        write_pid_file(pid_file, pid)
         return st, Made(pid, master)
     except BaseException:
         for t in trees:

@@ -27,11 +27,11 @@ from .config import OciError
 
 DEFAULT_ROOT = "/run/containerfs-oci"
 OCI_VERSION = "1.0.2"
-_ID = re.compile(r"^[\w+\-.]+$")
+_ID = re.compile(r"[\w+\-.]+", re.ASCII)  # runc's (Go's \w is ASCII; fullmatch: no "\n")
 
 
 def check_id(cid: str) -> str:
-    if not cid or not _ID.match(cid) or cid in (".", ".."):
+    if not cid or not _ID.fullmatch(cid) or cid in (".", ".."):
         raise OciError(f"invalid container id {cid!r}: letters, digits, _ + - . only")
     return cid
 
