@@ -289,8 +289,7 @@ class MountCopies:
         # The root compared by mount too: another mount of / (a read-only bind, say) has
         # its device and inode, and a copy's root would be ours, not a copy of that one.
         if not (linux.same_file(creator["mnt"], "/proc/self/ns/mnt")
-                and linux.same_file(creator["root"], self._ours["root"])
-                and linux.mount_id(creator["root"]) == linux.mount_id(self._ours["root"])):
+                and linux.same_place(creator["root"], self._ours["root"])):
             return None
         now = self._look()
         while self.free:

@@ -315,10 +315,20 @@ def _go_back(saved: list[tuple[str, int]], cwd: int, root: int) -> None:
             linux.setns(fd, linux.NS_FLAGS[nstype])
         finally:
             os.close(fd)
-    if not linux.same_file(root, "/"):
+    if _moved(root):  # leaving a mount namespace put us at its root, not at ours
         os.fchdir(root)
         os.chroot(".")
     os.fchdir(cwd)
+
+
+def _moved(root: int) -> bool:
+    """Whether the root we stand in is another place than `root` (another mount of the
+    same tree counts: a bind or a copy shows the same inode)."""
+    here = os.open("/", os.O_PATH | os.O_CLOEXEC)
+    try:
+        return not linux.same_place(root, here)
+    finally:
+        os.close(here)
 
 
 def _via_intermediate(handle: int, conn: Connection | None,
@@ -378,7 +388,6 @@ def _enter(reply: replies.ForkGrant, fds: list[int],
     """
     own = {t: os.open(f"/proc/thread-self/ns/{name}", os.O_RDONLY | os.O_CLOEXEC)
            for t, name in _OWN_NS_FILES}
-    own_root = os.open("/", os.O_PATH | os.O_CLOEXEC)
     cgroup_fd = -1
     in_userns = False
     try:
@@ -401,7 +410,9 @@ def _enter(reply: replies.ForkGrant, fds: list[int],
                     linux.setns(fd, linux.NS_FLAGS[nstype])
                     in_userns = in_userns or nstype == "user"
             elif kind == "root":
-                if not linux.same_file(fd, own_root):
+                # Compared with the root we stand in now: entering a mount namespace moved
+                # us to its root.
+                if _moved(fd):
                     os.fchdir(fd)
                     os.chroot(".")
                 os.chdir("/")
@@ -414,7 +425,6 @@ def _enter(reply: replies.ForkGrant, fds: list[int],
     finally:
         for fd in own.values():
             os.close(fd)
-        os.close(own_root)
     return cgroup_fd
 
 

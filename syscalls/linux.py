@@ -93,6 +93,12 @@ def same_file(a: int | str, b: int | str) -> bool:
     return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
 
 
+def same_place(a: int, b: int) -> bool:
+    """Whether two fds name the same file on the same mount: another mount of a tree (a
+    bind, a copy in another mount namespace) shows the same file but is another place."""
+    return same_file(a, b) and mount_id(a) == mount_id(b)
+
+
 def syscall(name: str, *args: Any) -> int:
     """Call system call `name` with ctypes-ready arguments; return its result or raise OSError.
 

@@ -164,3 +164,53 @@ def test_signal_while_the_service_keeps_the_planned_fork_waiting(service: Any) -
     assert child_result(pid) == 0 and got["pid"] == 1
     assert syscalls.container_wait(cfd) == 0
     os.close(cfd)
+
+
+def test_a_chrooted_creators_fork_stays_in_its_root(service: Any) -> None:
+    """A root creator chrooted into a bind of / makes a container with a copy of its mount
+    namespace: a process forked in stands in the copy of that bind, not at the copy's own
+    root, though both show the same inode (a marker mount under the bind tells them apart)."""
+    import json
+    import tempfile
+    from syscalls import linux
+    if os.path.ismount("/mnt"):
+        pytest.skip("/mnt is a mount point on this host: it cannot serve as the marker")
+    where = tempfile.mkdtemp(prefix="cfs-chroot-")
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        out: Any = None
+        try:
+            os.close(r)
+            linux.unshare(linux.CLONE_NEWNS)  # our binds stay ours
+            linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
+            tree = syscalls.open_tree(syscalls.AT_FDCWD, "/", syscalls.OPEN_TREE_CLONE
+                                      | syscalls.OPEN_TREE_CLOEXEC | linux.AT_RECURSIVE)
+            syscalls.move_mount(tree, "", syscalls.AT_FDCWD, where,
+                                syscalls.MOVE_MOUNT_F_EMPTY_PATH)
+            fs = syscalls.fsopen("tmpfs", syscalls.FSOPEN_CLOEXEC)
+            syscalls.fsconfig(fs, syscalls.FSCONFIG_CMD_CREATE)
+            marker = syscalls.fsmount(fs, syscalls.FSMOUNT_CLOEXEC)
+            syscalls.move_mount(marker, "", syscalls.AT_FDCWD, where + "/mnt",
+                                syscalls.MOVE_MOUNT_F_EMPTY_PATH)
+            os.chroot(where)
+            os.chdir("/")
+            cfd = syscalls.container_create("chrooted", CONTAINER_NEW_FS_NS
+                                            | syscalls.CONTAINER_KILL_ON_CLOSE)
+            child = syscalls.fork_into_container(cfd)
+            if child == 0:
+                os._exit(10 if os.path.ismount("/mnt") else 20)
+            out = [os.path.ismount("/mnt"), child_result(child)]
+        except BaseException as e:  # noqa: BLE001 - reported to the test
+            out = repr(e)
+        finally:
+            os.write(w, json.dumps(out).encode())
+            os._exit(0)
+    os.close(w)
+    try:
+        with os.fdopen(r) as f:
+            got = json.loads(f.read())
+        assert child_result(pid) == 0
+        assert got == [True, 10], got  # the creator and its child both see the marker
+    finally:
+        os.rmdir(where)
