@@ -11,10 +11,12 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import signal
 from collections.abc import Callable
 
 import trio
 
+from syscalls import linux
 from syscalls.constants import CONTAINER_NEW_PID_NS
 from syscalls.fd import Fd
 from syscalls.replies import ForkGrant
@@ -193,6 +195,16 @@ class Forks:
                     raise OSError(errno.EINVAL,
                                   "reported process is not in the container's cgroup")
                 pid = reported_pid
+            elif c.state == State.DEAD:
+                # Made while the container died (its group killed before the process was in
+                # it): a dead container's members are killed, this one too. Only a process
+                # in the container's group is ever signalled.
+                try:
+                    linux.pidfd_send_signal(pidfd, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                raise OSError(errno.ECANCELED, f"container {c.id} died while the process "
+                                               "was being made; it was killed")
             else:
                 try:
                     # Into the container's groups made since its fork was granted (a first

@@ -214,3 +214,68 @@ def test_a_chrooted_creators_fork_stays_in_its_root(service: Any) -> None:
         assert got == [True, 10], got  # the creator and its child both see the marker
     finally:
         os.rmdir(where)
+
+
+def test_a_process_reported_after_its_container_died_is_killed(service: Any) -> None:
+    """A member reported after its container died (one that joined the group after the
+    kill, as a spawned process joins by a write, or one the kill could not end at once) is
+    killed and its report refused with ECANCELED: a dead container has no living member.
+    Here the member survives the kill frozen by a v1 freezer of the test's own."""
+    import signal as _signal
+    freezer = "/sys/fs/cgroup/freezer"
+    if not os.path.isdir(freezer):
+        pytest.skip(f"no v1 freezer hierarchy at {freezer}: nothing can outlive a kill")
+    ice = os.path.join(freezer, f"cfs-test-ice-{os.getpid()}")
+    cfd = syscalls.container_create("dying", 0)
+    waiting: list[int] = []
+    conn = client.Connection()
+    fds: list[int] = []
+    try:
+        init = syscalls.fork_into_container(cfd)
+        if init == 0:
+            _signal.pause()
+            os._exit(0)
+        waiting.append(init)
+        reply, fds = conn.call(protocol.Fork(), [cfd])
+        assert reply.role == "member"
+        late = os.fork()
+        if late == 0:
+            _signal.pause()
+            os._exit(0)
+        waiting.append(late)
+        procs = os.open("cgroup.procs", os.O_WRONLY | os.O_CLOEXEC,
+                        dir_fd=fds[reply.fds.index("cgroup")])
+        try:
+            os.write(procs, str(late).encode())  # in the container's group, as it joins
+        finally:
+            os.close(procs)
+        os.mkdir(ice)
+        with open(os.path.join(ice, "cgroup.procs"), "w") as f:
+            f.write(str(late))
+        with open(os.path.join(ice, "freezer.state"), "w") as f:
+            f.write("FROZEN")
+        os.kill(init, _signal.SIGKILL)  # init dies, the container with it; late stays
+        assert hung_up(cfd, 10)
+        pidfd = os.pidfd_open(late)
+        try:
+            with pytest.raises(OSError) as e:
+                conn.call(protocol.Started(pid=late), [pidfd])
+            assert e.value.errno == errno.ECANCELED
+        finally:
+            os.close(pidfd)
+    finally:
+        conn.close()
+        for fd in fds:
+            os.close(fd)
+        if os.path.isdir(ice):
+            with open(os.path.join(ice, "freezer.state"), "w") as f:
+                f.write("THAWED")
+        for pid in waiting:
+            try:
+                os.kill(pid, _signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            os.waitpid(pid, 0)
+        if os.path.isdir(ice):
+            os.rmdir(ice)
+        os.close(cfd)
