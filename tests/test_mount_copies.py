@@ -105,8 +105,10 @@ def test_a_creator_whose_root_is_another_mount_of_it_gets_no_copy() -> None:
             os.write(w, result.encode())
             os._exit(0)
     os.close(w)
-    with os.fdopen(r) as f:
-        result = f.read()
-    assert child_result(pid) == 0
-    os.rmdir(where)
+    try:
+        with os.fdopen(r) as f:
+            result = f.read()
+        assert child_result(pid) == 0
+    finally:
+        os.rmdir(where)
     assert result == "no copy"
