@@ -72,6 +72,18 @@ def spawn_probe(cfd: int) -> tuple[int, Any, int]:
     return pid, json.loads(line), in_w
 
 
+def held_init(cfd: int) -> tuple[int, int]:
+    """Fork the container's init, which waits until the returned fd is closed: (pid, fd)."""
+    hold_r, hold_w = os.pipe()
+    init = syscalls.fork_into_container(cfd)
+    if init == 0:
+        os.close(hold_w)
+        os.read(hold_r, 1)
+        os._exit(0)
+    os.close(hold_r)
+    return init, hold_w
+
+
 @pytest.mark.parametrize("confine", [False, True], ids=["plain", "confined"])
 def test_a_spawned_process_is_a_forked_one(service: Any, confine: bool) -> None:
     cfd = syscalls.container_create("s", FLAGS)
@@ -328,13 +340,7 @@ def test_caps_in_a_user_namespace_do_not_follow_the_callers_bounding_set(service
     assert not DEFAULT_CAPS >> sys_admin & 1
     try:
         syscalls.container_set_caps(cfd, DEFAULT_CAPS)
-        hold_r, hold_w = os.pipe()
-        init = syscalls.fork_into_container(cfd)
-        if init == 0:  # init, until the test is done
-            os.close(hold_w)
-            os.read(hold_r, 1)
-            os._exit(0)
-        os.close(hold_r)
+        init, hold_w = held_init(cfd)  # init, until the test is done
         r, w = os.pipe()
         caller = os.fork()
         if caller == 0:  # a caller without CAP_SYS_ADMIN in its bounding set
@@ -368,14 +374,8 @@ def test_exec_error_reported_whatever_fd_a_file_action_targets(service: Any) -> 
     included (the caller cannot know it): exec's error must still be raised, never a pid of
     a process that is dead already, nor written into the caller's fd."""
     cfd = syscalls.container_create("f", FLAGS)
-    hold_r, hold_w = os.pipe()
+    init, hold_w = held_init(cfd)
     try:
-        init = syscalls.fork_into_container(cfd)
-        if init == 0:
-            os.close(hold_w)
-            os.read(hold_r, 1)
-            os._exit(0)
-        os.close(hold_r)
         null = os.open("/dev/null", os.O_WRONLY | os.O_CLOEXEC)
         try:
             for target in range(3, 64):
@@ -403,14 +403,8 @@ def test_a_process_whose_report_fails_is_not_left(service: Any,
     with nobody knowing of it."""
     from syscalls import client, protocol
     cfd = syscalls.container_create("r", FLAGS)
-    hold_r, hold_w = os.pipe()
+    init, hold_w = held_init(cfd)
     try:
-        init = syscalls.fork_into_container(cfd)
-        if init == 0:
-            os.close(hold_w)
-            os.read(hold_r, 1)
-            os._exit(0)
-        os.close(hold_r)
         real_send = client.Connection.send
         made: list[int] = []
 
