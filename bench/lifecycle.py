@@ -12,35 +12,17 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
-import select
 import statistics
 import subprocess
 import time
 
-import syscalls
-from syscalls import (
-    CONTAINER_FD_CLOEXEC, CONTAINER_KILL_ON_CLOSE, CONTAINER_NEW_FS_NS, CONTAINER_NEW_IPC_NS,
-    CONTAINER_NEW_NET_NS, CONTAINER_NEW_PID_NS, CONTAINER_NEW_UTS_NS, linux,
-)
+from syscalls import linux
 
 from ._service import running_service
+from .peers import UNSHARE, one_containerfs
 
-FLAGS = (CONTAINER_NEW_PID_NS | CONTAINER_NEW_FS_NS | CONTAINER_NEW_UTS_NS | CONTAINER_NEW_IPC_NS
-         | CONTAINER_NEW_NET_NS | CONTAINER_KILL_ON_CLOSE | CONTAINER_FD_CLOEXEC)
-UNSHARE = ["unshare", "--fork", "--pid", "--mount", "--uts", "--ipc", "--net", "--mount-proc",
-           "/bin/true"]
-
-
-def one_container() -> None:
-    cfd = syscalls.container_create("bench", FLAGS)
-    pid = syscalls.fork_into_container(cfd)
-    if pid == 0:
-        os.execv("/bin/true", ["/bin/true"])
-    p = select.poll()
-    p.register(cfd, select.POLLHUP)
-    p.poll()
-    os.waitpid(pid, 0)
-    os.close(cfd)
+# The same container as bench/peers.py's, made the same way.
+one_container = one_containerfs
 
 
 def one_unshare() -> None:
