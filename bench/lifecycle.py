@@ -15,6 +15,7 @@ import os
 import statistics
 import subprocess
 import time
+from collections.abc import Callable
 
 from syscalls import linux
 
@@ -51,7 +52,7 @@ def one_python_unshare() -> None:
     os.waitpid(pid, 0)
 
 
-def timed(fn, n: int) -> list[float]:
+def timed(fn: Callable[[], object], n: int) -> list[float]:
     out = []
     for _ in range(n):
         t = time.perf_counter()
