@@ -132,11 +132,21 @@ def get_caps() -> tuple[int, int, int]:
             int(low.inheritable) | int(high.inheritable) << 32)
 
 
-def _capset(effective: int, permitted: int, inheritable: int) -> None:
-    header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
-    data = (_CapData * 2)(
+def _cap_data(effective: int, permitted: int, inheritable: int) -> ctypes.Array[_CapData]:
+    """capset(2)'s data, version 3: each set as two 32-bit halves."""
+    return (_CapData * 2)(
         _CapData(effective & 0xFFFFFFFF, permitted & 0xFFFFFFFF, inheritable & 0xFFFFFFFF),
         _CapData(effective >> 32, permitted >> 32, inheritable >> 32))
+
+
+def capset_data(effective: int, permitted: int, inheritable: int) -> bytes:
+    """The bytes of capset(2)'s data for these sets (for a compiled caller: cspawn.c)."""
+    return bytes(_cap_data(effective, permitted, inheritable))
+
+
+def _capset(effective: int, permitted: int, inheritable: int) -> None:
+    header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = _cap_data(effective, permitted, inheritable)
     if linux._libc.capset(ctypes.byref(header), data) != 0:
         linux._raise(ctypes.get_errno(), "capset()")
 

@@ -74,6 +74,8 @@ def request_key_filter() -> list[tuple[int, int, int, int]]:
 _FILTER = (_SockFilter * len(request_key_filter()))(*(
     _SockFilter(code, jt, jf, k) for code, jt, jf, k in request_key_filter()))
 _FPROG = _SockFprog(len(_FILTER), ctypes.cast(_FILTER, ctypes.POINTER(_SockFilter)))
+# The same program as bytes (struct sock_filter[]), for a compiled caller (cspawn.c).
+REQUEST_KEY_PROGRAM = bytes(_FILTER)
 
 
 def install_request_key_filter() -> int:

@@ -29,7 +29,7 @@ from typing import Any
 from . import caps as _caps
 from . import linux, protocol
 from .replies import ForkGrant
-from .seccomp_notify import SECCOMP_FILTER_FLAG_NEW_LISTENER, request_key_filter
+from .seccomp_notify import REQUEST_KEY_PROGRAM, SECCOMP_FILTER_FLAG_NEW_LISTENER
 
 # The op numbers of cspawn.c's enum, in its order.
 OPS: dict[str, int] = {name: n for n, name in enumerate((
@@ -53,13 +53,6 @@ class Step:
     ignore: int = -1
 
 
-def _trap_program() -> bytes:
-    return b"".join(code.to_bytes(2, "little") + jt.to_bytes(1, "little")
-                    + jf.to_bytes(1, "little") + k.to_bytes(4, "little")
-                    for code, jt, jf, k in request_key_filter())
-
-
-_TRAP = _trap_program()
 
 
 def enters_userns(reply: ForkGrant, fds: Sequence[int]) -> bool:
@@ -111,7 +104,7 @@ def entry_steps(reply: ForkGrant, fds: Sequence[int], conn: int,
         # No error may stop the process here (keys.trap_request_key): without a listener a
         # trapped call fails with ENOSYS, never hangs; EBUSY is an outer trap in force.
         steps += [Step("trap", "trapping request_key", SECCOMP_FILTER_FLAG_NEW_LISTENER,
-                       data=_TRAP, ignore=errno.EBUSY),
+                       data=REQUEST_KEY_PROGRAM, ignore=errno.EBUSY),
                   Step("sendfd", "handing over the request_key listener", conn,
                        data=protocol.encode(protocol.KeyListener()), ignore=errno.EPIPE)]
     steps.append(Step("umask", "umask", 0o022))
@@ -155,23 +148,14 @@ def confinement_steps(reply: ForkGrant, in_userns: bool = False) -> list[Step]:
         # (setns into a user namespace: effective and permitted full, inheritable empty)
         effective, permitted, inheritable = (every, every, 0) if in_userns else _caps.get_caps()
         steps.append(Step("capset", "confinement: permitted, effective and inheritable sets",
-                          data=_capset_data(effective & mask, permitted & mask,
-                                            inheritable & mask)))
+                          data=_caps.capset_data(effective & mask, permitted & mask,
+                                                 inheritable & mask)))
         steps.append(Step("prctl", "confinement: ambient set", _caps.PR_CAP_AMBIENT,
                           _caps.PR_CAP_AMBIENT_CLEAR_ALL, ignore=errno.EINVAL))
     if reply.seccomp:
         steps.append(Step("seccomp", "confinement: seccomp filter", reply.seccomp_flags,
                           data=base64.b64decode(reply.seccomp)))
     return steps
-
-
-def _capset_data(effective: int, permitted: int, inheritable: int) -> bytes:
-    """struct __user_cap_data_struct[2] (version 3: 64 bits as two 32-bit halves)."""
-    out = b""
-    for shift in (0, 32):
-        for value in (effective, permitted, inheritable):
-            out += (value >> shift & 0xFFFFFFFF).to_bytes(4, "little")
-    return out
 
 
 def caller_steps(path: bytes, env_path: bytes | None, *,
