@@ -231,18 +231,9 @@ def _fork_ahead(handle: int, plan: forkplans.Plan, setup: Setup | None = None) -
     """Root's first fork into the container it created: the namespaces of the plan are
     entered while the Fork request travels (on the create's connection), and the process
     is made once the reply confirms that plan (any other reply is followed instead)."""
-    conn = plan.conn
     try:
-        try:
-            conn.send(protocol.Fork(keep=1), [handle])
-        except (BrokenPipeError, ConnectionResetError):
-            # That service is gone (restarted) and read nothing of it: ask the one that
-            # answers now.
-            conn.close()
-            conn = Connection()
-            conn.send(protocol.Fork(keep=1), [handle])
+        conn = send_planned_fork(plan.conn, handle)
     except BaseException:
-        conn.close()
         forkplans.close_fds(plan.fds)
         raise
     try:
@@ -250,6 +241,23 @@ def _fork_ahead(handle: int, plan: forkplans.Plan, setup: Setup | None = None) -
     except BaseException:
         conn.close()
         raise
+
+
+def send_planned_fork(conn: Connection, handle: int) -> Connection:
+    """Send Fork(keep=1) for `handle` on a plan's connection (the create's); the connection
+    it went on. A service gone since (restarted) read nothing of it: the one that answers
+    now is asked on a new connection. Closes what it fails on."""
+    try:
+        try:
+            conn.send(protocol.Fork(keep=1), [handle])
+        except (BrokenPipeError, ConnectionResetError):
+            conn.close()
+            conn = Connection()
+            conn.send(protocol.Fork(keep=1), [handle])
+    except BaseException:
+        conn.close()
+        raise
+    return conn
 
 
 # How long the planned fork waits for the Fork reply with signals blocked, standing in the

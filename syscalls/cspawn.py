@@ -17,7 +17,7 @@ from typing import Any
 
 from . import forkplans, linux, protocol, replies, spawnsteps
 from .client import Connection
-from .container import _single_threaded, plans
+from .container import _single_threaded, plans, send_planned_fork
 from .handle import check_handle
 from .spawnsteps import Step
 
@@ -133,18 +133,17 @@ def _ask(handle: int) -> tuple[Connection, replies.ForkGrant, list[int]]:
     """The Fork grant, on the create's own connection when this process keeps a plan of its
     first fork (saves a connect), else on a new one."""
     plan = plans.take(handle) if _single_threaded() else None
-    conn = plan.conn if plan is not None else Connection()
     if plan is not None:
         forkplans.close_fds(plan.fds)  # nothing is entered here: the grant's fds are used
-    try:
+        conn = send_planned_fork(plan.conn, handle)
+    else:
+        conn = Connection()
         try:
             conn.send(protocol.Fork(keep=1), [handle])
-        except (BrokenPipeError, ConnectionResetError):
-            if plan is None:
-                raise
-            conn.close()  # that service is gone and read nothing: ask the one that answers
-            conn = Connection()
-            conn.send(protocol.Fork(keep=1), [handle])
+        except BaseException:
+            conn.close()
+            raise
+    try:
         try:
             reply, fds = conn.receive(replies.ForkGrant)
         except OSError as e:  # the service refused the fork (ECANCELED: dead...)
