@@ -215,16 +215,24 @@ def _read_all(fd: int) -> bytes:
     return data
 
 
+def _stdio_actions(stdio: tuple[int, int, int], owned: list[int]) -> list[tuple[Any, ...]]:
+    """posix_spawn file actions putting `stdio` at 0, 1 and 2 (-1: inherit ours, as
+    subprocess does), each from a copy above 2 (so no dup2 clobbers another's source),
+    appended to `owned` for the caller to close."""
+    actions: list[tuple[Any, ...]] = []
+    for src, target in zip(stdio, (0, 1, 2)):
+        if src != -1:
+            owned.append(_high(src))
+            actions.append((os.POSIX_SPAWN_DUP2, owned[-1], target))
+    return actions
+
+
 def _by_helper(container: Any, spec: dict[str, Any], stdio: tuple[int, int, int],
                err_w: int, go_r: int) -> dict[str, Any]:
     """Make the process through a helper of its own (posix_spawn); the helper's reply."""
     owned: list[int] = []
     try:
-        actions: list[tuple[Any, ...]] = []
-        for src, target in zip(stdio, (0, 1, 2)):
-            if src != -1:  # -1: inherit ours, as subprocess does
-                owned.append(_high(src))
-                actions.append((os.POSIX_SPAWN_DUP2, owned[-1], target))
+        actions = _stdio_actions(stdio, owned)
         result_r, result_w = os.pipe2(os.O_CLOEXEC)
         owned += [result_r, result_w]
         spec_fd = os.memfd_create("containerfs-spawn", os.MFD_CLOEXEC)
@@ -293,11 +301,9 @@ def _by_cspawn(container: Any, spec: dict[str, Any], stdio: tuple[int, int, int]
     """Make the process here with container_spawn (compiled, vfork: nothing of ours is
     copied); its pid, or the OSError subprocess would raise. EAGAIN, with nothing made, where
     only the spawn server can make it."""
-    owned = [_high(src) for src in stdio if src != -1]  # above 0-2, so no dup2 clobbers one
+    owned: list[int] = []
     try:
-        highs = iter(owned)
-        actions = [(os.POSIX_SPAWN_DUP2, next(highs), target)
-                   for src, target in zip(stdio, (0, 1, 2)) if src != -1]
+        actions = _stdio_actions(stdio, owned)
         return syscalls.container_spawn(
             container.fd, spec["executable"], spec["argv"], spec["env"], file_actions=actions,
             setsid=spec["pty"], ctty=spec["pty"],
