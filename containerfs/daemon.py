@@ -87,6 +87,7 @@ async def _serve_locked(config: Config) -> None:
             nursery.start_soon(service.life.fill_pool)
             nursery.start_soon(service.reg.flush_store)
             nursery.start_soon(service.reg.ns.unbind_forever)
+            nursery.start_soon(service.reg.ns.bind_forever)
             if config.mount:
                 from .view.fuse import serve_view  # pyfuse3 only when there is a view
                 await nursery.start(serve_view, service, config.mount)

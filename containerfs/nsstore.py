@@ -21,7 +21,13 @@ Layout of the tmpfs (it is also what a restarted service reads back):
 What cannot be bound is held by an fd instead, once per namespace, and the keeper gets a
 copy under `ns.<type>.<ino>`: the kernel refuses to bind a mount namespace that is not
 younger than the holder (`mnt_ns_loop`, ELOOP), so the host's own, and any made before the
-holder, are fds.
+holder, are fds. The service's own namespaces (the host's: what every container shares
+that does not ask for its own) are held that way too, for the service's life: they were
+bound and unbound again with each container.
+
+A new namespace is bound once it has lived `BIND_DELAY` (*fresh* until then: held by its
+fd, the keeper a copy in its container's entry): a create-run-exit container never costs a
+bind and an unbind. Its bind's name is chosen at once: the c<id> links never change.
 
 Open fds are cached (least recently used first out, `CACHE_SIZE`): creating a container
 leaves its fresh fds there, so its first forks re-open nothing. A lent fd (`ns[name]`) stays
@@ -37,11 +43,12 @@ import collections
 import itertools
 import logging
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import trio
 
 from syscalls.fd import Fd
+from syscalls.nstypes import NAMES
 
 from . import nsholder
 from .fdstore import FdStore
@@ -51,6 +58,10 @@ log = logging.getLogger("containerfs")
 HOLDER_KEY = "nsholder"  # the keeper's key of the holder's fds ("mnt", "root")
 HELD_PREFIX = "ns."  # keeper keys of namespaces held by fd: ns.<type>.<ino>
 CACHE_SIZE = 256  # open fds kept for recently used namespaces and roots
+# Seconds a new namespace lives on its fd before it is bound (the environment's
+# CONTAINERFS_BIND_DELAY, for tests that catch one fresh).
+BIND_DELAY = float(os.environ.get("CONTAINERFS_BIND_DELAY", "0.1"))
+FRESH_MAX = 1024  # fresh namespaces past which they are bound at once (the fds they cost)
 DERIVED, HELD = "derived", "held"  # what c<id>/root says
 
 
@@ -125,6 +136,12 @@ class NsStore:
         self.roots: dict[int, int] = {}  # container id -> its root, where "held"
         # (type, ino) or ("root", id) -> an open fd, least recently used first.
         self.cache: collections.OrderedDict[tuple[str, int], int] = collections.OrderedDict()
+        # (type, ino) -> (the name its bind will have, its fd): not bound yet (BIND_DELAY).
+        self.fresh: dict[tuple[str, int], tuple[str, int]] = {}
+        self._fresh_added = trio.Event()
+        self.kept_fresh: set[int] = set()  # containers whose keeper entry has fresh copies
+        # Told the ids of kept_fresh once bound: their keeper entries let the copies go.
+        self.on_bound: Callable[[set[int]], None] | None = None
 
     # ---- the holder ---------------------------------------------------------------------
 
@@ -144,6 +161,24 @@ class NsStore:
             self.by_fd[(nstype, int(ino))] = fds.pop("ns")
             for fd in fds.values():
                 os.close(fd)
+        self._pin_own()
+
+    def _pin_own(self) -> None:
+        """Hold the service's own namespaces by fd for as long as it runs (one reference
+        never given back): containers made from the host share them."""
+        for nstype in NAMES:
+            name = "pid_for_children" if nstype == "pid" else nstype
+            try:
+                fd = os.open(f"/proc/self/ns/{name}", os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                continue  # a type this kernel lacks
+            key = (nstype, os.fstat(fd).st_ino)
+            if key in self.by_fd:  # (kept across a restart)
+                os.close(fd)
+            else:
+                self.by_fd[key] = fd
+                self.fdstore.put(f"{HELD_PREFIX}{nstype}.{key[1]}", {"ns": fd})
+            self.refs[key] += 1
 
     def _make_holder(self) -> None:
         mnt, root = nsholder.make_holder()
@@ -152,8 +187,10 @@ class NsStore:
 
     def close(self) -> None:
         """Close the service's fds (at its stop): the keeper's copies keep everything."""
-        for fd in [*self.cache.values(), *self.by_fd.values(), *self.roots.values()]:
+        for fd in [*self.cache.values(), *self.by_fd.values(), *self.roots.values(),
+                   *(fd for _name, fd in self.fresh.values())]:
             os.close(fd)
+        self.fresh.clear()
         self.cache.clear()
         self.by_fd.clear()
         self.roots.clear()
@@ -174,17 +211,16 @@ class NsStore:
         return ns
 
     def put(self, ns: ContainerNs, fds: dict[str, int]) -> None:
-        """Hold `fds` (taken) for `ns`, replacing what it held under those names."""
+        """Hold `fds` (taken) for `ns`, replacing what it held under those names. A new
+        namespace is fresh (bound after BIND_DELAY, by bind_forever)."""
         fds = dict(fds)
         root = fds.pop("root", None)
         try:
             keys = {t: (t, os.fstat(fd).st_ino) for t, fd in fds.items()}
-            new = [(k, fds[t]) for t, k in keys.items()
-                   if k not in self.names and k not in self.by_fd]
-            check = None
+            derived = False
             if root is not None:  # (the new mount namespace, or the one held already)
-                check = (root, fds["mnt"] if "mnt" in fds else self.lend(ns, "mnt"))
-            derived = self._bind(new, check)
+                mnt = fds["mnt"] if "mnt" in fds else self.lend(ns, "mnt")
+                derived = nsholder.bind(self.mnt.fileno(), [], (root, mnt))[0]
         except BaseException:
             for fd in [*fds.values(), *([root] if root is not None else [])]:
                 os.close(fd)
@@ -194,12 +230,24 @@ class NsStore:
             old = ns.ids.get(t)
             self.refs[key] += 1
             ns.ids[t] = key[1]
-            target = self.names[key] if key in self.names else f"{t}.{key[1]}"
-            nsholder.replace_link(f"../{target}", f"{d}/{t}", self.dir.fileno())
-            if key in self.cache or key in self.by_fd:
-                os.close(fds[t])  # (the open one may be lent right now)
+            fd = fds.pop(t)
+            if key in self.names:
+                target = self.names[key]
+            elif key in self.fresh:
+                target = self.fresh[key][0]
+            elif key in self.by_fd:
+                target = f"{t}.{key[1]}"
             else:
-                self._cache(key, fds[t])
+                target = self._bind_name(key)
+                self.fresh[key] = (target, fd)
+                self._fresh_added.set()
+                fd = -1
+            nsholder.replace_link(f"../{target}", f"{d}/{t}", self.dir.fileno())
+            if fd >= 0:
+                if key in self.cache or key in self.by_fd or key in self.fresh:
+                    os.close(fd)  # (the open one may be lent right now)
+                else:
+                    self._cache(key, fd)
             if old is not None:
                 self._unref((t, old))
         if root is not None:
@@ -211,29 +259,66 @@ class NsStore:
                 self.roots[ns.cid] = root
             nsholder.replace_link(ns.root, f"{d}/root", self.dir.fileno())
 
-    def keep_fds(self, ns: ContainerNs) -> dict[str, int]:
-        """What the keeper must hold for `ns` beside the handle: its root, if held by fd."""
-        fd = self.roots.get(ns.cid)
-        return {"root": fd} if fd is not None else {}
+    def _bind_name(self, key: tuple[str, int]) -> str:
+        """A name no bind ever had (one being unmounted is never bound again)."""
+        return f"{key[0]}.{key[1]}.{self._boot}{next(self._tags)}"
 
-    def _bind(self, new: list[tuple[tuple[str, int], int]],
-              check: tuple[int, int] | None) -> bool:
-        """Bind the namespaces in `new` ((type, ino), fd) into the holder, those the kernel
-        refuses held by fd; with `check` (root, mount namespace), whether that root is the
-        one setns(2) into that mount namespace finds."""
-        if not new and check is None:
-            return False
-        names = [f"{key[0]}.{key[1]}.{self._boot}{next(self._tags)}" for key, _fd in new]
-        derived, refused = nsholder.bind(self.mnt.fileno(),
-                                         [(name, fd) for name, (_key, fd) in zip(names, new)],
-                                         check)
-        for i, (name, (key, fd)) in enumerate(zip(names, new)):
-            if i in refused:
-                self.by_fd[key] = os.dup(fd)
-                self.fdstore.put(f"{HELD_PREFIX}{key[0]}.{key[1]}", {"ns": self.by_fd[key]})
-            else:
-                self.names[key] = name
-        return derived
+    def keep_fds(self, ns: ContainerNs) -> dict[str, int]:
+        """What the keeper must hold for `ns` beside the handle: its root, if held by fd,
+        and its fresh namespaces (`ns:<type>`, until they are bound: see on_bound)."""
+        fds = {"root": self.roots[ns.cid]} if ns.cid in self.roots else {}
+        for t, ino in ns.ids.items():
+            fresh = self.fresh.get((t, ino))
+            if fresh is not None:
+                fds[f"ns:{t}"] = fresh[1]
+        if len(fds) > (ns.cid in self.roots):
+            self.kept_fresh.add(ns.cid)
+        else:
+            self.kept_fresh.discard(ns.cid)
+        return fds
+
+    async def bind_forever(self) -> None:
+        """Forever: bind the namespaces that stayed fresh for BIND_DELAY (at once past
+        FRESH_MAX), in a worker thread, then tell on_bound whose keeper copies can go."""
+        while True:
+            await self._fresh_added.wait()
+            with trio.move_on_after(BIND_DELAY):
+                while len(self.fresh) < FRESH_MAX:
+                    self._fresh_added = trio.Event()
+                    await self._fresh_added.wait()
+            self._fresh_added = trio.Event()
+            batch = [(key, name, os.dup(fd)) for key, (name, fd) in self.fresh.items()]
+            if not batch:
+                continue
+            try:
+                _derived, refused = await trio.to_thread.run_sync(
+                    nsholder.bind, self.mnt.fileno(), [(name, fd) for _k, name, fd in batch],
+                    None)
+            except OSError as e:  # fs.mount-max reached, say: stay fresh, try again later
+                log.warning("namespaces not bound (%s); again in 1 s", e)
+                refused = None
+            for i, (key, name, fd) in enumerate(batch):
+                os.close(fd)
+                if refused is None:
+                    continue
+                if self.fresh.get(key, ("", -1))[0] != name:  # let go while it was bound
+                    if i not in refused:
+                        self._doom([name])
+                    continue
+                own = self.fresh.pop(key)[1]
+                if i in refused:  # (a mount namespace older than the holder)
+                    self.by_fd[key] = own
+                    self.fdstore.put(f"{HELD_PREFIX}{key[0]}.{key[1]}", {"ns": own})
+                else:
+                    self.names[key] = name
+                    self._cache(key, own)
+            if refused is None:
+                self._fresh_added.set()
+                await trio.sleep(1)
+                continue
+            done, self.kept_fresh = self.kept_fresh, set()
+            if self.on_bound is not None:
+                self.on_bound(done)
 
     def release(self, ns: ContainerNs) -> None:
         """Let `ns` go: its entries, and every namespace no other container uses."""
@@ -261,6 +346,9 @@ class NsStore:
         fd = self.cache.pop(key, None)
         if fd is not None:
             os.close(fd)
+        fresh = self.fresh.pop(key, None)
+        if fresh is not None:
+            os.close(fresh[1])
         held = self.by_fd.pop(key, None)
         if held is not None:
             os.close(held)
@@ -309,6 +397,8 @@ class NsStore:
             fd = self.by_fd.get(key)
             if fd is not None:
                 return fd
+            if key in self.fresh:
+                return self.fresh[key][1]
         fd = self.cache.get(key)
         if fd is not None:
             self.cache.move_to_end(key)
@@ -332,9 +422,14 @@ class NsStore:
 
     # ---- after a restart ----------------------------------------------------------------
 
-    def adopt(self, cid: int, root: int | None) -> ContainerNs | None:
+    def recorded(self, cid: int) -> bool:
+        """Whether the holder records container `cid` (a previous service's)."""
+        return nsholder.exists(f"c{cid}", self.dir.fileno())
+
+    def adopt(self, cid: int, root: int | None, fresh: dict[str, int]) -> ContainerNs | None:
         """The namespaces of container `cid` as a previous service left them (`root`: the
-        keeper's fd of a held root, taken); None if none are recorded."""
+        keeper's fd of a held root, taken; `fresh`: its copies of namespaces not bound yet,
+        by type: those used are popped); None if none are recorded."""
         d = f"c{cid}"
         dirfd = self.dir.fileno()
         try:
@@ -354,11 +449,18 @@ class NsStore:
             if key is None or key[0] != name:
                 log.warning("container %d: stray entry %s -> %s ignored", cid, name, target)
                 continue
-            if key not in self.by_fd:
-                if not nsholder.exists(bound, dirfd):
-                    log.warning("container %d: its %s namespace was lost", cid, name)
-                    continue
-                self.names[key] = bound
+            if key not in self.by_fd and key not in self.fresh:
+                if nsholder.exists(bound, dirfd):
+                    self.names[key] = bound
+                else:  # not bound yet: the keeper's copy, if it is that namespace
+                    fd = fresh.pop(name, -1)
+                    if fd < 0 or os.fstat(fd).st_ino != key[1]:
+                        if fd >= 0:
+                            os.close(fd)
+                        log.warning("container %d: its %s namespace was lost", cid, name)
+                        continue
+                    self.fresh[key] = (bound, fd)
+                    self._fresh_added.set()
             ns.ids[name] = key[1]
             self.refs[key] += 1
         if ns.root == HELD:
@@ -394,4 +496,5 @@ class NsStore:
     def stats(self) -> dict[str, int]:
         """How much is held: namespaces bound, held by fd, roots held, fds cached."""
         return {"bound": len(self.names), "by_fd": len(self.by_fd), "roots": len(self.roots),
-                "cached": len(self.cache), "to_unmount": len(self._doomed)}
+                "cached": len(self.cache), "fresh": len(self.fresh),
+                "to_unmount": len(self._doomed)}

@@ -47,6 +47,7 @@ class Registry:
         self.store = store
         self.fdstore = fdstore
         self.ns = NsStore(fdstore)  # every container's namespaces (started by recovery)
+        self.ns.on_bound = self._keep_again
         self.cgroups = cgroups
         self.nursery = nursery
         self.containers: dict[int, Container] = {}  # listed: alive, or dead and still held
@@ -191,6 +192,14 @@ class Registry:
         if not c.init_pidfd.closed:
             fds["init"] = c.init_pidfd.fileno()
         self.fdstore.put(f"c{c.id}", fds)
+
+    def _keep_again(self, ids: set[int]) -> None:
+        """The namespaces of containers `ids` are bound now: their keeper entries let the
+        copies of them go."""
+        for cid in ids:
+            c = self.containers.get(cid)
+            if c is not None and c.state != State.DEAD:
+                self.keep(c)
 
     def save_later(self, row: dict[str, Any]) -> None:
         """Record `row` within STORE_DELAY (with the next immediate write, if sooner)."""

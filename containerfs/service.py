@@ -112,11 +112,16 @@ class Service:
         """Adopt one container (taking `fds`); False, taking nothing, if its namespaces
         were lost."""
         old = {name[3:]: fds.pop(name) for name in list(fds) if name.startswith("ns:")}
-        if old:  # kept as fds by a service of an earlier version: held the new way now
+        keep_again = bool(old)
+        if old and not self.reg.ns.recorded(row["id"]):
+            # Kept as fds by a service of an earlier version: held the new way now.
             ns = self.reg.ns.hold(row["id"], old)
         else:
             root = fds.pop("root", None)
-            found = self.reg.ns.adopt(row["id"], root)
+            # (`old`: copies of namespaces the holder had not bound yet, NsStore.fresh)
+            found = self.reg.ns.adopt(row["id"], root, old)
+            for fd in old.values():  # (copies of namespaces it does not use)
+                os.close(fd)
             if found is None:
                 log.warning("container %d: its namespaces were lost; it is dead", row["id"])
                 return False
@@ -139,8 +144,8 @@ class Service:
         self.reg.add(c)
         self.reg.save_later(c.row())
         self.reg.watch_handle(c)  # if every handle closed while we were down, this fires at once
-        if old:
-            self.reg.keep(c)  # the keeper lets its copies of the namespace fds go
+        if keep_again:
+            self.reg.keep(c)  # the keeper lets its copies of the namespace fds go (if bound)
         log.info("container %d adopted (%s)", c.id, c.state.value)
         return True
 

@@ -19,7 +19,8 @@ STAMP = os.path.join(HERE, "_cspawn.stamp")
 CDEF = """
 struct cfs_step { int op; int ignore; long a; long b; const char *data; long len; };
 long cfs_spawn(const struct cfs_step *steps, int n, char *const argv[], char *const envp[],
-               int errfd, long flags, int *pidfd);
+               int errfd, long flags, int *pidfd, int cgroup);
+int cfs_into_cgroup(void);
 """
 
 

@@ -359,13 +359,64 @@ static int child(void *arg)
     return 127;
 }
 
+#ifndef CLONE_INTO_CGROUP
+#define CLONE_INTO_CGROUP 0x200000000ULL
+#endif
+
+#if defined(__x86_64__)
+/* clone3(2) with a function to run on the new stack, as glibc's own __clone3 (not
+ * exported by glibc 2.36): the child must not return through the caller's frames, which
+ * it shares (CLONE_VM). Returns the pid or -errno in the parent; the child runs fn(arg)
+ * and exits with its value. (rdi args, rsi size, rdx fn, rcx arg; syscall keeps rdx.) */
+long cfs_clone3_raw(void *args, size_t size, int (*fn)(void *), void *arg);
+__asm__(
+    ".text\n"
+    ".p2align 4\n"
+    ".type cfs_clone3_raw, @function\n"
+    "cfs_clone3_raw:\n"
+    "    mov %rcx, %r8\n"
+    "    mov $435, %eax\n"      /* __NR_clone3 */
+    "    syscall\n"
+    "    test %rax, %rax\n"
+    "    jz 1f\n"
+    "    ret\n"
+    "1:  xor %ebp, %ebp\n"     /* the child: the outermost frame */
+    "    and $-16, %rsp\n"
+    "    mov %r8, %rdi\n"
+    "    call *%rdx\n"
+    "    mov %rax, %rdi\n"
+    "    mov $60, %eax\n"       /* __NR_exit */
+    "    syscall\n"
+    "    hlt\n"
+    ".size cfs_clone3_raw, .-cfs_clone3_raw\n");
+#define CFS_HAVE_CLONE3 1
+#else
+#define CFS_HAVE_CLONE3 0
+#endif
+
+struct cfs_clone_args {
+    uint64_t flags, pidfd, child_tid, parent_tid, exit_signal, stack, stack_size, tls,
+        set_tid, set_tid_size, cgroup;
+};
+
+/* Whether cfs_spawn can place the child in a cgroup2 group as it is made. */
+int cfs_into_cgroup(void)
+{
+    return CFS_HAVE_CLONE3;
+}
+
 /* Make the child: its pid (and *pidfd) in the caller, or -errno. Steps run in the child; a
- * failure is reported on errfd. `flags` adds clone flags (CLONE_PARENT). */
+ * failure is reported on errfd. `flags` adds clone flags (CLONE_PARENT). `cgroup`, an fd of
+ * a cgroup2 group (or -1): the child is born in it (clone3's CLONE_INTO_CGROUP), with no
+ * migration after the clone, which waits for an RCU grace period whenever cgroup
+ * migrations have been idle for a while (5-18 ms measured here). */
 long cfs_spawn(const struct cfs_step *steps, int n, char *const argv[], char *const envp[],
-               int errfd, long flags, int *pidfd)
+               int errfd, long flags, int *pidfd, int cgroup)
 {
     struct cfs_ctx c = { steps, n, argv, envp, errfd };
     const size_t stack_size = 256 * 1024;
+    if (cgroup >= 0 && !CFS_HAVE_CLONE3)
+        return -ENOSYS;
     char *stack = mmap(NULL, stack_size, PROT_READ | PROT_WRITE,
                        MAP_PRIVATE | MAP_ANONYMOUS | MAP_STACK, -1, 0);
     if (stack == MAP_FAILED)
@@ -375,10 +426,32 @@ long cfs_spawn(const struct cfs_step *steps, int n, char *const argv[], char *co
     pthread_sigmask(SIG_BLOCK, &all, &c.oldmask);
     int exit_signal = (flags & CLONE_PARENT) ? 0 : SIGCHLD;
     *pidfd = -1;
-    long pid = clone(child, stack + stack_size,
-                     CLONE_VM | CLONE_VFORK | CLONE_PIDFD | (int)flags | exit_signal, &c,
-                     pidfd);
-    int err = errno;
+    long pid;
+    int err = 0;
+#if CFS_HAVE_CLONE3
+    if (cgroup >= 0) {
+        struct cfs_clone_args args;
+        memset(&args, 0, sizeof args);
+        args.flags = CLONE_VM | CLONE_VFORK | CLONE_PIDFD | CLONE_INTO_CGROUP |
+                     (uint64_t)flags;
+        args.pidfd = (uint64_t)(uintptr_t)pidfd;
+        args.exit_signal = (uint64_t)exit_signal;
+        args.stack = (uint64_t)(uintptr_t)stack;
+        args.stack_size = stack_size;
+        args.cgroup = (uint64_t)cgroup;
+        pid = cfs_clone3_raw(&args, sizeof args, child, &c);
+        if (pid < 0) {
+            err = (int)-pid;
+            pid = -1;
+        }
+    } else
+#endif
+    {
+        pid = clone(child, stack + stack_size,
+                    CLONE_VM | CLONE_VFORK | CLONE_PIDFD | (int)flags | exit_signal, &c,
+                    pidfd);
+        err = errno;
+    }
     pthread_sigmask(SIG_SETMASK, &c.oldmask, NULL);
     munmap(stack, stack_size);
     return pid < 0 ? -err : pid;

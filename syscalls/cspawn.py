@@ -45,8 +45,9 @@ def _load() -> Any:
 
 
 def _run(steps: Sequence[Step], argv: Sequence[bytes], envp: Sequence[bytes],
-         errfd: int, flags: int = 0) -> tuple[int, int]:
-    """Make the process; (pid, pidfd). The C side blocks every signal around the clone."""
+         errfd: int, flags: int = 0, cgroup: int = -1) -> tuple[int, int]:
+    """Make the process (born in cgroup2 group `cgroup`, an fd, if not -1); (pid, pidfd).
+    The C side blocks every signal around the clone."""
     mod = _load()
     ffi, lib = mod.ffi, mod.lib
     keep: list[Any] = []  # every buffer the child reads lives until the call returns
@@ -64,7 +65,7 @@ def _run(steps: Sequence[Step], argv: Sequence[bytes], envp: Sequence[bytes],
     c_argv = ffi.new("char *[]", [c_str(a) for a in argv] + [ffi.NULL])
     c_envp = ffi.new("char *[]", [c_str(e) for e in envp] + [ffi.NULL])
     pidfd = ffi.new("int *", -1)
-    pid = lib.cfs_spawn(table, len(steps), c_argv, c_envp, errfd, flags, pidfd)
+    pid = lib.cfs_spawn(table, len(steps), c_argv, c_envp, errfd, flags, pidfd, cgroup)
     if pid < 0:
         raise OSError(-pid, f"container_spawn: clone: {os.strerror(-pid)}")
     return int(pid), int(pidfd[0])
@@ -112,16 +113,18 @@ def container_spawn(fd: int, path: str | bytes, argv: Sequence[str | bytes],
             conn.send(protocol.ForkFailed(errno=errno.EAGAIN))
             raise OSError(errno.EAGAIN, "container_spawn: this process must be made by "
                                         "fork_into_container (its procs, or its user namespace)")
-        if "cgroup" in reply.fds:
-            procs = os.open("cgroup.procs", os.O_WRONLY | os.O_CLOEXEC,
-                            dir_fd=fds[reply.fds.index("cgroup")])
+        cgroup = fds[reply.fds.index("cgroup")] if "cgroup" in reply.fds else -1
+        if cgroup >= 0 and not _load().lib.cfs_into_cgroup():
+            # Joined by a write after the clone (where clone3 is not wrapped: not x86-64).
+            procs = os.open("cgroup.procs", os.O_WRONLY | os.O_CLOEXEC, dir_fd=cgroup)
+            cgroup = -1
         steps = spawnsteps.entry_steps(reply, fds, conn.sock.fileno(), procs)
         steps += spawnsteps.caller_steps(
             bpath, envmap.get(b"PATH"), file_actions=file_actions, pass_fds=pass_fds,
             close_fds=close_fds, setsid=setsid, ctty=ctty, user=user,
             cwd=None if cwd is None else _fsencode(cwd), sigdef=setsigdef, sigmask=setsigmask,
             in_userns=spawnsteps.enters_userns(reply, fds))
-        return _make(conn, reply, fds, steps, bpath, bargv, envp)
+        return _make(conn, reply, fds, steps, bpath, bargv, envp, cgroup)
     finally:
         if procs >= 0:
             os.close(procs)
@@ -155,8 +158,9 @@ def _ask(handle: int) -> tuple[Connection, replies.ForkGrant, list[int]]:
 
 
 def _make(conn: Connection, reply: replies.ForkGrant, fds: list[int], steps: list[Step],
-          path: bytes, argv: list[bytes], envp: list[bytes]) -> int:
-    """Make the process in the grant's PID namespace and report it; raise its set-up error."""
+          path: bytes, argv: list[bytes], envp: list[bytes], cgroup: int = -1) -> int:
+    """Make the process in the grant's PID namespace (and in cgroup2 group `cgroup`, unless
+    -1) and report it; raise its set-up error."""
     err_r, err_w = os.pipe2(os.O_CLOEXEC)
     # No handler may raise between the clone and the report: a process nobody knows of would
     # be left in the container.
@@ -172,7 +176,7 @@ def _make(conn: Connection, reply: replies.ForkGrant, fds: list[int], steps: lis
                     linux.setns(fds[reply.fds.index("ns:pid")], linux.NS_FLAGS["pid"])
                 elif reply.new_pid_ns:
                     linux.unshare(linux.NS_FLAGS["pid"])
-                pid, pidfd = _run(steps, argv, envp, err_w)
+                pid, pidfd = _run(steps, argv, envp, err_w, cgroup=cgroup)
             finally:
                 linux.setns(own_pid, linux.NS_FLAGS["pid"])
         except OSError as e:

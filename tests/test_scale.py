@@ -196,6 +196,10 @@ def test_binds_go_with_their_containers(service: Any) -> None:
                 signal.pause()
                 os._exit(0)
             inits.append(pid)
+        # Bound once they have lived nsstore.BIND_DELAY (fresh, held by fd, until then).
+        deadline = time.monotonic() + 5
+        while (mounts := holder(service)[1]) < 1 + 20 * 3 + 5 and time.monotonic() < deadline:
+            time.sleep(0.05)
         entries, mounts = holder(service)
         ids = {f"c{S.container_status(cfd)['id']}" for cfd in handles}
         assert ids <= set(entries)
@@ -298,3 +302,47 @@ def test_a_root_set_while_the_container_dies_leaves_no_bind(service: Any) -> Non
     while holder(service) != ([], 1) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert holder(service) == ([], 1), "binds were left in the holder"
+
+
+def test_fresh_namespaces_survive_kill_9(service: Any, monkeypatch: Any) -> None:
+    """A namespace not bound yet (fresh: nsstore.BIND_DELAY, made long here) lives on the
+    keeper's copy across a crash: the restarted service finds the same namespaces, for
+    init and then for a member (init's PID namespace, fresh too)."""
+    monkeypatch.setenv("CONTAINERFS_BIND_DELAY", "60")
+    restart(service, hard=False)
+    cfd = S.container_create("fresh", IDLE | CONTAINER_NEW_NET_NS)
+    done_r = done_w = -1
+    try:
+        with socket.socket(fileno=S.container_socket(cfd, socket.AF_INET, socket.SOCK_STREAM, 0)) as s:
+            sock_netns = fcntl.ioctl(s, SIOCGSKNS)
+            netns = os.fstat(sock_netns).st_ino
+            os.close(sock_netns)
+        assert holder(service) == ([f"c{S.container_status(cfd)['id']}"], 1), "bound already"
+        restart(service, hard=True)
+        done_r, done_w = os.pipe()
+        init = S.fork_into_container(cfd)
+        if init == 0:
+            os.close(done_w)
+            socket.sethostname("fresh")
+            os.read(done_r, 1)
+            os._exit(0)
+        os.close(done_r)
+        done_r = -1
+        for t in ("uts", "ipc", "mnt", "net"):
+            assert os.stat(f"/proc/{init}/ns/{t}").st_ino != os.stat(f"/proc/self/ns/{t}").st_ino
+        assert os.stat(f"/proc/{init}/ns/net").st_ino == netns
+        assert holder(service)[1] == 1, "bound before BIND_DELAY"
+        restart(service, hard=True)
+        pid = S.fork_into_container(cfd)
+        if pid == 0:
+            os._exit(0 if socket.gethostname() == "fresh" and os.getpid() == 2 else 1)
+        assert child_result(pid) == 0
+        os.close(done_w)
+        done_w = -1
+        assert child_result(init) == 0
+        assert hung_up(cfd, 5)
+    finally:
+        for fd in (done_r, done_w):
+            if fd >= 0:
+                os.close(fd)
+        os.close(cfd)
