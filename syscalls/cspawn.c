@@ -407,9 +407,10 @@ int cfs_into_cgroup(void)
 
 /* Make the child: its pid (and *pidfd) in the caller, or -errno. Steps run in the child; a
  * failure is reported on errfd. `flags` adds clone flags (CLONE_PARENT). `cgroup`, an fd of
- * a cgroup2 group (or -1): the child is born in it (clone3's CLONE_INTO_CGROUP), with no
- * migration after the clone, which waits for an RCU grace period whenever cgroup
- * migrations have been idle for a while (5-18 ms measured here). */
+ * a cgroup2 group (or -1): the child is born in it (clone3's CLONE_INTO_CGROUP): it never
+ * runs outside it, and no migration is needed (a cgroup.procs write takes the global
+ * cgroup_threadgroup_rwsem for writing: 25-50 us on a quiet host, 5-18 ms for one in five
+ * while other cgroup work ran beside it). */
 long cfs_spawn(const struct cfs_step *steps, int n, char *const argv[], char *const envp[],
                int errfd, long flags, int *pidfd, int cgroup)
 {
