@@ -69,7 +69,8 @@ class Confiner:
         self._programs[c.id] = (base64.b64encode(filt.program).decode(), filt.flags)
 
     def _saved(self, c: Container) -> None:
-        self.reg.save_later(c.row())  # a restart before init keeps the confinement
+        # Written now: a crash a moment later must not leave it unconfined after the restart.
+        self.reg.store.save(c.row())
         self.reg.changed()
 
     async def prepare(self, c: Container) -> None:

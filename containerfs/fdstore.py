@@ -21,6 +21,7 @@ class FdStore:
     def __init__(self, runtime_dir: str) -> None:
         self.path = os.path.join(runtime_dir, "keeper.sock")
         self.sock = self._connect() or self._spawn()
+        self.data: dict[str, str] = {}  # what get_all found kept beside the fds, by key
 
     def _connect(self) -> socket.socket | None:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
@@ -53,17 +54,20 @@ class FdStore:
             time.sleep(0.005)
         return sock
 
-    def put(self, key: str, fds: dict[str, int]) -> None:
-        """Hold `fds` (by name) under `key`, replacing what it held. Does not wait."""
-        names = list(fds)
-        socket.send_fds(self.sock, [json.dumps({"op": "put", "key": key, "names": names}).encode()],
-                        [fds[n] for n in names])
+    def put(self, key: str, fds: dict[str, int], data: str | None = None) -> None:
+        """Hold `fds` (by name) and `data` under `key`, replacing what it held. Does not
+        wait."""
+        msg: dict[str, object] = {"op": "put", "key": key, "names": list(fds)}
+        if data is not None:
+            msg["data"] = data
+        socket.send_fds(self.sock, [json.dumps(msg).encode()], list(fds.values()))
 
     def drop(self, key: str) -> None:
         self.sock.send(json.dumps({"op": "drop", "key": key}).encode())
 
     def get_all(self) -> dict[str, dict[str, int]]:
-        """Copies of everything held, by key and name (the caller owns the fds)."""
+        """Copies of everything held, by key and name (the caller owns the fds); what was
+        kept beside them in `data`."""
         self.sock.send(b'{"op": "get"}')
         out: dict[str, dict[str, int]] = {}
         while True:
@@ -72,6 +76,8 @@ class FdStore:
             if msg.get("end"):
                 return out
             out[msg["key"]] = dict(zip(msg["names"], fds))
+            if isinstance(msg.get("data"), str):
+                self.data[msg["key"]] = msg["data"]
 
     def close(self) -> None:
         self.sock.close()

@@ -5,9 +5,12 @@ service: if they closed with it, every holder would see a false death. The keepe
 but keep fds by key and hand them all back to a (re)started service, like systemd's fd store.
 
 Protocol (SOCK_SEQPACKET, root peers only; one JSON datagram each, fds beside it):
-  {"op": "put", "key": K, "names": [...]} + fds   replace what K holds; no reply
+  {"op": "put", "key": K, "names": [...], "data": D} + fds
+                                                  replace what K holds (D, a string, optional);
+                                                  no reply
   {"op": "drop", "key": K}                        close what K holds; no reply
-  {"op": "get"}                                   one {"key", "names"} + fds per key, then {"end": true}
+  {"op": "get"}                                   one {"key", "names"[, "data"]} + fds per key,
+                                                  then {"end": true}
   {"op": "exit"}                                  close everything and exit
 PUT and DROP have no reply, so the service never waits on the keeper: a datagram sent before
 a crash is already in the keeper's socket and is still applied, and applied before any GET
@@ -39,6 +42,7 @@ class Keeper:
         """Serve at `path`; EBUSY (before the socket is touched) if another keeper serves
         its directory: it would take the path, and the fds held so far would be lost."""
         self.held: dict[str, tuple[list[str], list[int]]] = {}
+        self.data: dict[str, str] = {}  # what a put carried beside its fds, by key
         self.lock = rundir.hold(os.path.dirname(path) or ".", rundir.KEEPER_LOCK, "keeper",
                                 "it holds that directory's containers; start no keeper "
                                 "by hand (containerfs serve starts one when none answers)")
@@ -48,6 +52,7 @@ class Keeper:
 
     def drop(self, key: str) -> None:
         _names, fds = self.held.pop(key, ([], []))
+        self.data.pop(key, None)
         for fd in fds:
             os.close(fd)
 
@@ -73,8 +78,13 @@ class Keeper:
                 names = [str(n) for n in msg["names"]]
                 if len(names) != len(fds):
                     raise ValueError("names and fds differ in number")
+                data = msg.get("data")
+                if data is not None and not isinstance(data, str):
+                    raise ValueError("data is not a string")
                 self.drop(str(msg["key"]))
                 self.held[str(msg["key"])] = (names, fds)
+                if data is not None:
+                    self.data[str(msg["key"])] = data
                 fds = []
             elif op == "drop":
                 self.drop(str(msg["key"]))
@@ -82,7 +92,10 @@ class Keeper:
                 if not nested:
                     self._drain_others(conn)
                 for key, (names, held) in self.held.items():
-                    socket.send_fds(conn, [json.dumps({"key": key, "names": names}).encode()], held)
+                    entry: dict[str, object] = {"key": key, "names": names}
+                    if key in self.data:
+                        entry["data"] = self.data[key]
+                    socket.send_fds(conn, [json.dumps(entry).encode()], held)
                 conn.send(b'{"end": true}')
             elif op == "exit":
                 for key in list(self.held):

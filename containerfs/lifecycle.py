@@ -95,7 +95,8 @@ class Lifecycle:
         c = Container(id=cid, name=raw_name, flags=flags, owner=peer.uid, group=peer.gid,
                       parent=parent.id if parent else 1, pipe=(st.st_dev, st.st_ino), wfd=Fd(wfd),
                       ns=held, new_ns=requested_namespaces(flags))
-        self.reg.store.save(c.row(), new_pipe=True)
+        # Written once the reply is sent; the keeper's entry carries it meanwhile.
+        self.reg.save_later(c.row(), new_pipe=True, soon=True)
         self.reg.keep(c)
         self.reg.add(c)
         return c, rfd
@@ -220,6 +221,8 @@ class Lifecycle:
         c.started.set()
         self.reg.changed()
         self.reg.close_write_end(c)
+        if c.id in self.reg.store.unwritten:  # (the keeper's entry was its only record)
+            self.reg.store.flush()
         self.reg.fdstore.drop(f"c{c.id}")  # the keeper's copy too: now holders see POLLHUP
         self.keyrings.container_died(c)
         if self.on_death is not None:

@@ -29,13 +29,19 @@ from .nsstore import ContainerNs, NsStore
 from .process import Peer
 from .record import Container, requested_namespaces
 from .states import State
-from .store import Store
+from .store import Store, encode_row
 
 log = logging.getLogger("containerfs")
 
 # How long a record may wait to be written (rows a crash could lose without harm: an init's
 # start, a death, a removal); writes within it share one transaction.
 STORE_DELAY = 0.05
+# Set (CONTAINERFS_STORE_DELAY, for tests that crash the service before a write): every
+# row waits that long, a new container's too (otherwise written once create is answered).
+STORE_DELAY_SET = os.environ.get("CONTAINERFS_STORE_DELAY")
+if STORE_DELAY_SET:
+    STORE_DELAY = float(STORE_DELAY_SET)
+KEEPER_ROW_MAX = 16384  # a row longer than this as text is written at once, not kept
 # Dead containers remembered in memory (by handle) after they are unlisted, for
 # container_wait; older ones are answered from their registry row (a few KiB each saved).
 GONE_KEPT = 256
@@ -63,6 +69,7 @@ class Registry:
         # started, dead, removed, its last handle closed); the view sets it.
         self.on_change: Callable[[], None] | None = None
         self._store_dirty = trio.Event()
+        self._store_soon = trio.Event()
         # Past this many fds in use, users other than root get EAGAIN (see fds_short).
         self.fd_reserve_mark = resource.getrlimit(resource.RLIMIT_NOFILE)[0] * 4 // 5
 
@@ -191,7 +198,12 @@ class Registry:
         fds = {"w": c.wfd.fileno(), **self.ns.keep_fds(c.ns)}
         if not c.init_pidfd.closed:
             fds["init"] = c.init_pidfd.fileno()
-        self.fdstore.put(f"c{c.id}", fds)
+        # The row too, as it is now: its write may wait (save_later), a crash may not.
+        row = c.row()
+        data = encode_row(row)
+        if len(data) > KEEPER_ROW_MAX:  # (a long seccomp profile) written now instead
+            self.store.save(row)
+        self.fdstore.put(f"c{c.id}", fds, data if len(data) <= KEEPER_ROW_MAX else None)
 
     def _keep_again(self, ids: set[int]) -> None:
         """The namespaces of containers `ids` are bound now: their keeper entries let the
@@ -201,17 +213,21 @@ class Registry:
             if c is not None and c.state != State.DEAD:
                 self.keep(c)
 
-    def save_later(self, row: dict[str, Any]) -> None:
-        """Record `row` within STORE_DELAY (with the next immediate write, if sooner)."""
-        self.store.save_later(row)
+    def save_later(self, row: dict[str, Any], new_pipe: bool = False, soon: bool = False) -> None:
+        """Record `row` within STORE_DELAY (with the next immediate write, if sooner); `soon`:
+        once the request at hand is answered (a new container's row: see keep)."""
+        self.store.save_later(row, new_pipe)
         self._store_dirty.set()
+        if soon and not STORE_DELAY_SET:
+            self._store_soon.set()
 
     async def flush_store(self) -> None:
         """Forever: write the rows saved for later, a batch at a time, off any request."""
         while True:
             await self._store_dirty.wait()
-            await trio.sleep(STORE_DELAY)
-            self._store_dirty = trio.Event()
+            with trio.move_on_after(STORE_DELAY):
+                await self._store_soon.wait()
+            self._store_dirty, self._store_soon = trio.Event(), trio.Event()
             try:
                 self.store.flush()
             except Exception:  # the rows stay pending and go with the next write

@@ -33,7 +33,7 @@ from .process import pidfd_pid
 from .record import Container
 from .registry import Registry
 from .states import State
-from .store import Store
+from .store import Store, decode_row
 
 log = logging.getLogger("containerfs")
 
@@ -86,6 +86,11 @@ class Service:
         """Adopt the containers a previous service left, with the fds the keeper kept."""
         reg = self.reg
         held = reg.fdstore.get_all()
+        for key, text in reg.fdstore.data.items():
+            # A container made just before a crash: its row was still waiting to be written.
+            row = decode_row(text) if key in held else None
+            if row is not None and key == f"c{row['id']}" and not reg.store.has(row["id"]):
+                reg.store.save(row, new_pipe=True)
         reg.ns.start(held)  # the namespaces' holder first: adoption reads it
         for row in reg.store.unremoved_rows():
             fds = held.pop(f"c{row['id']}", {})

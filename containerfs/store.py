@@ -8,6 +8,7 @@ by its handle's pipe inode after it is gone, so container_wait works on a dead o
 from __future__ import annotations
 
 import contextlib
+import json
 import sqlite3
 from collections.abc import Iterator
 from typing import Any
@@ -66,6 +67,8 @@ class Store:
         self._next += 1
         # Rows whose writing may wait (save_later): written with the next write, or flush().
         self._later: dict[int, dict[str, Any]] = {}
+        self._new_pipes: list[tuple[int, int]] = []  # (see save's new_pipe)
+        self.unwritten: set[int] = set()  # ids whose first row waits in _later
         self._removals = 0
         self._trim()  # a service that never lives for TRIM_EVERY removals still trims
 
@@ -107,21 +110,30 @@ class Store:
                                 "AND removed=1", (row["pipe_dev"], row["pipe_ino"]))
             self._write(row)
 
-    def save_later(self, row: dict[str, Any]) -> None:
-        """Write `row` with the next write or flush(): for what a crash a moment later could
-        lose without harm (the keeper's fds say what is alive; see Service._adopt)."""
+    def save_later(self, row: dict[str, Any], new_pipe: bool = False) -> None:
+        """Write `row` with the next write or flush() (`new_pipe` as for save): for what a
+        crash a moment later could lose without harm (the keeper's fds say what is alive,
+        and its entry carries the row: see encode_row, Service.recover)."""
+        if new_pipe:
+            self._new_pipes.append((row["pipe_dev"], row["pipe_ino"]))
+            self.unwritten.add(row["id"])
         self._later[row["id"]] = row
         if row.get("removed"):
             self._removals += 1
 
     def _write_later(self) -> None:
+        pipes, self._new_pipes = self._new_pipes, []
+        for pipe in pipes:
+            self.db.execute("DELETE FROM containers WHERE pipe_dev=? AND pipe_ino=? "
+                            "AND removed=1", pipe)
         rows, self._later = self._later, {}
+        self.unwritten = set()
         for row in rows.values():
             self._write(row)
 
     def flush(self) -> None:
         """Write the rows saved for later, in one transaction; trim now and then."""
-        if self._later:
+        if self._later or self._new_pipes:
             with self._transaction():
                 self._write_later()
         if self._removals >= TRIM_EVERY:
@@ -142,6 +154,11 @@ class Store:
         row = cur.fetchone()
         return dict(zip(COLUMNS, row)) if row else None
 
+    def has(self, cid: int) -> bool:
+        """Whether container `cid` has a row (written or waiting to be)."""
+        return cid in self._later or self.db.execute(
+            "SELECT 1 FROM containers WHERE id = ?", (cid,)).fetchone() is not None
+
     def unremoved_rows(self) -> list[dict[str, Any]]:
         """Every container not yet removed, oldest first (for recovery)."""
         cur = self.db.execute(
@@ -153,3 +170,20 @@ class Store:
         self.flush()
         self._set_counter(self._next - 1)
         self.db.close()
+
+
+def encode_row(row: dict[str, Any]) -> str:
+    """`row` as text (for the keeper: a row not written yet survives a crash there)."""
+    return json.dumps({**row, "name": row["name"].decode("latin-1")})
+
+
+def decode_row(text: str) -> dict[str, Any] | None:
+    """A row from encode_row's text; None if it is not one."""
+    try:
+        row = json.loads(text)
+        if not isinstance(row, dict) or not isinstance(row.get("id"), int):
+            return None
+        row["name"] = str(row["name"]).encode("latin-1")
+        return {c: row.get(c, 0 if c == "removed" else None) for c in COLUMNS}
+    except (ValueError, KeyError, UnicodeEncodeError):
+        return None

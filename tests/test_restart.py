@@ -137,3 +137,42 @@ def test_first_fork_after_restart_between_create_and_fork(service: Any) -> None:
     assert hung_up(cfd, 5)
     assert syscalls.container_wait(cfd) == 5 << 8
     os.close(cfd)
+
+
+def test_container_made_just_before_kill_9_is_kept(service: Any, monkeypatch: Any) -> None:
+    """A new container's row is written once create is answered; a crash before that
+    loses nothing: the keeper's entry carries the row (as it carries the handle). (The
+    write is held back here, so that the crash surely comes first.)"""
+    monkeypatch.setenv("CONTAINERFS_STORE_DELAY", "60")
+    restart(service, hard=False)
+    for _ in range(2):
+        cfd = syscalls.container_create("just-made", CONTAINER_NEW_NET_NS | CONTAINER_NEW_PID_NS)
+        restart(service, hard=True)  # at once: nothing between the reply and the kill
+        assert not hung_up(cfd, 0.2), "a container made before the crash was lost"
+        got = syscalls.container_status(cfd)
+        assert (got["name"], got["state"]) == ("just-made", "created")
+        pid = syscalls.fork_into_container(cfd)
+        if pid == 0:
+            os._exit(0 if os.getpid() == 1 else 1)
+        assert child_result(pid) == 0
+        assert hung_up(cfd, 5)
+        os.close(cfd)
+
+
+def test_confinement_set_just_before_kill_9_is_kept(service: Any) -> None:
+    """Capabilities set a moment before a crash still confine the init forked after it."""
+    cfd = syscalls.container_create("confined", CONTAINER_NEW_PID_NS)
+    syscalls.container_set_caps(cfd, 1 << 0)  # CAP_CHOWN only
+    restart(service, hard=True)
+    r, w = os.pipe()
+    pid = syscalls.fork_into_container(cfd)
+    if pid == 0:
+        with open("/proc/self/status") as f:
+            eff = [line.split()[1] for line in f if line.startswith("CapEff:")][0]
+        os.write(w, eff.encode())
+        os._exit(0)
+    os.close(w)
+    assert child_result(pid) == 0
+    assert int(os.read(r, 64), 16) == 1
+    os.close(r)
+    os.close(cfd)
