@@ -70,14 +70,15 @@ class Lifecycle:
             cid = self.reg.store.next_id()
             self.reg.cgroups.create(cid, parent=parent.id if parent else None)
             self.keyrings.create_session(cid, peer.uid, peer.gid)  # EAGAIN: key quota
-            made = await self._make_namespaces(peer, new, ns, cid, pooled=parent is None)
+            made, root_derived = await self._make_namespaces(peer, new, ns, cid,
+                                                             pooled=parent is None)
             for nstype, fd in made.items():
                 os.close(ns.pop(nstype))
                 ns[nstype] = fd
             if flags & CONTAINER_NEW_EMPTY_FS_NS:
                 os.close(ns.pop("root"))
             taken, ns = ns, {}
-            held = self.reg.ns.hold(cid, taken)  # takes the fds, whatever happens
+            held = self.reg.ns.hold(cid, taken, root_derived)  # takes the fds, whatever happens
             rfd, wfd = os.pipe2(os.O_CLOEXEC)
         except BaseException as e:
             namespaces.close_all(ns)
@@ -102,10 +103,12 @@ class Lifecycle:
         return c, rfd
 
     async def _make_namespaces(self, peer: Peer, new: list[str], creator: dict[str, int],
-                               cid: int, pooled: bool = True) -> dict[str, int]:
-        """The new namespaces of a container, as `peer` would make them: {type: fd}. The
-        pool's (made in the service's own namespaces) only if `pooled` (not nested)."""
+                               cid: int, pooled: bool = True) -> tuple[dict[str, int], bool | None]:
+        """The new namespaces of a container, as `peer` would make them: ({type: fd}, whether
+        its root is known to be its mount namespace's, None if not known). The pool's (made
+        in the service's own namespaces) only if `pooled` (not nested)."""
         made: dict[str, int] = {}
+        root_derived: bool | None = None
         if peer.uid == 0 and "user" not in new and pooled:
             for nstype in new:
                 fd = self.pool.take(nstype)
@@ -119,6 +122,7 @@ class Lifecycle:
             if copy is not None:
                 log.debug("container %d: its mount namespace is a copy made ahead", cid)
                 made.update(copy)
+                root_derived = self.mounts.root_derived
                 rest = []
         try:
             if rest == ["mnt"] and peer.uid == 0:
@@ -140,7 +144,7 @@ class Lifecycle:
         except BaseException:
             namespaces.close_all(made)
             raise
-        return made
+        return made, root_derived
 
     async def fill_pool(self) -> None:
         """Forever: keep the namespace pool and the mount copies full, off the path of any

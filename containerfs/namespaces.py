@@ -274,6 +274,15 @@ class MountCopies:
         self._mountinfo = os.open("/proc/self/mountinfo", os.O_RDONLY | os.O_CLOEXEC)
         self._ours = {"mnt": os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC),
                       "root": os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)}
+        # Whether our root is our mount namespace's (we are not chrooted): then a copy's
+        # root is the one setns(2) into the copy finds, and nobody need check it per copy.
+        with nsexec.elsewhere(["mnt"]):
+            linux.setns(self._ours["mnt"], linux.CLONE_NEWNS)
+            here = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            self.root_derived = linux.same_place(here, self._ours["root"])
+        finally:
+            os.close(here)
 
     def _look(self) -> int:
         """The generation of our mount table: one more for each change seen since."""

@@ -18,20 +18,17 @@ Layout of the tmpfs (it is also what a restarted service reads back):
                          setns(2) finds it) or "held" (an fd the keeper holds: a creator's
                          chroot, say)
 
-What cannot be bound is held by an fd instead, once per namespace, and the keeper gets a
-copy under `ns.<type>.<ino>`: the kernel refuses to bind a mount namespace that is not
-younger than the holder (`mnt_ns_loop`, ELOOP), so the host's own, and any made before the
-holder, are fds. The service's own namespaces (the host's: what every container shares
-that does not ask for its own) are held that way too, for the service's life: they were
+What cannot be bound is held by an fd, once per namespace, the keeper a copy under
+`ns.<type>.<ino>`: the kernel binds a mount namespace only if younger than the holder
+(`mnt_ns_loop`, ELOOP). So are the service's own (the host's), for its life: they were
 bound and unbound again with each container.
 
 A new namespace is bound once it has lived `BIND_DELAY` (*fresh* until then: held by its
 fd, the keeper a copy in its container's entry): a create-run-exit container never costs a
 bind and an unbind. Its bind's name is chosen at once: the c<id> links never change.
 
-Open fds are cached (least recently used first out, `CACHE_SIZE`): creating a container
-leaves its fresh fds there, so its first forks re-open nothing. A lent fd (`ns[name]`) stays
-open for the rest of the caller's synchronous step; across an await, take a `dup()`.
+Open fds are cached (least recently used first out, `CACHE_SIZE`). A lent fd (`ns[name]`)
+stays open for the rest of the caller's synchronous step; across an await, take a `dup()`.
 
 Unmounting waits for an RCU grace period (about 0.7 ms here), so binds no container uses any
 more are unmounted by a worker thread (`unbind_forever`), off the event loop.
@@ -167,9 +164,9 @@ class NsStore:
         """Hold the service's own namespaces by fd for as long as it runs (one reference
         never given back): containers made from the host share them."""
         for nstype in NAMES:
-            name = "pid_for_children" if nstype == "pid" else nstype
             try:
-                fd = os.open(f"/proc/self/ns/{name}", os.O_RDONLY | os.O_CLOEXEC)
+                fd = os.open(f"/proc/self/ns/{nstype}{'_for_children' * (nstype == 'pid')}",
+                             os.O_RDONLY | os.O_CLOEXEC)
             except FileNotFoundError:
                 continue  # a type this kernel lacks
             key = (nstype, os.fstat(fd).st_ino)
@@ -199,26 +196,28 @@ class NsStore:
 
     # ---- holding --------------------------------------------------------------------------
 
-    def hold(self, cid: int, fds: dict[str, int]) -> ContainerNs:
-        """Hold container `cid`'s namespaces and root (`fds`, taken: {type: fd, "root": fd})."""
+    def hold(self, cid: int, fds: dict[str, int], root_derived: bool | None = None) -> ContainerNs:
+        """Hold container `cid`'s namespaces and root (`fds`, taken: {type: fd, "root": fd};
+        `root_derived` as for put)."""
         ns = ContainerNs(self, cid)
         os.mkdir(f"c{cid}", 0o700, dir_fd=self.dir.fileno())
         try:
-            self.put(ns, fds)
+            self.put(ns, fds, root_derived)
         except BaseException:
             self.release(ns)
             raise
         return ns
 
-    def put(self, ns: ContainerNs, fds: dict[str, int]) -> None:
+    def put(self, ns: ContainerNs, fds: dict[str, int], root_derived: bool | None = None) -> None:
         """Hold `fds` (taken) for `ns`, replacing what it held under those names. A new
-        namespace is fresh (bound after BIND_DELAY, by bind_forever)."""
+        namespace is fresh (bound after BIND_DELAY, by bind_forever). `root_derived`: whether
+        the root is the one setns(2) into the mount namespace finds, if known (else checked)."""
         fds = dict(fds)
         root = fds.pop("root", None)
         try:
             keys = {t: (t, os.fstat(fd).st_ino) for t, fd in fds.items()}
-            derived = False
-            if root is not None:  # (the new mount namespace, or the one held already)
+            derived = bool(root_derived)
+            if root is not None and root_derived is None:  # (the new one, or the one held)
                 mnt = fds["mnt"] if "mnt" in fds else self.lend(ns, "mnt")
                 derived = nsholder.bind(self.mnt.fileno(), [], (root, mnt))[0]
         except BaseException:
