@@ -189,8 +189,9 @@ class ContainerPopen(subprocess.Popen):  # type: ignore[type-arg]
         spec = {
             "argv": argv,
             "executable": os.fsdecode(executable) if executable is not None else argv[0],
-            "env": {os.fsdecode(k): os.fsdecode(v)
-                    for k, v in (os.environ if env is None else env).items()},
+            # None: ours, as it is at the spawn (only the paths that send it decode it).
+            "env": None if env is None else {os.fsdecode(k): os.fsdecode(v)
+                                             for k, v in env.items()},
             "cwd": os.fsdecode(cwd) if cwd is not None else None,
             "user": list(self._inner_user) if self._inner_user is not None else None,
             "pty": self._want_pty,
@@ -237,7 +238,7 @@ def _by_helper(container: Any, spec: dict[str, Any], stdio: tuple[int, int, int]
         owned += [result_r, result_w]
         spec_fd = os.memfd_create("containerfs-spawn", os.MFD_CLOEXEC)
         owned.append(spec_fd)
-        os.write(spec_fd, json.dumps(spec).encode())
+        os.write(spec_fd, json.dumps(_with_env(spec)).encode())
         os.lseek(spec_fd, 0, os.SEEK_SET)
         owned.append(_high(container.fd))
         extra = [(owned[-1], 3), (result_w, 4), (err_w, 5), (spec_fd, 6)]
@@ -266,7 +267,7 @@ def _by_server(container: Any, spec: dict[str, Any], stdio: tuple[int, int, int]
     """Make the process through this process's spawn server: its fork (`mode` "fork": root,
     no user namespace to enter) or a copy of it that does what a helper of its own would
     ("intermediate"); the reply, as a helper gives it."""
-    spec = dict(spec, mode=mode, socket=os.environ.get("CONTAINERFS_SOCKET"), default_signals=[
+    spec = dict(_with_env(spec), mode=mode, socket=os.environ.get("CONTAINERFS_SOCKET"), default_signals=[
         name for name in ("SIGINT", "SIGQUIT")
         if signal.getsignal(getattr(signal, name)) != signal.SIG_IGN])
     fds = [container.fd] + [src if src != -1 else i for i, src in enumerate(stdio)] + [err_w]
@@ -295,6 +296,13 @@ def _by_server(container: Any, spec: dict[str, Any], stdio: tuple[int, int, int]
         os.close(result_r)
         if result_w >= 0:
             os.close(result_w)
+
+
+def _with_env(spec: dict[str, Any]) -> dict[str, Any]:
+    """`spec` with the environment spelled out (for a process that does not have ours)."""
+    if spec["env"] is not None:
+        return spec
+    return dict(spec, env={os.fsdecode(k): os.fsdecode(v) for k, v in os.environb.items()})
 
 
 def _by_cspawn(container: Any, spec: dict[str, Any], stdio: tuple[int, int, int]) -> int:
