@@ -25,7 +25,8 @@ from syscalls.replies import ContainerStatus
 
 from .cgroups import CgroupTree
 from .fdstore import FdStore
-from .nsstore import ContainerNs, NsStore
+from .containerns import ContainerNs
+from .nsstore import NsStore
 from .process import Peer
 from .record import Container, requested_namespaces
 from .states import State
