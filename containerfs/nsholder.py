@@ -195,6 +195,19 @@ def exists(path: str, dirfd: int) -> bool:
     return True
 
 
+def bound_at(name: str, ino: int, dirfd: int) -> bool:
+    """Whether `name` is a bind of namespace `ino`. A file a bind cut short left there (a
+    kill -9 between _bind_one's file and its mount) is removed: the name can be bound."""
+    try:
+        st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    if st.st_ino == ino and st.st_dev == os.stat("/proc/self/ns/mnt").st_dev:  # (nsfs)
+        return True
+    unlink(name, dirfd)
+    return False
+
+
 def listdir(path: str, dirfd: int) -> list[str]:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dirfd)
     try:

@@ -399,7 +399,7 @@ class NsStore:
                 log.warning("container %d: stray entry %s -> %s ignored", cid, name, target)
                 continue
             if key not in self.by_fd and key not in self.fresh:
-                if nsholder.exists(bound, dirfd):
+                if nsholder.bound_at(bound, key[1], dirfd):
                     self.names[key] = bound
                 else:  # not bound yet: the keeper's copy, if it is that namespace
                     fd = fresh.pop(name, -1)

@@ -12,6 +12,7 @@ import os
 import signal
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -48,9 +49,9 @@ def settled(pid: int, bound: int, timeout: float = 15) -> int:
     return n
 
 
-def holder(service: Any) -> tuple[list[str], int]:
-    """What the namespace holder holds: its tmpfs's entries and how many mounts it has,
-    looked at by this thread standing in it for a moment (through the keeper's fd of it)."""
+def in_holder(service: Any, act: Callable[[list[str]], Any]) -> Any:
+    """`act(mountinfo lines)` run by this thread standing for a moment in the namespace
+    holder (reached through the keeper's fd of it), at the root of its tmpfs."""
     kp = keeper_pid(service)
     proc = os.open("/proc", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
@@ -67,15 +68,19 @@ def holder(service: Any) -> tuple[list[str], int]:
                     info = os.open("thread-self/mountinfo", os.O_RDONLY | os.O_CLOEXEC, dir_fd=proc)
                     with open(info) as f:
                         lines = f.read().splitlines()
-                    entries = sorted(os.listdir("/"))
+                    if any(line.split()[4] == "/" and " - tmpfs containerfs-ns " in line
+                           for line in lines):
+                        return act(lines)
             finally:
                 os.close(ns)
-            if any(line.split()[4] == "/" and " - tmpfs containerfs-ns " in line
-                   for line in lines):
-                return entries, len(lines)
     finally:
         os.close(proc)
     raise AssertionError("no namespace holder among the keeper's fds")
+
+
+def holder(service: Any) -> tuple[list[str], int]:
+    """What the namespace holder holds: its tmpfs's entries and how many mounts it has."""
+    return in_holder(service, lambda lines: (sorted(os.listdir("/")), len(lines)))
 
 
 def host_mounts() -> list[str]:
@@ -345,4 +350,46 @@ def test_fresh_namespaces_survive_kill_9(service: Any, monkeypatch: Any) -> None
         for fd in (done_r, done_w):
             if fd >= 0:
                 os.close(fd)
+        os.close(cfd)
+
+
+def socket_netns(cfd: int) -> int:
+    """The inode of the network namespace a container's sockets are made in."""
+    with socket.socket(fileno=S.container_socket(cfd, socket.AF_INET, socket.SOCK_STREAM, 0)) as s:
+        ns = fcntl.ioctl(s, SIOCGSKNS)
+        try:
+            return os.fstat(ns).st_ino
+        finally:
+            os.close(ns)
+
+
+def test_a_bind_cut_short_by_kill_9_loses_no_namespace(service: Any, monkeypatch: Any) -> None:
+    """A bind is made as an empty file first, then mounted on (nsholder._bind_one): a kill -9
+    between the two leaves the file at the name c<id>'s link gives. The restarted service
+    must hold the namespace by the keeper's copy, not take that file for its bind, and bind
+    it there later."""
+    monkeypatch.setenv("CONTAINERFS_BIND_DELAY", "60")
+    restart(service, hard=False)
+    cfd = S.container_create("cut", IDLE | CONTAINER_NEW_NET_NS)
+    try:
+        netns = socket_netns(cfd)
+        cid = S.container_status(cfd)["id"]
+        assert holder(service)[1] == 1, "bound already"
+        service.proc.send_signal(signal.SIGKILL)
+        service.proc.wait()
+
+        def cut_short(_lines: list[str]) -> None:
+            name = os.readlink(f"c{cid}/net").removeprefix("../")
+            os.close(os.open(name, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o600))
+        in_holder(service, cut_short)
+        monkeypatch.setenv("CONTAINERFS_BIND_DELAY", "0.1")
+        restart(service, hard=True)  # (dead already: started again)
+        assert socket_netns(cfd) == netns
+        deadline = time.monotonic() + 5  # mount, UTS, IPC and network namespaces bound
+        while holder(service)[1] < 1 + 4 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert holder(service)[1] == 1 + 4
+        restart(service, hard=True)  # from the binds now
+        assert socket_netns(cfd) == netns
+    finally:
         os.close(cfd)
