@@ -199,7 +199,11 @@ class Registry:
         copies of them go."""
         for cid in ids:
             c = self.containers.get(cid)
-            if c is not None and c.state != State.DEAD:
+            if c is None or c.state == State.DEAD:
+                continue
+            if self.ns.has_fresh(c.ns):  # (its entry has what it must: kept as it is)
+                self.ns.kept_fresh.add(cid)
+            else:
                 self.keep(c)
 
     def save_later(self, row: dict[str, Any]) -> None:

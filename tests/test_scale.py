@@ -6,6 +6,7 @@ of the service; and the binds go when their containers go, never showing in the 
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -15,6 +16,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 import syscalls as S
 from syscalls import (
@@ -393,3 +396,98 @@ def test_a_bind_cut_short_by_kill_9_loses_no_namespace(service: Any, monkeypatch
         assert socket_netns(cfd) == netns
     finally:
         os.close(cfd)
+
+
+def test_a_namespace_stays_fresh_for_bind_delay(service: Any, monkeypatch: Any) -> None:
+    """A namespace is bound once it has lived nsstore.BIND_DELAY (2 s here), not when the
+    oldest fresh one has: a container made 1.2 s after another is not bound with it."""
+    monkeypatch.setenv("CONTAINERFS_BIND_DELAY", "2")
+    restart(service, hard=False)
+    first = S.container_create("first", IDLE | CONTAINER_NEW_NET_NS)
+    second = -1
+    try:
+        made = time.monotonic()
+        time.sleep(1.2)
+        second_made = time.monotonic()
+        second = S.container_create("second", IDLE | CONTAINER_NEW_NET_NS)
+        while holder(service)[1] < 1 + 4 and time.monotonic() < made + 4:
+            time.sleep(0.02)
+        mounts = holder(service)[1]
+        if time.monotonic() < second_made + 1.9:  # (a slow machine: nothing to tell)
+            assert mounts == 1 + 4, "the second container's namespaces were bound young"
+        while holder(service)[1] < 1 + 8 and time.monotonic() < second_made + 6:
+            time.sleep(0.02)
+        assert holder(service)[1] == 1 + 8
+        assert time.monotonic() >= second_made + 2
+    finally:
+        os.close(first)
+        if second >= 0:
+            os.close(second)
+
+
+MS_BIND = 0x1000
+
+
+def fill_holder(_lines: list[str]) -> int:
+    """Mount copies of a tmpfs in the holder (standing in it) until the kernel refuses one
+    more (fs.mount-max); how many were added."""
+    os.mkdir("fill")
+    linux.mount("none", "fill", "tmpfs")
+    linux.mount(None, "fill", None, linux.MS_PRIVATE)
+    added, k = 1, 0
+    while True:  # doubling: fill/d<k> holds 2**k mounts
+        os.mkdir(f"fill/d{k}")
+        try:
+            linux.mount("fill", f"fill/d{k}", None, MS_BIND | linux.MS_REC)
+        except OSError as e:
+            assert e.errno == errno.ENOSPC, e
+            break
+        added, k = added + 2 ** k, k + 1
+    n = 0
+    for j in reversed(range(k)):  # then what still fits, largest first
+        while True:
+            os.mkdir(f"fill/e{n}")
+            n += 1
+            try:
+                linux.mount(f"fill/d{j}", f"fill/e{n - 1}", None, MS_BIND | linux.MS_REC)
+            except OSError as e:
+                assert e.errno == errno.ENOSPC, e
+                break
+            added += 2 ** j
+    return added
+
+
+def empty_holder(_lines: list[str]) -> None:
+    linux.umount2("fill", linux.MNT_DETACH)
+    os.rmdir("fill")
+
+
+def test_past_fs_mount_max_create_gets_eagain(service: Any) -> None:
+    """Past fs.mount-max (the holder filled here with other mounts) a namespace cannot be
+    bound: the one made first stays fresh, held by fd, and creates that need new
+    namespaces get EAGAIN naming the sysctl (docs/limits.md) instead of piling up fds
+    nobody can bind. Once there is room again, it is bound and creates work."""
+    handles: list[int] = []
+    filled = False
+    try:
+        in_holder(service, fill_holder)
+        filled = True
+        handles.append(S.container_create("first", IDLE | CONTAINER_NEW_NET_NS))
+        time.sleep(0.5)  # nsstore.BIND_DELAY, and its bind tried
+        with pytest.raises(OSError) as err:
+            handles.append(S.container_create("more", IDLE | CONTAINER_NEW_NET_NS))
+        assert err.value.errno == errno.EAGAIN
+        assert "fs.mount-max" in str(err.value)
+        handles.append(S.container_create("shares", 0))  # no namespace of its own: made
+        in_holder(service, empty_holder)
+        filled = False
+        deadline = time.monotonic() + 5  # tried again each second: bound now
+        while holder(service)[1] < 1 + 4 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert holder(service)[1] == 1 + 4
+        handles.append(S.container_create("more", IDLE | CONTAINER_NEW_NET_NS))
+    finally:
+        if filled:
+            in_holder(service, empty_holder)
+        for fd in handles:
+            os.close(fd)
