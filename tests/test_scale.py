@@ -26,6 +26,8 @@ from syscalls import (
     at, linux, nsexec,
 )
 
+from containerfs import nsholder
+
 from .conftest import OTHER_GID, OTHER_UID, child_result, hung_up, run_as, start_service, tmpfs
 from .test_restart import restart
 
@@ -491,3 +493,36 @@ def test_past_fs_mount_max_create_gets_eagain(service: Any) -> None:
             in_holder(service, empty_holder)
         for fd in handles:
             os.close(fd)
+
+
+def test_an_older_service_s_binds_of_the_host_namespaces_are_swept(service: Any) -> None:
+    """The service holds its own namespaces (the host's) by fd for its life; a service of
+    an earlier version bound them in the holder like any other. After a restart such a bind
+    is unmounted (no leak), and the container that shares them keeps them."""
+    cfd = S.container_create("host", 0)
+    try:
+        cid = S.container_status(cfd)["id"]
+        netns = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        ino = os.fstat(netns).st_ino
+        service.proc.send_signal(signal.SIGKILL)
+        service.proc.wait()
+
+        def as_an_older_service_left_it(_lines: list[str]) -> None:
+            nsholder._bind_one(netns, f"net.{ino}.old0")
+            os.unlink(f"c{cid}/net")
+            os.symlink(f"../net.{ino}.old0", f"c{cid}/net")
+        try:
+            in_holder(service, as_an_older_service_left_it)
+        finally:
+            os.close(netns)
+        assert holder(service)[1] == 2
+        restart(service, hard=True)  # (dead already: started again)
+        deadline = time.monotonic() + 5
+        while holder(service)[1] > 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert holder(service) == ([f"c{cid}"], 1)
+        assert socket_netns(cfd) == ino
+        restart(service, hard=True)
+        assert socket_netns(cfd) == ino
+    finally:
+        os.close(cfd)
