@@ -526,3 +526,61 @@ def test_an_older_service_s_binds_of_the_host_namespaces_are_swept(service: Any)
         assert socket_netns(cfd) == ino
     finally:
         os.close(cfd)
+
+
+
+def test_fresh_namespaces_of_a_root_set_later_and_of_a_nested_container_after_kill_9(
+        service: Any, monkeypatch: Any) -> None:
+    """Fresh namespaces (nsstore.BIND_DELAY made long) across two crashes: the mount
+    namespace MOVE_MOUNT_T_CONTAINER_ROOT puts in place of an empty-fs container's, and
+    those a nested container shares with its parent (made by the parent's init, it has no
+    namespace of its own: its keeper entry has copies of its own)."""
+    from syscalls import client, protocol
+    monkeypatch.setenv("CONTAINERFS_BIND_DELAY", "60")
+    restart(service, hard=False)
+    empty = S.container_create("e", CONTAINER_NEW_EMPTY_FS_NS | CONTAINER_NEW_UTS_NS)
+    parent = S.container_create("p", IDLE | CONTAINER_NEW_NET_NS)
+    done_r, done_w = os.pipe()
+    id_r, id_w = os.pipe()
+    inits: list[int] = []
+    nested = -1
+    try:
+        mfd = tmpfs()
+        S.move_mount(mfd, "", empty, "/", SET_ROOT)
+        os.close(mfd)
+        S.mkdirat(empty, "sub", 0o755)
+        netns = socket_netns(parent)
+        for cfd in (empty, parent):
+            pid = S.fork_into_container(cfd)
+            if pid == 0:
+                try:
+                    os.close(done_w)
+                    if cfd == parent:
+                        made = S.container_create("nested", 0)
+                        os.write(id_w, str(S.container_status(made)["id"]).encode())
+                    os.read(done_r, 1)
+                finally:
+                    os._exit(0)
+            inits.append(pid)
+        os.close(id_w)
+        id_w = -1
+        _reply, fds = client.call(protocol.Open(id=int(os.read(id_r, 32))))
+        nested = fds[0]
+        assert S.container_status(nested)["parent"] == S.container_status(parent)["id"]
+        assert holder(service)[1] == 1, "bound already"
+        for _ in range(2):
+            restart(service, hard=True)
+            f = S.openat(empty, "sub/file", os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o644)
+            os.close(f)
+            pid = S.fork_into_container(empty)
+            if pid == 0:
+                os._exit(0 if os.path.exists("/sub/file") else 1)
+            assert child_result(pid) == 0
+            assert socket_netns(nested) == netns
+            assert socket_netns(parent) == netns
+    finally:
+        for fd in (done_r, done_w, id_r, id_w, nested, empty, parent):
+            if fd >= 0:
+                os.close(fd)
+        for pid in inits:
+            child_result(pid)
