@@ -22,7 +22,7 @@ from syscalls.fd import Fd
 
 from . import namespaces
 from .keyring.service import KeyringService
-from .nsstore import ContainerNs
+from .containerns import ContainerNs
 from .process import Peer, pidfd_pid, stat_fields
 from .record import Container, requested_namespaces
 from .registry import Registry

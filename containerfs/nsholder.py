@@ -85,13 +85,20 @@ def _place(fd: int) -> tuple[int, int, int]:
     return linux.mount_id(fd), st.st_dev, st.st_ino
 
 
+def mount_max_error() -> OSError:
+    """What a create gets once the holder has as many mounts as fs.mount-max allows."""
+    return OSError(errno.EAGAIN, "the service holds as many namespaces as fs.mount-max lets "
+                   "one mount namespace have; remove containers first, or raise that sysctl")
+
+
 def bind(holder: int, items: list[tuple[str, int]],
-         check: tuple[int, int] | None) -> tuple[bool, set[int]]:
+         check: tuple[int, int] | None) -> tuple[bool, set[int], int]:
     """Bind each namespace fd of `items` at its name in holder `holder`, in one trip of this
     thread; return (with `check` = (root, mount namespace): whether that root is the one
     setns(2) into that namespace finds; the indices of the items the kernel refused to bind
-    (ELOOP: a mount namespace not younger than the holder)). Any other error undoes the
-    binds made and is raised (EAGAIN, said so, where fs.mount-max is reached)."""
+    (ELOOP: a mount namespace not younger than the holder); how many items were tried: the
+    rest are not bound, fs.mount-max is reached). Any other error undoes the binds made and
+    is raised."""
     derived = False
     refused: set[int] = set()
     made: list[str] = []
@@ -104,7 +111,7 @@ def bind(holder: int, items: list[tuple[str, int]],
             finally:
                 os.close(here)
         if not items:
-            return derived, refused
+            return derived, refused, 0
         linux.setns(holder, linux.CLONE_NEWNS)
         try:
             for i, (name, fd) in enumerate(items):
@@ -112,10 +119,8 @@ def bind(holder: int, items: list[tuple[str, int]],
                     _bind_one(fd, name)
                     made.append(name)
                 except OSError as e:
-                    if e.errno == errno.ENOSPC:
-                        raise OSError(errno.EAGAIN, "the service holds as many namespaces as "
-                                      "fs.mount-max lets one mount namespace have; remove "
-                                      "containers first, or raise that sysctl") from None
+                    if e.errno == errno.ENOSPC:  # (the binds made stay: they fitted)
+                        return derived, refused, i
                     if e.errno != errno.ELOOP:
                         raise
                     refused.add(i)
@@ -123,7 +128,7 @@ def bind(holder: int, items: list[tuple[str, int]],
             for name in made:
                 _unbind_one(name)
             raise
-    return derived, refused
+    return derived, refused, len(items)
 
 
 def derive_root(mnt: int) -> int:
@@ -193,6 +198,19 @@ def exists(path: str, dirfd: int) -> bool:
     except FileNotFoundError:
         return False
     return True
+
+
+def bound_at(name: str, ino: int, dirfd: int) -> bool:
+    """Whether `name` is a bind of namespace `ino`. A file a bind cut short left there (a
+    kill -9 between _bind_one's file and its mount) is removed: the name can be bound."""
+    try:
+        st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    if st.st_ino == ino and st.st_dev == os.stat("/proc/self/ns/mnt").st_dev:  # (nsfs)
+        return True
+    unlink(name, dirfd)
+    return False
 
 
 def listdir(path: str, dirfd: int) -> list[str]:

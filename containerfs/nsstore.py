@@ -25,10 +25,14 @@ bound and unbound again with each container.
 
 A new namespace is bound once it has lived `BIND_DELAY` (*fresh* until then: held by its
 fd, the keeper a copy in its container's entry): a create-run-exit container never costs a
-bind and an unbind. Its bind's name is chosen at once: the c<id> links never change.
+bind and an unbind. Its bind's name is chosen at once: the c<id> links never change. Where
+binding fails, the namespace stays fresh and is tried again a second later; while some wait
+for room under fs.mount-max, new namespaces are refused (EAGAIN, naming the sysctl).
 
-Open fds are cached (least recently used first out, `CACHE_SIZE`). A lent fd (`ns[name]`)
-stays open for the rest of the caller's synchronous step; across an await, take a `dup()`.
+Open fds are cached (least recently used first out, `CACHE_SIZE`): a new namespace's fd
+stays open (fresh, then cached once bound), so its first forks re-open nothing. A lent fd
+(`ns[name]`) stays open for the rest of the caller's synchronous step; across an await,
+take a `dup()`.
 
 Unmounting waits for an RCU grace period (about 0.7 ms here), so binds no container uses any
 more are unmounted by a worker thread (`unbind_forever`), off the event loop.
@@ -40,7 +44,9 @@ import collections
 import itertools
 import logging
 import os
-from collections.abc import Callable, Iterator, Mapping
+import time
+from collections.abc import Callable
+from typing import NamedTuple
 
 import trio
 
@@ -48,6 +54,7 @@ from syscalls.fd import Fd
 from syscalls.nstypes import NAMES
 
 from . import nsholder
+from .containerns import ContainerNs
 from .fdstore import FdStore
 
 log = logging.getLogger("containerfs")
@@ -62,56 +69,12 @@ FRESH_MAX = 1024  # fresh namespaces past which they are bound at once (the fds 
 DERIVED, HELD = "derived", "held"  # what c<id>/root says
 
 
-class ContainerNs(Mapping[str, int]):
-    """One container's namespaces by type, and "root": a read-only Mapping that lends fds
-    (valid until the caller's next await), `dup` for an fd of one's own, `put` to replace
-    one, `close_all` to let all go. Holds no fd itself."""
-
-    __slots__ = ("_store", "cid", "ids", "root")
-
-    def __init__(self, store: NsStore | None, cid: int, ids: dict[str, int] | None = None,
-                 root: str | None = None) -> None:
-        self._store = store
-        self.cid = cid
-        self.ids: dict[str, int] = ids if ids is not None else {}  # type -> namespace inode
-        self.root = root  # None (no root yet), DERIVED or HELD
-
-    def __getitem__(self, name: str) -> int:
-        if name not in self or self._store is None:
-            raise KeyError(name)
-        return self._store.lend(self, name)
-
-    def __contains__(self, name: object) -> bool:
-        return name in self.ids or (name == "root" and self.root is not None)
-
-    def __iter__(self) -> Iterator[str]:
-        yield from self.ids
-        if self.root is not None:
-            yield "root"
-
-    def __len__(self) -> int:
-        return len(self.ids) + (self.root is not None)
-
-    def ino(self, name: str) -> int:
-        """The namespace's inode number (what /proc/PID/ns shows), with no fd opened."""
-        return self.ids[name]
-
-    def dup(self, name: str) -> int:
-        """A new fd for `name`, owned by the caller."""
-        return os.dup(self[name])
-
-    def put(self, name: str, fd: int) -> None:
-        """Hold `fd` (taken) as `name`, in place of what was held there."""
-        assert self._store is not None
-        self._store.put(self, {name: fd})
-
-    def close_all(self) -> None:
-        """Let every namespace and the root go (what no other container uses is unmounted)."""
-        if self._store is not None:
-            self._store.release(self)
-
-    def __repr__(self) -> str:
-        return f"ContainerNs({self.cid}, {self.ids}, root={self.root})"
+class Fresh(NamedTuple):
+    """A namespace not bound yet: the name its bind will have, its fd, when it became fresh
+    (time.monotonic())."""
+    name: str
+    fd: int
+    since: float
 
 
 class NsStore:
@@ -133,8 +96,9 @@ class NsStore:
         self.roots: dict[int, int] = {}  # container id -> its root, where "held"
         # (type, ino) or ("root", id) -> an open fd, least recently used first.
         self.cache: collections.OrderedDict[tuple[str, int], int] = collections.OrderedDict()
-        # (type, ino) -> (the name its bind will have, its fd): not bound yet (BIND_DELAY).
-        self.fresh: dict[tuple[str, int], tuple[str, int]] = {}
+        # (type, ino) -> not bound yet (BIND_DELAY), oldest first.
+        self.fresh: dict[tuple[str, int], Fresh] = {}
+        self.full = False  # some fresh ones wait for room under fs.mount-max
         self._fresh_added = trio.Event()
         self.kept_fresh: set[int] = set()  # containers whose keeper entry has fresh copies
         # Told the ids of kept_fresh once bound: their keeper entries let the copies go.
@@ -185,7 +149,7 @@ class NsStore:
     def close(self) -> None:
         """Close the service's fds (at its stop): the keeper's copies keep everything."""
         for fd in [*self.cache.values(), *self.by_fd.values(), *self.roots.values(),
-                   *(fd for _name, fd in self.fresh.values())]:
+                   *(f.fd for f in self.fresh.values())]:
             os.close(fd)
         self.fresh.clear()
         self.cache.clear()
@@ -216,6 +180,10 @@ class NsStore:
         root = fds.pop("root", None)
         try:
             keys = {t: (t, os.fstat(fd).st_ino) for t, fd in fds.items()}
+            if self.full and self.fresh and any(
+                    k not in self.names and k not in self.fresh and k not in self.by_fd
+                    for k in keys.values()):
+                raise nsholder.mount_max_error()
             derived = bool(root_derived)
             if root is not None and root_derived is None:  # (the new one, or the one held)
                 mnt = fds["mnt"] if "mnt" in fds else self.lend(ns, "mnt")
@@ -233,12 +201,12 @@ class NsStore:
             if key in self.names:
                 target = self.names[key]
             elif key in self.fresh:
-                target = self.fresh[key][0]
+                target = self.fresh[key].name
             elif key in self.by_fd:
                 target = f"{t}.{key[1]}"
             else:
                 target = self._bind_name(key)
-                self.fresh[key] = (target, fd)
+                self.fresh[key] = Fresh(target, fd, time.monotonic())
                 self._fresh_added.set()
                 fd = -1
             nsholder.replace_link(f"../{target}", f"{d}/{t}", self.dir.fileno())
@@ -269,7 +237,7 @@ class NsStore:
         for t, ino in ns.ids.items():
             fresh = self.fresh.get((t, ino))
             if fresh is not None:
-                fds[f"ns:{t}"] = fresh[1]
+                fds[f"ns:{t}"] = fresh.fd
         if len(fds) > (ns.cid in self.roots):
             self.kept_fresh.add(ns.cid)
         else:
@@ -277,47 +245,76 @@ class NsStore:
         return fds
 
     async def bind_forever(self) -> None:
-        """Forever: bind the namespaces that stayed fresh for BIND_DELAY (at once past
-        FRESH_MAX), in a worker thread, then tell on_bound whose keeper copies can go."""
+        """Forever: bind each namespace once it has been fresh for BIND_DELAY (all at once
+        past FRESH_MAX), a batch at a time in a worker thread, then tell on_bound whose
+        keeper copies can go. What could not be bound (no fd to spare, fs.mount-max
+        reached) stays fresh and is tried again a second later."""
         while True:
-            await self._fresh_added.wait()
-            with trio.move_on_after(BIND_DELAY):
-                while len(self.fresh) < FRESH_MAX:
-                    self._fresh_added = trio.Event()
-                    await self._fresh_added.wait()
             self._fresh_added = trio.Event()
-            batch = [(key, name, os.dup(fd)) for key, (name, fd) in self.fresh.items()]
-            if not batch:
+            if not self.fresh:
+                await self._fresh_added.wait()
                 continue
-            try:
-                _derived, refused = await trio.to_thread.run_sync(
-                    nsholder.bind, self.mnt.fileno(), [(name, fd) for _k, name, fd in batch],
-                    None)
-            except OSError as e:  # fs.mount-max reached, say: stay fresh, try again later
-                log.warning("namespaces not bound (%s); again in 1 s", e)
-                refused = None
-            for i, (key, name, fd) in enumerate(batch):
-                os.close(fd)
-                if refused is None:
-                    continue
-                if self.fresh.get(key, ("", -1))[0] != name:  # let go while it was bound
-                    if i not in refused:
-                        self._doom([name])
-                    continue
-                own = self.fresh.pop(key)[1]
-                if i in refused:  # (a mount namespace older than the holder)
-                    self.by_fd[key] = own
-                    self.fdstore.put(f"{HELD_PREFIX}{key[0]}.{key[1]}", {"ns": own})
-                else:
-                    self.names[key] = name
-                    self._cache(key, own)
-            if refused is None:
-                self._fresh_added.set()
+            wait = next(iter(self.fresh.values())).since + BIND_DELAY - time.monotonic()
+            if wait > 0 and len(self.fresh) < FRESH_MAX:  # the oldest is still young
+                with trio.move_on_after(wait):
+                    await self._fresh_added.wait()
+                continue
+            if not await self._bind_due():
                 await trio.sleep(1)
+
+    async def _bind_due(self) -> bool:
+        """Bind the fresh namespaces that are due (bind_forever); False if some of them
+        could not be."""
+        due = time.monotonic() - BIND_DELAY if len(self.fresh) < FRESH_MAX else float("inf")
+        batch: list[tuple[tuple[str, int], str, int]] = []
+        failed = False
+        for key, f in self.fresh.items():
+            if f.since > due:
+                break  # (oldest first)
+            try:
+                batch.append((key, f.name, os.dup(f.fd)))  # (ours may be let go meanwhile)
+            except OSError as e:  # out of fds: the rest wait until some are free
+                log.warning("namespaces not bound (%s); again in 1 s", e)
+                failed = True
+                break
+        tried = 0
+        refused: set[int] = set()
+        if batch:
+            try:
+                _derived, refused, tried = await trio.to_thread.run_sync(
+                    nsholder.bind, self.mnt.fileno(), [(n, fd) for _k, n, fd in batch], None)
+            except OSError as e:
+                log.warning("namespaces not bound (%s); again in 1 s", e)
+                failed = True
+            else:
+                self.full = tried < len(batch)
+                if self.full:
+                    log.warning("%d namespaces not bound: %s", len(batch) - tried,
+                                nsholder.mount_max_error().strerror)
+        for i, (key, name, fd) in enumerate(batch):
+            os.close(fd)
+            if i >= tried:
+                continue  # still fresh
+            if key not in self.fresh or self.fresh[key].name != name:  # let go meanwhile
+                if i not in refused:
+                    self._doom([name])
                 continue
+            own = self.fresh.pop(key).fd
+            if i in refused:  # (a mount namespace older than the holder)
+                self.by_fd[key] = own
+                self.fdstore.put(f"{HELD_PREFIX}{key[0]}.{key[1]}", {"ns": own})
+            else:
+                self.names[key] = name
+                self._cache(key, own)
+        if tried:
             done, self.kept_fresh = self.kept_fresh, set()
             if self.on_bound is not None:
                 self.on_bound(done)
+        return not failed and tried == len(batch)
+
+    def has_fresh(self, ns: ContainerNs) -> bool:
+        """Whether some namespace of `ns` is not bound yet."""
+        return any((t, ino) in self.fresh for t, ino in ns.ids.items())
 
     def release(self, ns: ContainerNs) -> None:
         """Let `ns` go: its entries, and every namespace no other container uses."""
@@ -347,7 +344,7 @@ class NsStore:
             os.close(fd)
         fresh = self.fresh.pop(key, None)
         if fresh is not None:
-            os.close(fresh[1])
+            os.close(fresh.fd)
         held = self.by_fd.pop(key, None)
         if held is not None:
             os.close(held)
@@ -369,6 +366,7 @@ class NsStore:
             self._doomed_added = trio.Event()
             names, self._doomed = self._doomed, []
             await trio.to_thread.run_sync(nsholder.unbind_all, self.mnt.fileno(), names)
+            self.full = False  # (room for as many)
 
     def pending_unbinds(self) -> int:
         return len(self._doomed)
@@ -397,7 +395,7 @@ class NsStore:
             if fd is not None:
                 return fd
             if key in self.fresh:
-                return self.fresh[key][1]
+                return self.fresh[key].fd
         fd = self.cache.get(key)
         if fd is not None:
             self.cache.move_to_end(key)
@@ -449,7 +447,7 @@ class NsStore:
                 log.warning("container %d: stray entry %s -> %s ignored", cid, name, target)
                 continue
             if key not in self.by_fd and key not in self.fresh:
-                if nsholder.exists(bound, dirfd):
+                if nsholder.bound_at(bound, key[1], dirfd):
                     self.names[key] = bound
                 else:  # not bound yet: the keeper's copy, if it is that namespace
                     fd = fresh.pop(name, -1)
@@ -458,7 +456,7 @@ class NsStore:
                             os.close(fd)
                         log.warning("container %d: its %s namespace was lost", cid, name)
                         continue
-                    self.fresh[key] = (bound, fd)
+                    self.fresh[key] = Fresh(bound, fd, time.monotonic())
                     self._fresh_added.set()
             ns.ids[name] = key[1]
             self.refs[key] += 1

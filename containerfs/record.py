@@ -12,7 +12,7 @@ from syscalls.constants import CONTAINER_NEW_EMPTY_FS_NS
 from syscalls.fd import Fd
 from syscalls.nstypes import FLAG_NAMESPACES
 
-from .nsstore import ContainerNs
+from .containerns import ContainerNs
 from .states import State
 
 

@@ -25,7 +25,8 @@ from syscalls.replies import ContainerStatus
 
 from .cgroups import CgroupTree
 from .fdstore import FdStore
-from .nsstore import ContainerNs, NsStore
+from .containerns import ContainerNs
+from .nsstore import NsStore
 from .process import Peer
 from .record import Container, requested_namespaces
 from .states import State
@@ -210,7 +211,11 @@ class Registry:
         copies of them go."""
         for cid in ids:
             c = self.containers.get(cid)
-            if c is not None and c.state != State.DEAD:
+            if c is None or c.state == State.DEAD:
+                continue
+            if self.ns.has_fresh(c.ns):  # (its entry has what it must: kept as it is)
+                self.ns.kept_fresh.add(cid)
+            else:
                 self.keep(c)
 
     def save_later(self, row: dict[str, Any], new_pipe: bool = False, soon: bool = False) -> None:

@@ -265,6 +265,42 @@ def test_running_out_of_fds_does_not_end_the_service(small_service: ServiceUnder
     still_serves()
 
 
+def test_fresh_namespaces_at_the_fd_limit_do_not_end_the_service(
+        small_service: ServiceUnderTest) -> None:
+    """Root's creates may use the service's fds to the last (fresh namespaces are held by
+    fd until bound, nsstore.BIND_DELAY): binding them then needs fds too, and must wait for
+    some, not end the service. Once fds are free again they are bound."""
+    flags = (S.CONTAINER_NEW_FS_NS | S.CONTAINER_NEW_UTS_NS | S.CONTAINER_NEW_IPC_NS
+             | S.CONTAINER_NEW_NET_NS | S.CONTAINER_KILL_ON_CLOSE)
+    handles: list[int] = []
+    try:
+        for _ in range(200):  # far past what 200 fds hold: creates meet EMFILE
+            try:
+                handles.append(S.container_create("full", flags))
+            except OSError as e:
+                assert e.errno in (errno.EMFILE, errno.EAGAIN), e
+                break
+        else:
+            raise AssertionError("no fd limit reached")
+        time.sleep(1)  # nsstore.BIND_DELAY (0.1 s) and more
+        assert small_service.alive(), small_service.log.read_text()[-3000:]
+    finally:
+        for fd in handles[len(handles) // 2:]:
+            os.close(fd)
+        del handles[len(handles) // 2:]
+    try:
+        time.sleep(0.5)
+        still_serves()
+        from .test_scale import holder
+        deadline = time.monotonic() + 5  # what is left is bound in the end
+        while holder(small_service)[1] < 1 + 4 * len(handles) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert holder(small_service)[1] >= 1 + 4 * len(handles)
+    finally:
+        for fd in handles:
+            os.close(fd)
+
+
 def test_users_leave_fds_for_root(small_service: ServiceUnderTest) -> None:
     """Another user's flood stops short of the fds root's requests need."""
     flooder = subprocess.Popen(
