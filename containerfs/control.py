@@ -74,6 +74,8 @@ class Connection:
         self.keep_key = keep_key
         # The forked process's seccomp listener was taken: a connection hands over one.
         self.listener_taken = False
+        # (container id, Forks.plan_key) of the fork plan create sent on this connection.
+        self.plan_made: tuple[int, tuple[object, ...]] | None = None
 
     async def run(self) -> None:
         try:
@@ -230,6 +232,7 @@ class Connection:
             log.warning("container %d: no plan of its first fork: %s", c.id, e)
             plan = None
         if plan is not None:
+            self.plan_made = (c.id, svc.forks.plan_key(self.peer, c, "init"))
             return Created(c.id, plan=plan[0]), [rfd, *plan[1]]
         return Created(c.id), [rfd]
 
@@ -239,7 +242,8 @@ class Connection:
             # One fork per connection: the keeper's record of it names that fork.
             raise protocol.ProtocolError("a connection forks once")
         c = await self._container(fds[0])
-        reply, ns_fds = await svc.forks.begin(self.peer, c)
+        reply, ns_fds = await svc.forks.begin(self.peer, c,
+                                              self.plan_made if req.planned else None)
         self.forking = (c, reply.role)
         self.fork_container = c
         if req.keep:

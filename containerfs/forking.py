@@ -58,8 +58,12 @@ class Forks:
 
     # ---- granting a fork ----------------------------------------------------------------
 
-    async def begin(self, peer: Peer, c: Container) -> tuple[ForkGrant, list[int]]:
-        """Check a fork and return what the intermediate must enter: (reply, fds it names)."""
+    async def begin(self, peer: Peer, c: Container,
+                    planned: tuple[int, tuple[object, ...]] | None = None
+                    ) -> tuple[ForkGrant, list[int]]:
+        """Check a fork and return what the intermediate must enter: (reply, fds it names).
+        `planned`: (container id, plan_key) of the plan its caller holds: if that plan still
+        holds, the reply says so (as_planned) and carries no fds."""
         self.policy.owner(peer, c, "fork into")
         # Its filter compiled (once, off the event loop) before the state is looked at: no
         # await comes between that look and the fork's grant.
@@ -76,7 +80,11 @@ class Forks:
         if "root" not in c.ns:
             raise OSError(errno.ENOENT, f"container {c.id} has no root filesystem yet")
         role = "init" if c.state == State.CREATED else "member"
-        reply, fds = self._plan(peer, c, role)
+        fds: list[int] = []
+        if planned is not None and planned == (c.id, self.plan_key(peer, c, role)):
+            reply = ForkGrant(role=role, fds=[], id=c.id, as_planned=True)
+        else:
+            reply, fds = self._plan(peer, c, role)
         if peer.uid != 0:
             # Others may not place a process with CLONE_INTO_CGROUP; move the intermediate
             # itself, before it makes the child, and back out once the child is reported
@@ -109,6 +117,13 @@ class Forks:
         if peer.uid != 0 or "root" not in c.ns or "user" in c.new_ns or c.seccomp is not None:
             return None  # (a fresh container has no profile yet: the plan is made at create)
         return self._plan(peer, c, "init")
+
+    def plan_key(self, peer: Peer, c: Container, role: str) -> tuple[object, ...]:
+        """Everything _plan reads, with no fd opened: equal keys, equal plans (the files of
+        its fds included: the namespaces by inode, the groups by path)."""
+        return (role, peer.uid, c.flags, c.new_ns, tuple(sorted(c.ns.ids.items())), c.ns.root,
+                repr(c.proc_paths) if role == "init" else "", repr(self.keyrings.fork_info(c)),
+                c.caps, self.confiner.program(c), self.reg.cgroups.v1_groups(c.id))
 
     def _plan(self, peer: Peer, c: Container, role: str) -> tuple[ForkGrant, list[int]]:
         """What a fork in `role` enters, in order: (reply, the fds it names). No side effect

@@ -290,6 +290,11 @@ class ResourceGroups(LimitFiles):
             return None
         return os.open(self._members_dir(cid), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
 
+    def v1_groups(self, cid: int) -> tuple[str, ...]:
+        """The v1 groups open_procs opens, as paths (nothing opened)."""
+        rel = self._group(cid)
+        return tuple(os.path.join(base, rel) for base in self._v1_bases(cid))
+
     def open_procs(self, cid: int) -> list[int]:
         """Write fds of each v1 group's cgroup.procs: a process writing "0" to each joins the
         groups itself, before it runs anything else. Only for root callers: v1 checks a

@@ -243,17 +243,18 @@ def _fork_ahead(handle: int, plan: forkplans.Plan, setup: Setup | None = None) -
         raise
 
 
-def send_planned_fork(conn: Connection, handle: int) -> Connection:
-    """Send Fork(keep=1) for `handle` on a plan's connection (the create's); the connection
-    it went on. A service gone since (restarted) read nothing of it: the one that answers
-    now is asked on a new connection. Closes what it fails on."""
+def send_planned_fork(conn: Connection, handle: int, planned: bool = False) -> Connection:
+    """Send Fork(keep=1, planned) for `handle` on a plan's connection (the create's); the
+    connection it went on. A service gone since (restarted) read nothing of it: the one that
+    answers now is asked on a new connection. Closes what it fails on."""
+    req = protocol.Fork(keep=1, planned=int(planned))
     try:
         try:
-            conn.send(protocol.Fork(keep=1), [handle])
+            conn.send(req, [handle])
         except (BrokenPipeError, ConnectionResetError):
             conn.close()
             conn = Connection()
-            conn.send(protocol.Fork(keep=1), [handle])
+            conn.send(req, [handle])
     except BaseException:
         conn.close()
         raise

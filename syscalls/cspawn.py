@@ -12,7 +12,7 @@ import importlib
 import os
 import signal
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from . import forkplans, linux, protocol, replies, spawnsteps
@@ -106,13 +106,13 @@ def container_spawn(fd: int, path: str | bytes, argv: Sequence[str | bytes],
     bargv = [_fsencode(a) for a in argv]
     envmap = os.environb if env is None else {_fsencode(k): _fsencode(v) for k, v in env.items()}
     envp = [k + b"=" + v for k, v in envmap.items()]
-    conn, reply, fds = _ask(fd)
-    procs = -1
-    try:
-        if not spawnsteps.eligible(reply, fds):
-            conn.send(protocol.ForkFailed(errno=errno.EAGAIN))
-            raise OSError(errno.EAGAIN, "container_spawn: this process must be made by "
-                                        "fork_into_container (its procs, or its user namespace)")
+    cwdb = None if cwd is None else _fsencode(cwd)
+
+    def steps_for(reply: replies.ForkGrant, fds: list[int], conn: Connection
+                  ) -> tuple[list[Step], int, int]:
+        """The steps of a grant, the cgroup2 group to be born in (or -1) and the fd of a
+        cgroup.procs the child writes (or -1; the caller closes it)."""
+        procs = -1
         cgroup = fds[reply.fds.index("cgroup")] if "cgroup" in reply.fds else -1
         if cgroup >= 0 and not _load().lib.cfs_into_cgroup():
             # Joined by a write after the clone (where clone3 is not wrapped: not x86-64).
@@ -121,10 +121,21 @@ def container_spawn(fd: int, path: str | bytes, argv: Sequence[str | bytes],
         steps = spawnsteps.entry_steps(reply, fds, conn.sock.fileno(), procs)
         steps += spawnsteps.caller_steps(
             bpath, envmap.get(b"PATH"), file_actions=file_actions, pass_fds=pass_fds,
-            close_fds=close_fds, setsid=setsid, ctty=ctty, user=user,
-            cwd=None if cwd is None else _fsencode(cwd), sigdef=setsigdef, sigmask=setsigmask,
-            in_userns=spawnsteps.enters_userns(reply, fds))
-        return _make(conn, reply, fds, steps, bpath, bargv, envp, cgroup)
+            close_fds=close_fds, setsid=setsid, ctty=ctty, user=user, cwd=cwdb,
+            sigdef=setsigdef, sigmask=setsigmask, in_userns=spawnsteps.enters_userns(reply, fds))
+        return steps, cgroup, procs
+
+    conn, reply, fds, made = _ask(fd, steps_for)
+    procs = made[2] if made is not None else -1
+    try:
+        if not spawnsteps.eligible(reply, fds):
+            conn.send(protocol.ForkFailed(errno=errno.EAGAIN))
+            raise OSError(errno.EAGAIN, "container_spawn: this process must be made by "
+                                        "fork_into_container (its procs, or its user namespace)")
+        if made is None:
+            made = steps_for(reply, fds, conn)
+            procs = made[2]
+        return _make(conn, reply, fds, made[0], bpath, bargv, envp, made[1])
     finally:
         if procs >= 0:
             os.close(procs)
@@ -132,13 +143,26 @@ def container_spawn(fd: int, path: str | bytes, argv: Sequence[str | bytes],
         forkplans.close_fds(fds)
 
 
-def _ask(handle: int) -> tuple[Connection, replies.ForkGrant, list[int]]:
-    """The Fork grant, on the create's own connection when this process keeps a plan of its
-    first fork (saves a connect), else on a new one."""
+Made = tuple[list[Step], int, int]
+
+
+def _ask(handle: int, steps_for: Callable[[replies.ForkGrant, list[int], Connection], Made]
+         ) -> tuple[Connection, replies.ForkGrant, list[int], Made | None]:
+    """The Fork grant: (connection, grant, its fds, its steps if made already). On the
+    create's own connection when this process keeps a plan of its first fork (saves a
+    connect): the steps of the plan are made while the request travels, and used if the
+    service answers that the plan holds (then the plan's fds are the grant's)."""
     plan = plans.take(handle) if _single_threaded() else None
+    made: Made | None = None
     if plan is not None:
-        forkplans.close_fds(plan.fds)  # nothing is entered here: the grant's fds are used
-        conn = send_planned_fork(plan.conn, handle)
+        conn = send_planned_fork(plan.conn, handle, planned=True)
+        try:
+            if spawnsteps.eligible(plan.reply, plan.fds):
+                made = steps_for(plan.reply, plan.fds, conn)
+        except BaseException:
+            conn.close()
+            forkplans.close_fds(plan.fds)
+            raise
     else:
         conn = Connection()
         try:
@@ -151,10 +175,25 @@ def _ask(handle: int) -> tuple[Connection, replies.ForkGrant, list[int]]:
             reply, fds = conn.receive(replies.ForkGrant)
         except OSError as e:  # the service refused the fork (ECANCELED: dead...)
             raise OSError(e.errno, f"fork_into_container: {e.strerror}") from None
+        if reply.as_planned:
+            if plan is None or fds:
+                forkplans.close_fds(fds)
+                raise OSError(errno.EPROTO, "the containerfs service answered a fork with a "
+                                            "plan it never sent")
+            return conn, plan.reply, plan.fds, made
     except BaseException:
         conn.close()
+        if made is not None and made[2] >= 0:
+            os.close(made[2])
+        if plan is not None:
+            forkplans.close_fds(plan.fds)
         raise
-    return conn, reply, fds
+    # Another grant than the plan: nothing of the plan is used.
+    if made is not None and made[2] >= 0:
+        os.close(made[2])
+    if plan is not None:
+        forkplans.close_fds(plan.fds)
+    return conn, reply, fds, None
 
 
 def _make(conn: Connection, reply: replies.ForkGrant, fds: list[int], steps: list[Step],

@@ -48,6 +48,9 @@ class ForkGrant(Reply):
     caps: int | None = None
     seccomp: str = ""
     seccomp_flags: int = 0
+    # The plan create sent holds, fds and all (Fork.planned): then nothing else is filled in
+    # and no fds come.
+    as_planned: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

@@ -279,3 +279,82 @@ def test_a_process_reported_after_its_container_died_is_killed(service: Any) -> 
         if os.path.isdir(ice):
             os.rmdir(ice)
         os.close(cfd)
+
+
+def _create_with_plan(name: str) -> tuple[client.Connection, int, list[int]]:
+    """container_create by hand on a connection of our own, asking for a plan: (the
+    connection, the handle, the plan's fds)."""
+    conn = client.Connection()
+    reply, fds = conn.call(protocol.Create(name=name, flags=FLAGS, plan=1))
+    assert reply.plan is not None and len(fds) == 1 + len(reply.plan.fds)
+    return conn, fds[0], fds[1:]
+
+
+def test_a_plan_that_holds_is_confirmed_without_fds(service: Any) -> None:
+    """Fork(planned) on the create's connection: nothing changed since, so the service
+    answers "as planned" and sends no fds (the caller enters the plan's)."""
+    conn, cfd, plan_fds = _create_with_plan("planned")
+    try:
+        reply, fds = conn.call(protocol.Fork(keep=1, planned=1), [cfd])
+        assert reply.as_planned and fds == [] and reply.role == "init"
+        conn.send(protocol.ForkFailed(errno=errno.EAGAIN))  # nothing made: back to created
+        time.sleep(0.1)
+        assert syscalls.container_status(cfd)["state"] == "created"
+    finally:
+        for fd in plan_fds + [cfd]:
+            os.close(fd)
+        conn.close()
+
+
+@pytest.mark.parametrize("change", ["caps", "seccomp", "kill"])
+def test_a_plan_gone_stale_is_never_confirmed(service: Any, change: str) -> None:
+    """Whatever changes between create and the fork (confinement set from elsewhere, a
+    kill) gets a full grant, or the error: never "as planned" with a stale plan (a process
+    would run unconfined)."""
+    conn, cfd, plan_fds = _create_with_plan("stale")
+    try:
+        if change == "caps":
+            syscalls.container_set_caps(cfd, 1 << 0)
+        elif change == "seccomp":
+            syscalls.container_set_seccomp(cfd, '{"defaultAction": "SCMP_ACT_ALLOW"}')
+        else:
+            syscalls.container_kill(cfd)
+            assert hung_up(cfd, 5)
+        if change == "kill":
+            with pytest.raises(OSError) as e:
+                conn.call(protocol.Fork(keep=1, planned=1), [cfd])
+            assert e.value.errno == errno.ECANCELED
+            return
+        reply, fds = conn.call(protocol.Fork(keep=1, planned=1), [cfd])
+        try:
+            assert not reply.as_planned and len(fds) == len(reply.fds) > 0
+            if change == "caps":
+                assert reply.caps == 1
+            else:
+                assert reply.seccomp
+        finally:
+            for fd in fds:
+                os.close(fd)
+        conn.send(protocol.ForkFailed(errno=errno.EAGAIN))
+    finally:
+        for fd in plan_fds + [cfd]:
+            os.close(fd)
+        conn.close()
+
+
+def test_container_spawn_after_confinement_set_is_confined(service: Any) -> None:
+    """The compiled spawn path, whose plan came with create: capabilities set after create
+    (the plan is then stale) confine the process it makes."""
+    cfd = syscalls.container_create("spawned", FLAGS)
+    try:
+        syscalls.container_set_caps(cfd, 1 << 0)
+        r, w = os.pipe()
+        pid = syscalls.container_spawn(
+            cfd, "/bin/sh", ["/bin/sh", "-c", "grep CapEff /proc/self/status >&3"],
+            file_actions=[(os.POSIX_SPAWN_DUP2, w, 3)], pass_fds=[3])
+        os.close(w)
+        assert child_result(pid) == 0
+        assert int(os.read(r, 100).split()[1], 16) == 1
+        os.close(r)
+    finally:
+        os.close(cfd)
