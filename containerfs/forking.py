@@ -206,7 +206,7 @@ class Forks:
             # of it is believed (anyone else could pass off some other dead process as init
             # and choose the container's exit status).
             if not placed:
-                if pidfd_pid(pidfd) > 0 or reported_pid <= 0:
+                if pidfd_pid(pidfd, checked=True) > 0 or reported_pid <= 0:
                     raise OSError(errno.EINVAL,
                                   "reported process is not in the container's cgroup")
                 pid = reported_pid

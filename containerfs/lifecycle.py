@@ -204,11 +204,12 @@ class Lifecycle:
             status = linux.pidfd_exit_status(c.init_pidfd.fileno())
             if status is not None:  # already reaped (Linux 6.15+ keeps it on the pidfd)
                 return status
-            pid = pidfd_pid(c.init_pidfd.fileno())
+            pidfd = c.init_pidfd.fileno()
+            pid = pidfd_pid(pidfd, checked=True)
             fields = stat_fields(pid) if pid > 0 else None
             # Still a zombie: field 52 holds the status. The pid was init's all along if
             # init is still unreaped after the look (a pid is reused only once reaped).
-            if fields and fields[0] == "Z" and pidfd_pid(c.init_pidfd.fileno()) == pid:
+            if fields and fields[0] == "Z" and pidfd_pid(pidfd, checked=True) == pid:
                 return int(fields[49])
             await trio.sleep(0.001)
         log.warning("container %d: could not read init's exit status", c.id)

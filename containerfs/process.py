@@ -35,7 +35,7 @@ class Peer:
     def present(self) -> bool:
         """Whether the process that connected is not reaped yet: only then is `pid` its own
         (a pid number is given to another process only once the old one is reaped)."""
-        return not self.pidfd.closed and pidfd_pid(self.pidfd.fileno()) > 0
+        return not self.pidfd.closed and pidfd_pid(self.pidfd.fileno(), checked=True) > 0
 
     def at_pid(self, act: Callable[[int], T], undo: Callable[[T], None] | None = None) -> T:
         """`act(pid)`, proven to have met the process that connected: present before and
@@ -64,12 +64,13 @@ def stat_fields(pid: int) -> list[str] | None:
     return data[data.rindex(b")") + 2:].decode().split()
 
 
-def pidfd_pid(pidfd: int) -> int:
+def pidfd_pid(pidfd: int, checked: bool = False) -> int:
     """The pid (in the service's namespace) of the process `pidfd` refers to, -1 once reaped.
 
     EINVAL for an fd that is not a pidfd (checked first: an ioctl is never tried on a file a
-    client passed that may give it another meaning)."""
-    if not linux.is_pidfd(pidfd):
+    client passed that may give it another meaning); `checked`: it is known to be one (the
+    kernel's SO_PEERPIDFD, ours, or a client's checked before), so it is not looked at."""
+    if not checked and not linux.is_pidfd(pidfd):
         raise OSError(errno.EINVAL, "not a pidfd")
     info = linux.pidfd_info(pidfd)
     if info is not None:
@@ -92,7 +93,8 @@ def pid_namespace(pidfd: int, pid: int) -> int:
         if e.errno not in (errno.ENOTTY, errno.ESRCH):
             raise
     fd = os.open(f"/proc/{pid}/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
-    if pidfd_pid(pidfd) != pid:  # reaped meanwhile: that pid may be another's now
+    # (`pidfd` is checked by then: a report's is, Forks.finish)
+    if pidfd_pid(pidfd, checked=True) != pid:  # reaped meanwhile: that pid may be another's now
         os.close(fd)
         raise ProcessLookupError(errno.ESRCH, "process reaped")
     return fd

@@ -348,7 +348,8 @@ class ResourceGroups(LimitFiles):
             raise
 
     def _check_alive(self, pidfd: int, pid: int) -> None:
-        if pidfd_pid(pidfd) != pid:
+        # (a peer's pidfd, one of ours, or a report's checked when it came: Forks.finish)
+        if pidfd_pid(pidfd, checked=True) != pid:
             raise ProcessLookupError(errno.ESRCH, f"process {pid} has exited")
 
     def procs(self, cid: int) -> list[int]:

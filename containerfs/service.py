@@ -141,7 +141,7 @@ class Service:
         if init_pidfd >= 0:
             c.init_pidfd = Fd(init_pidfd)
             c.state = State.RUNNING
-            pid = pidfd_pid(init_pidfd)
+            pid = pidfd_pid(init_pidfd, checked=True)  # (ours, kept by the keeper)
             if pid > 0:  # the row's init_pid may not have been written before a crash
                 c.init_pid = pid
             self.life.watch_init(c)
