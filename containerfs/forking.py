@@ -26,7 +26,7 @@ from .confining import Confiner
 from .keyring.service import KeyringService
 from .lifecycle import Lifecycle
 from .policy import Policy
-from .process import Peer, pid_namespace, pidfd_pid
+from .process import Peer, pid_namespace, pidfd_exited, pidfd_pid
 from .record import Container
 from .registry import Registry
 from .resources import Origin
@@ -235,7 +235,9 @@ class Forks:
             os.close(pidfd)
             return pid
         c.init_pid, c.init_pidfd = pid, Fd(pidfd)
-        if c.flags & CONTAINER_NEW_PID_NS and placed:
+        # (An init that has exited already, as a short command's has by its report, makes
+        # the container dead at once: nobody will join its PID namespace.)
+        if c.flags & CONTAINER_NEW_PID_NS and placed and not pidfd_exited(pidfd):
             try:
                 c.ns.put("pid", pid_namespace(pidfd, pid))
             except (FileNotFoundError, ProcessLookupError):
@@ -290,3 +292,4 @@ class Forks:
         """(keeper key, socket fd, container, role) of each fork to read on; once."""
         out, self._pending = self._pending, []
         return out
+

@@ -10,7 +10,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import select
 import signal
 from collections.abc import Callable
 
@@ -23,7 +22,7 @@ from syscalls.fd import Fd
 from . import namespaces
 from .keyring.service import KeyringService
 from .containerns import ContainerNs
-from .process import Peer, pidfd_pid, stat_fields
+from .process import Peer, pidfd_exited, pidfd_pid, stat_fields
 from .record import Container, requested_namespaces
 from .registry import Registry
 from .policy import Policy
@@ -180,9 +179,7 @@ class Lifecycle:
         """Whether init has exited though its death may not have been dealt with yet."""
         if c.state != State.RUNNING or c.init_pidfd.closed:
             return False
-        poller = select.poll()  # any fd number (select() stops at 1024)
-        poller.register(c.init_pidfd, select.POLLIN)
-        return bool(poller.poll(0))
+        return pidfd_exited(c.init_pidfd.fileno())
 
     async def init_exited(self, c: Container) -> None:
         """Deal with init's exit once, whoever notices it first: the watcher, or a request

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import select
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -80,6 +81,14 @@ def pidfd_pid(pidfd: int, checked: bool = False) -> int:
             if line.startswith("Pid:"):
                 return int(line.split()[1])
     raise OSError(errno.EINVAL, "not a pidfd")
+
+
+def pidfd_exited(pidfd: int) -> bool:
+    """Whether the process behind `pidfd` has exited (a pidfd polls readable then; any fd
+    number: select() stops at 1024)."""
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 def pid_namespace(pidfd: int, pid: int) -> int:
