@@ -88,6 +88,23 @@ def holder(service: Any) -> tuple[list[str], int]:
     return in_holder(service, lambda lines: (sorted(os.listdir("/")), len(lines)))
 
 
+def own_namespaces(init: int, netns: int) -> None:
+    """Init's UTS, IPC, mount and network namespaces are not ours; the network one `netns`."""
+    for t in ("uts", "ipc", "mnt", "net"):
+        assert os.stat(f"/proc/{init}/ns/{t}").st_ino != os.stat(f"/proc/self/ns/{t}").st_ino
+    assert os.stat(f"/proc/{init}/ns/net").st_ino == netns
+
+
+def member_after_crash(service: Any, cfd: int, hostname: str) -> None:
+    """After a kill -9 of the service, a member forked into `cfd` joins init's namespaces
+    (its UTS namespace named `hostname`, its PID namespace: pid 2)."""
+    restart(service, hard=True)
+    pid = S.fork_into_container(cfd)
+    if pid == 0:
+        os._exit(0 if socket.gethostname() == hostname and os.getpid() == 2 else 1)
+    assert child_result(pid) == 0
+
+
 def host_mounts() -> list[str]:
     """The host's mounts a namespace holder could leak: nsfs binds and its tmpfs (others
     come and go with what else runs on the machine)."""
@@ -170,16 +187,10 @@ def test_a_container_s_namespaces_work_after_kill_9(service: Any) -> None:
         os.close(done_r)
         got = json.loads(os.read(r, 4096))
         assert got == {"pid": 1, "file": "made after the restart", "mnt": True}
-        for t in ("uts", "ipc", "mnt", "net"):
-            assert os.stat(f"/proc/{init}/ns/{t}").st_ino != os.stat(f"/proc/self/ns/{t}").st_ino
-        assert os.stat(f"/proc/{init}/ns/net").st_ino == netns
+        own_namespaces(init, netns)
         # Once more after another crash: a member joins init's namespaces (its PID
         # namespace, bound when init was born, included).
-        restart(service, hard=True)
-        pid = S.fork_into_container(cfd)
-        if pid == 0:
-            os._exit(0 if socket.gethostname() == "held" and os.getpid() == 2 else 1)
-        assert child_result(pid) == 0
+        member_after_crash(service, cfd, "held")
         os.close(done_w)
         assert child_result(init) == 0
         assert hung_up(cfd, 5)
@@ -338,15 +349,9 @@ def test_fresh_namespaces_survive_kill_9(service: Any, monkeypatch: Any) -> None
             os._exit(0)
         os.close(done_r)
         done_r = -1
-        for t in ("uts", "ipc", "mnt", "net"):
-            assert os.stat(f"/proc/{init}/ns/{t}").st_ino != os.stat(f"/proc/self/ns/{t}").st_ino
-        assert os.stat(f"/proc/{init}/ns/net").st_ino == netns
+        own_namespaces(init, netns)
         assert holder(service)[1] == 1, "bound before BIND_DELAY"
-        restart(service, hard=True)
-        pid = S.fork_into_container(cfd)
-        if pid == 0:
-            os._exit(0 if socket.gethostname() == "fresh" and os.getpid() == 2 else 1)
-        assert child_result(pid) == 0
+        member_after_crash(service, cfd, "fresh")
         os.close(done_w)
         done_w = -1
         assert child_result(init) == 0
