@@ -224,7 +224,9 @@ class Forks:
                 try:
                     # Into the container's groups made since its fork was granted (a first
                     # cpu limit meanwhile, containerfs.lazygroups); a no-op without any.
-                    self.reg.cgroups.complete(c.id, pidfd, pid)
+                    owed = self.reg.cgroups.complete(c.id, pidfd, pid)
+                    if owed:  # (its children, if it made any already: off the event loop)
+                        self.reg.nursery.start_soon(self._sweep_owed, c.id, owed)
                 except ProcessLookupError:
                     pass  # exited meanwhile: nothing to limit
         except BaseException:
@@ -252,6 +254,12 @@ class Forks:
         if c.kill_pending:
             self.life.kill(c)
         return pid
+
+    async def _sweep_owed(self, cid: int, bases: list[str]) -> None:
+        try:
+            await trio.to_thread.run_sync(self.reg.cgroups.sweep_owed, cid, bases)
+        except Exception:  # (a restarted service settles it: settle_adopted)
+            log.exception("container %d: its processes not all moved into its groups", cid)
 
     def return_intermediate(self, peer: Peer) -> None:
         """Move a non-root caller's intermediate back to its own cgroup after a fork."""

@@ -241,14 +241,15 @@ class LazyGroups(CgroupFS):
                 if x in among]
 
     # --- a fork granted before ----------------------------------------------------------
-    def complete(self, cid: int, pidfd: int, pid: int) -> None:
+    def complete(self, cid: int, pidfd: int, pid: int) -> list[str]:
         """A new process of container `cid` was reported: if the container has lazy groups,
         make sure the process is in them (a fork granted before a group was made was not lent
-        it), sweeping the container if it is not (its children may have been missed too).
-        ESRCH if it was reaped meanwhile."""
+        it). Returns the lazy hierarchies where it was not: the container is owed a sweep
+        there (sweep_owed: its children may have been missed too), which can take a frozen
+        pass of 50 ms, so not here on the event loop. ESRCH if it was reaped meanwhile."""
         has = self._lazy_of(cid)
         if not has:
-            return
+            return []
         rel = self._group(cid)
         want = [os.path.join(b, rel) for b in has]
         try:
@@ -256,9 +257,16 @@ class LazyGroups(CgroupFS):
         except FileNotFoundError:  # (its /proc entry: reaped)
             raise ProcessLookupError(errno.ESRCH, f"process {pid} was reaped") from None
         self._check_alive(pidfd, pid)  # the groups read were that process's
-        for base in has:
-            d = os.path.join(base, rel)
-            if now[d] != d:
+        owed = [base for base in has if now[os.path.join(base, rel)] != os.path.join(base, rel)]
+        if owed:
+            self._move(pidfd, pid, {os.path.join(b, rel): now[os.path.join(b, rel)]
+                                    for b in owed})
+        return owed
+
+    def sweep_owed(self, cid: int, bases: list[str]) -> None:
+        """The sweep complete() found owed (blocking: run it in a thread)."""
+        with self._lock:
+            for base in bases:
                 self._sweep([cid], base)
 
     def lazy_return(self, cid: int, lazy: dict[str, str]) -> dict[str, str]:

@@ -383,3 +383,32 @@ def test_complete_of_a_process_reaped_meanwhile_is_esrch(groups: ResourceGroups,
     with pytest.raises(ProcessLookupError):
         groups.complete(2, child.pidfd, pid)
     assert groups.remove(2) == []
+
+
+def test_complete_moves_the_process_and_owes_the_sweep(groups: ResourceGroups,  # noqa: F811
+                                                        children: Callable[..., Child]  # noqa: F811
+                                                        ) -> None:
+    """A process reported into a container whose cpu group was made after its fork was
+    granted: complete() moves it at once and says which hierarchy the container is owed a
+    sweep in; sweep_owed (in a worker thread, never on the event loop: a sweep may freeze
+    the container for 50 ms) moves the others that sit outside, its children say."""
+    groups.create(2)
+    groups.set_limit(2, "cpu.max", LIMIT)  # the cpu group exists from now on
+    assert groups.v2_base is not None
+    v2_procs = os.path.join(groups.v2_base, groups._group(2), "cgroup.procs")
+    reported, other = children(busy), children(busy)
+    for child in (reported, other):  # in the container, as a fork granted before would be
+        with open(v2_procs, "w") as f:
+            f.write(str(child.pid))
+        assert not cgroups_of(child.pid)["cpu"].endswith("/c2")
+    owed = groups.complete(2, reported.pidfd, reported.pid)
+    assert owed == [groups._v1["cpu"]]
+    assert cgroups_of(reported.pid)["cpu"].endswith("/c2")
+    assert not cgroups_of(other.pid)["cpu"].endswith("/c2")  # the sweep's, not complete's
+    groups.sweep_owed(2, owed)
+    assert cgroups_of(other.pid)["cpu"].endswith("/c2")
+    assert groups.complete(2, other.pidfd, other.pid) == []  # nothing owed once in
+    groups.kill(2)
+    for child in (reported, other):
+        child.wait()
+    assert groups.remove(2) == []
