@@ -19,7 +19,8 @@ The rules (docs/resources.md, "Groups made when needed"):
   until one moves nothing (a process forked by one not yet moved is caught by the next); if
   that does not settle, the tree is frozen through cgroup2 for a last pass.
 - A fork granted before the group existed was lent only the groups of that time: when it is
-  reported (`complete`), the new process is checked and the container swept again.
+  reported (`complete`), the new process is checked and moved in, and the container swept
+  again in a worker thread (`sweep_owed`).
 """
 
 from __future__ import annotations
