@@ -180,7 +180,15 @@ def key(name: str) -> tuple[str, int] | None:
     return (nstype, int(ino)) if ino.isdigit() else None
 
 
-def replace_link(target: str, path: str, dirfd: int) -> None:
+def replace_link(target: str, path: str, dirfd: int, new: bool = False) -> None:
+    """Make `path` a symlink to `target`, replacing one there; `new`: none is expected (then
+    one syscall, two only if one was there after all)."""
+    if new:
+        try:
+            os.symlink(target, path, dir_fd=dirfd)
+            return
+        except FileExistsError:
+            pass
     unlink(path, dirfd)
     os.symlink(target, path, dir_fd=dirfd)
 

@@ -209,7 +209,7 @@ class NsStore:
                 self.fresh[key] = Fresh(target, fd, time.monotonic())
                 self._fresh_added.set()
                 fd = -1
-            nsholder.replace_link(f"../{target}", f"{d}/{t}", self.dir.fileno())
+            nsholder.replace_link(f"../{target}", f"{d}/{t}", self.dir.fileno(), new=old is None)
             if fd >= 0:
                 if key in self.cache or key in self.by_fd or key in self.fresh:
                     os.close(fd)  # (the open one may be lent right now)
@@ -219,12 +219,12 @@ class NsStore:
                 self._unref((t, old))
         if root is not None:
             self._forget_root(ns.cid)
-            ns.root = DERIVED if derived else HELD
+            new_root, ns.root = ns.root is None, DERIVED if derived else HELD
             if derived:
                 self._cache(("root", ns.cid), root)
             else:
                 self.roots[ns.cid] = root
-            nsholder.replace_link(ns.root, f"{d}/root", self.dir.fileno())
+            nsholder.replace_link(ns.root, f"{d}/root", self.dir.fileno(), new=new_root)
 
     def _bind_name(self, key: tuple[str, int]) -> str:
         """A name no bind ever had (one being unmounted is never bound again)."""
