@@ -300,4 +300,3 @@ class Forks:
         """(keeper key, socket fd, container, role) of each fork to read on; once."""
         out, self._pending = self._pending, []
         return out
-

@@ -252,16 +252,15 @@ class LazyGroups(CgroupFS):
         if not has:
             return []
         rel = self._group(cid)
-        want = [os.path.join(b, rel) for b in has]
+        want = {b: os.path.join(b, rel) for b in has}
         try:
-            now = self.layout.groups_of(pid, want)
+            now = self.layout.groups_of(pid, list(want.values()))
         except FileNotFoundError:  # (its /proc entry: reaped)
             raise ProcessLookupError(errno.ESRCH, f"process {pid} was reaped") from None
         self._check_alive(pidfd, pid)  # the groups read were that process's
-        owed = [base for base in has if now[os.path.join(base, rel)] != os.path.join(base, rel)]
+        owed = [b for b, d in want.items() if now[d] != d]
         if owed:
-            self._move(pidfd, pid, {os.path.join(b, rel): now[os.path.join(b, rel)]
-                                    for b in owed})
+            self._move(pidfd, pid, {want[b]: now[want[b]] for b in owed})
         return owed
 
     def sweep_owed(self, cid: int, bases: list[str]) -> None:

@@ -258,6 +258,23 @@ class NamespacePool:
             fds.clear()
 
 
+def ns_root(mnt: int) -> int:
+    """The root of mount namespace `mnt` as setns(2) finds it (what a process that enters it
+    stands in), as an O_PATH fd."""
+    with nsexec.elsewhere(["mnt"]):
+        linux.setns(mnt, linux.CLONE_NEWNS)
+        return os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+
+
+def is_ns_root(root: int, mnt: int) -> bool:
+    """Whether `root` is ns_root(mnt): the same mount, device and inode."""
+    here = ns_root(mnt)
+    try:
+        return linux.same_place(here, root)
+    finally:
+        os.close(here)
+
+
 class MountCopies:
     """Copies of the service's own mount namespace made ahead of time, for root creators who
     stand in it (its namespace and its root): {"mnt", "root"} each, as make_in_thread gives.
@@ -276,13 +293,7 @@ class MountCopies:
                       "root": os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)}
         # Whether our root is our mount namespace's (we are not chrooted): then a copy's
         # root is the one setns(2) into the copy finds, and nobody need check it per copy.
-        with nsexec.elsewhere(["mnt"]):
-            linux.setns(self._ours["mnt"], linux.CLONE_NEWNS)
-            here = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            self.root_derived = linux.same_place(here, self._ours["root"])
-        finally:
-            os.close(here)
+        self.root_derived = is_ns_root(self._ours["root"], self._ours["mnt"])
 
     def _look(self) -> int:
         """The generation of our mount table: one more for each change seen since."""

@@ -79,39 +79,22 @@ def _next_id_on(cpu: int, cpus: list[int]) -> int | None:
         os.sched_setaffinity(0, cpus)
 
 
-def _place(fd: int) -> tuple[int, int, int]:
-    """Where an fd is: (mount id, device, inode): a root is the same only if all three are."""
-    st = os.fstat(fd)
-    return linux.mount_id(fd), st.st_dev, st.st_ino
-
-
 def mount_max_error() -> OSError:
     """What a create gets once the holder has as many mounts as fs.mount-max allows."""
     return OSError(errno.EAGAIN, "the service holds as many namespaces as fs.mount-max lets "
                    "one mount namespace have; remove containers first, or raise that sysctl")
 
 
-def bind(holder: int, items: list[tuple[str, int]],
-         check: tuple[int, int] | None) -> tuple[bool, set[int], int]:
+def bind(holder: int, items: list[tuple[str, int]]) -> tuple[set[int], int]:
     """Bind each namespace fd of `items` at its name in holder `holder`, in one trip of this
-    thread; return (with `check` = (root, mount namespace): whether that root is the one
-    setns(2) into that namespace finds; the indices of the items the kernel refused to bind
-    (ELOOP: a mount namespace not younger than the holder); how many items were tried: the
-    rest are not bound, fs.mount-max is reached). Any other error undoes the binds made and
-    is raised."""
-    derived = False
+    thread; return (the indices of the items the kernel refused to bind (ELOOP: a mount
+    namespace not younger than the holder), how many items were tried: the rest are not
+    bound, fs.mount-max is reached). Any other error undoes the binds made and is raised."""
     refused: set[int] = set()
     made: list[str] = []
+    if not items:
+        return refused, 0
     with nsexec.elsewhere(["mnt"]):
-        if check is not None:
-            linux.setns(check[1], linux.CLONE_NEWNS)
-            here = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-            try:
-                derived = _place(here) == _place(check[0])
-            finally:
-                os.close(here)
-        if not items:
-            return derived, refused, 0
         linux.setns(holder, linux.CLONE_NEWNS)
         try:
             for i, (name, fd) in enumerate(items):
@@ -120,7 +103,7 @@ def bind(holder: int, items: list[tuple[str, int]],
                     made.append(name)
                 except OSError as e:
                     if e.errno == errno.ENOSPC:  # (the binds made stay: they fitted)
-                        return derived, refused, i
+                        return refused, i
                     if e.errno != errno.ELOOP:
                         raise
                     refused.add(i)
@@ -128,15 +111,7 @@ def bind(holder: int, items: list[tuple[str, int]],
             for name in made:
                 _unbind_one(name)
             raise
-    return derived, refused, len(items)
-
-
-def derive_root(mnt: int) -> int:
-    """The root of mount namespace `mnt` as setns(2) finds it (what a process that enters it
-    stands in), as an O_PATH fd."""
-    with nsexec.elsewhere(["mnt"]):
-        linux.setns(mnt, linux.CLONE_NEWNS)
-        return os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    return refused, len(items)
 
 
 def unbind_all(holder: int, names: list[str]) -> None:

@@ -53,7 +53,7 @@ import trio
 from syscalls.fd import Fd
 from syscalls.nstypes import NAMES
 
-from . import nsholder
+from . import namespaces, nsholder
 from .containerns import ContainerNs
 from .fdstore import FdStore
 
@@ -137,9 +137,13 @@ class NsStore:
             if key in self.by_fd:  # (kept across a restart)
                 os.close(fd)
             else:
-                self.by_fd[key] = fd
-                self.fdstore.put(f"{HELD_PREFIX}{nstype}.{key[1]}", {"ns": fd})
+                self._hold_by_fd(key, fd)
             self.refs[key] += 1
+
+    def _hold_by_fd(self, key: tuple[str, int], fd: int) -> None:
+        """Hold namespace `key` by `fd` (taken), the keeper a copy (ns.<type>.<ino>)."""
+        self.by_fd[key] = fd
+        self.fdstore.put(f"{HELD_PREFIX}{key[0]}.{key[1]}", {"ns": fd})
 
     def _make_holder(self) -> None:
         mnt, root = nsholder.make_holder()
@@ -187,7 +191,7 @@ class NsStore:
             derived = bool(root_derived)
             if root is not None and root_derived is None:  # (the new one, or the one held)
                 mnt = fds["mnt"] if "mnt" in fds else self.lend(ns, "mnt")
-                derived = nsholder.bind(self.mnt.fileno(), [], (root, mnt))[0]
+                derived = namespaces.is_ns_root(root, mnt)
         except BaseException:
             for fd in [*fds.values(), *([root] if root is not None else [])]:
                 os.close(fd)
@@ -281,8 +285,8 @@ class NsStore:
         refused: set[int] = set()
         if batch:
             try:
-                _derived, refused, tried = await trio.to_thread.run_sync(
-                    nsholder.bind, self.mnt.fileno(), [(n, fd) for _k, n, fd in batch], None)
+                refused, tried = await trio.to_thread.run_sync(
+                    nsholder.bind, self.mnt.fileno(), [(n, fd) for _k, n, fd in batch])
             except OSError as e:
                 log.warning("namespaces not bound (%s); again in 1 s", e)
                 failed = True
@@ -301,8 +305,7 @@ class NsStore:
                 continue
             own = self.fresh.pop(key).fd
             if i in refused:  # (a mount namespace older than the holder)
-                self.by_fd[key] = own
-                self.fdstore.put(f"{HELD_PREFIX}{key[0]}.{key[1]}", {"ns": own})
+                self._hold_by_fd(key, own)
             else:
                 self.names[key] = name
                 self._cache(key, own)
@@ -401,7 +404,7 @@ class NsStore:
             self.cache.move_to_end(key)
             return fd
         if name == "root":
-            fd = nsholder.derive_root(self.lend(ns, "mnt"))
+            fd = namespaces.ns_root(self.lend(ns, "mnt"))
         else:
             fd = os.open(self.names[key], os.O_RDONLY | os.O_CLOEXEC, dir_fd=self.dir.fileno())
         self._cache(key, fd)

@@ -202,9 +202,11 @@ class Registry:
         # The row too, as it is now: its write may wait (save_later), a crash may not.
         row = c.row()
         data = encode_row(row)
-        if len(data) > KEEPER_ROW_MAX:  # (a long seccomp profile) written now instead
+        if len(data) <= KEEPER_ROW_MAX:
+            self.fdstore.put(f"c{c.id}", fds, data)
+        else:  # (a long seccomp profile) written now instead
             self.store.save(row)
-        self.fdstore.put(f"c{c.id}", fds, data if len(data) <= KEEPER_ROW_MAX else None)
+            self.fdstore.put(f"c{c.id}", fds)
 
     def _keep_again(self, ids: set[int]) -> None:
         """The namespaces of containers `ids` are bound now: their keeper entries let the

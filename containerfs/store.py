@@ -103,12 +103,8 @@ class Store:
     def save(self, row: dict[str, Any], new_pipe: bool = False) -> None:
         """Write `row` now, with every row saved for later, in one transaction. `new_pipe`:
         the row's handle is new, so a removed record still naming its pipe inode is stale."""
-        with self._transaction():
-            self._write_later()
-            if new_pipe:
-                self.db.execute("DELETE FROM containers WHERE pipe_dev=? AND pipe_ino=? "
-                                "AND removed=1", (row["pipe_dev"], row["pipe_ino"]))
-            self._write(row)
+        self.save_later(row, new_pipe)
+        self.flush()
 
     def save_later(self, row: dict[str, Any], new_pipe: bool = False) -> None:
         """Write `row` with the next write or flush() (`new_pipe` as for save): for what a

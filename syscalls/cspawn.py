@@ -154,6 +154,13 @@ def _ask(handle: int, steps_for: Callable[[replies.ForkGrant, list[int], Connect
     service answers that the plan holds (then the plan's fds are the grant's)."""
     plan = plans.take(handle) if _single_threaded() else None
     made: Made | None = None
+
+    def drop_plan() -> None:
+        if made is not None and made[2] >= 0:
+            os.close(made[2])
+        if plan is not None:
+            forkplans.close_fds(plan.fds)
+
     if plan is not None:
         conn = send_planned_fork(plan.conn, handle, planned=True)
         try:
@@ -161,7 +168,7 @@ def _ask(handle: int, steps_for: Callable[[replies.ForkGrant, list[int], Connect
                 made = steps_for(plan.reply, plan.fds, conn)
         except BaseException:
             conn.close()
-            forkplans.close_fds(plan.fds)
+            drop_plan()
             raise
     else:
         conn = Connection()
@@ -183,16 +190,9 @@ def _ask(handle: int, steps_for: Callable[[replies.ForkGrant, list[int], Connect
             return conn, plan.reply, plan.fds, made
     except BaseException:
         conn.close()
-        if made is not None and made[2] >= 0:
-            os.close(made[2])
-        if plan is not None:
-            forkplans.close_fds(plan.fds)
+        drop_plan()
         raise
-    # Another grant than the plan: nothing of the plan is used.
-    if made is not None and made[2] >= 0:
-        os.close(made[2])
-    if plan is not None:
-        forkplans.close_fds(plan.fds)
+    drop_plan()  # another grant than the plan: nothing of the plan is used
     return conn, reply, fds, None
 
 
