@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -171,3 +173,24 @@ class Runtime:
         for cid in self.ids:
             subprocess.run(self.argv("delete", "--force", cid), capture_output=True, timeout=30)
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+def read_pty(master: int, timeout: float, idle: float = 0.5,
+             stop: Callable[[], bool] = lambda: False) -> bytes:
+    """What a pty's master reads until its other side is gone (EIO or end of file), `timeout`
+    s have passed, or `stop()` says so after `idle` s with nothing to read."""
+    data = b""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not select.select([master], [], [], idle)[0]:
+            if stop():
+                break
+            continue
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # EIO: every slave end is closed
+            break
+        if not chunk:
+            break
+        data += chunk
+    return data

@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 import pty
 import re
-import select
 import shutil
 import signal
 import subprocess
@@ -517,22 +516,11 @@ def _through_pty(argv: list[str], send: bytes, timeout: float = CALL_TIMEOUT) ->
                                 start_new_session=True)
     finally:
         os.close(slave)
-    out = b""
     try:
         os.write(master, send)  # the line discipline keeps it until someone reads
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([master], [], [], 0.1)
-            if ready:
-                try:
-                    chunk = os.read(master, 4096)
-                except OSError:  # EIO: every slave end is closed
-                    break
-                if not chunk:
-                    break
-                out += chunk
-            elif proc.poll() is not None:
-                break
+        out = oci_support.read_pty(master, timeout, idle=0.1,
+                                   stop=lambda: proc.poll() is not None)
         code = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
     finally:
         if proc.poll() is None:

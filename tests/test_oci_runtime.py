@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import select
 import shutil
 import socket
 import subprocess
@@ -21,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from .oci_support import Runtime, busybox, default_config, runtime, runtime_is_ours
+from .oci_support import Runtime, busybox, default_config, read_pty, runtime, runtime_is_ours
 
 
 @pytest.fixture
@@ -150,19 +149,7 @@ def test_console_socket_terminal(rt: Runtime) -> None:
             assert os.isatty(master)
             assert rt.call("start", "tty").returncode == 0
             os.write(master, b"echo $((6*7)); tty; exit 5\n")
-            data = b""
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline:
-                if not select.select([master], [], [], 0.5)[0]:
-                    continue
-                try:
-                    chunk = os.read(master, 4096)
-                except OSError:  # EIO: the other side is gone
-                    break
-                if not chunk:
-                    break
-                data += chunk
-            text = data.decode(errors="replace")
+            text = read_pty(master, 10).decode(errors="replace")
             assert "42" in text and "/dev/pts/0" in text, text
         finally:
             os.close(master)
@@ -224,15 +211,7 @@ def test_exec_tty_console_socket_detached(rt: Runtime) -> None:
         listener.close()
     master = fds[0]
     try:
-        data = b""
-        while select.select([master], [], [], 5)[0]:
-            try:
-                chunk = os.read(master, 4096)
-            except OSError:
-                break
-            if not chunk:
-                break
-            data += chunk
+        data = read_pty(master, 60, idle=5, stop=lambda: True)
         assert b"/dev/pts/" in data, data
     finally:
         os.close(master)
