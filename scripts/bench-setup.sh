@@ -8,13 +8,5 @@ if [ "$(id -u)" != 0 ]; then
     echo "bench-setup: run as root" >&2
     exit 1
 fi
-need=()
-for pkg in bubblewrap lxc util-linux; do
-    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || need+=("$pkg")
-done
-if [ ${#need[@]} -gt 0 ]; then
-    echo "bench-setup: installing ${need[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
-fi
+. "$(dirname "${BASH_SOURCE[0]}")/apt-missing.sh"
+APT_OPTIONS=--no-install-recommends install_missing bench-setup bubblewrap lxc util-linux

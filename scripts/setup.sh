@@ -9,17 +9,9 @@ if [ "$(id -u)" != 0 ]; then
     exit 1
 fi
 
-need=()
-for pkg in python3 python3-venv keyutils util-linux fuse3 libfuse3-dev pkg-config gcc python3-dev libseccomp2 \
-           podman runc busybox-static file; do
-    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || need+=("$pkg")
-done
-if [ ${#need[@]} -gt 0 ]; then
-    echo "setup: installing ${need[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq "${need[@]}" >/dev/null
-fi
+. scripts/apt-missing.sh
+install_missing setup python3 python3-venv keyutils util-linux fuse3 libfuse3-dev pkg-config gcc \
+    python3-dev libseccomp2 podman runc busybox-static file
 
 # Debian's interpreter, not a per-user one: tests run parts of the suite as unprivileged
 # users, who must be able to execute the venv's python.
