@@ -27,6 +27,7 @@ import resource
 import socket
 import stat
 import struct
+from collections.abc import Iterator
 from typing import Any
 
 from syscalls import caps as capset
@@ -275,48 +276,47 @@ def make_devices(ins: Inside, b: Bundle) -> None:
         os.umask(old)
 
 
-def mask_paths(ins: Inside, masked: list[str]) -> None:
-    """A read-only empty tmpfs on each masked directory, /dev/null bound on each file."""
-    for p in masked:
-        try:
-            target = ins.open(p)
-        except (FileNotFoundError, NotADirectoryError):
-            continue
-        try:
-            if stat.S_ISDIR(os.fstat(target).st_mode):
-                mnt = _new_fs("tmpfs", [], MOUNT_ATTR_RDONLY)
-            else:
-                null = ins.open("/dev/null")
-                try:
-                    mnt = linux.open_tree(null, "", 0x1 | os.O_CLOEXEC | linux.AT_EMPTY_PATH)
-                finally:
-                    os.close(null)
-            try:
-                ins.attach(mnt, target)
-            finally:
-                os.close(mnt)
-        finally:
-            os.close(target)
-
-
-def readonly_paths(ins: Inside, paths: list[str]) -> None:
-    """Each path bound read-only onto itself (its submounts too)."""
+def _existing(ins: Inside, paths: list[str]) -> Iterator[int]:
+    """An fd of each of `paths` inside that exists (closed once the loop moves on)."""
     for p in paths:
         try:
             target = ins.open(p)
         except (FileNotFoundError, NotADirectoryError):
             continue
         try:
-            tree = linux.open_tree(target, "", 0x1 | os.O_CLOEXEC | linux.AT_EMPTY_PATH
-                                   | linux.AT_RECURSIVE)
-            try:
-                linux.mount_setattr(tree, "", linux.AT_EMPTY_PATH | linux.AT_RECURSIVE,
-                                    MOUNT_ATTR_RDONLY)
-                ins.attach(tree, target)
-            finally:
-                os.close(tree)
+            yield target
         finally:
             os.close(target)
+
+
+def mask_paths(ins: Inside, masked: list[str]) -> None:
+    """A read-only empty tmpfs on each masked directory, /dev/null bound on each file."""
+    for target in _existing(ins, masked):
+        if stat.S_ISDIR(os.fstat(target).st_mode):
+            mnt = _new_fs("tmpfs", [], MOUNT_ATTR_RDONLY)
+        else:
+            null = ins.open("/dev/null")
+            try:
+                mnt = linux.open_tree(null, "", 0x1 | os.O_CLOEXEC | linux.AT_EMPTY_PATH)
+            finally:
+                os.close(null)
+        try:
+            ins.attach(mnt, target)
+        finally:
+            os.close(mnt)
+
+
+def readonly_paths(ins: Inside, paths: list[str]) -> None:
+    """Each path bound read-only onto itself (its submounts too)."""
+    for target in _existing(ins, paths):
+        tree = linux.open_tree(target, "", 0x1 | os.O_CLOEXEC | linux.AT_EMPTY_PATH
+                               | linux.AT_RECURSIVE)
+        try:
+            linux.mount_setattr(tree, "", linux.AT_EMPTY_PATH | linux.AT_RECURSIVE,
+                                MOUNT_ATTR_RDONLY)
+            ins.attach(tree, target)
+        finally:
+            os.close(tree)
 
 
 def open_terminal(ins: Inside, chan: Channel) -> int:
