@@ -399,3 +399,18 @@ def _service_row(pid: int) -> dict[str, Any]:
     rows = [r for r in _rows() if r["init_pid"] == pid]
     assert rows, f"no container with init {pid} in the service"
     return rows[0]
+
+
+def test_masked_and_readonly_paths_hold_for_root(rt: Runtime) -> None:
+    """linux.maskedPaths and readonlyPaths of the config, seen by root inside (who could read
+    and write them otherwise): a masked file reads empty, a masked directory lists empty,
+    a read-only path refuses a write with EROFS."""
+    config = default_config(["sh", "-c", "echo keys $(wc -c < /proc/keys); "
+                                         "echo acpi $(ls -A /proc/acpi 2>/dev/null | wc -l); "
+                                         "echo x 2>&1 > /proc/sys/kernel/domainname || true"])
+    b = rt.bundle("masked", config)
+    res = rt.call("run", "--bundle", str(b), "masked")
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert lines[:2] == ["keys 0", "acpi 0"], res.stdout
+    assert "Read-only file system" in res.stdout + res.stderr, (res.stdout, res.stderr)
