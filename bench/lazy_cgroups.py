@@ -91,13 +91,13 @@ def timed_joins(pipe_w: int) -> None:
 
 def round_of(svc: Svc, k: int, pipe_r: int) -> None:
     os.environ["CONTAINERFS_SOCKET"] = svc.socket
-    s0, k0 = proc_cpu(svc.pid), proc_cpu(svc.keeper)
+    s0, k0 = proc_cpu(svc.pid, svc.keeper), proc_cpu(svc.keeper)
     for _ in range(k):
         t = time.perf_counter()
         one_containerfs()
         svc.times.append(time.perf_counter() - t)
         svc.joins.append(struct.unpack("q", os.read(pipe_r, 8))[0])
-    svc.service_cpu += proc_cpu(svc.pid) - s0
+    svc.service_cpu += proc_cpu(svc.pid, svc.keeper) - s0
     svc.keeper_cpu += proc_cpu(svc.keeper) - k0
     svc.count += k
 

@@ -150,10 +150,26 @@ class Tool:
     rate: float = 0.0
 
 
-def proc_cpu(pid: int | None) -> float:
-    """utime + stime of process `pid` (all its threads), in seconds; 0 if unknown."""
+def proc_cpu(pid: int | None, but: int | None = None) -> float:
+    """utime + stime of process `pid` (all its threads) and of its children living now but
+    `but` (the service's namespace maker: the service's work done in another process; not
+    its keeper, counted apart), in seconds; 0 if unknown."""
     if pid is None:
         return 0.0
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    own = (int(fields[11]) + int(fields[12])) / TICK
+    children: set[int] = set()
+    for path in glob.glob(f"/proc/{pid}/task/*/children"):
+        with contextlib.suppress(OSError), open(path) as f:
+            children.update(int(c) for c in f.read().split())
+    for child in children - {but}:
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            own += proc_cpu_own(child)
+    return own
+
+
+def proc_cpu_own(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / TICK
@@ -173,13 +189,13 @@ def client_cpu() -> float:
 
 
 def round_of(tool: Tool, k: int, svc: ServiceInfo) -> None:
-    c0, s0, k0 = client_cpu(), proc_cpu(svc.pid), proc_cpu(svc.keeper_pid)
+    c0, s0, k0 = client_cpu(), proc_cpu(svc.pid, svc.keeper_pid), proc_cpu(svc.keeper_pid)
     for _ in range(k):
         t = time.perf_counter()
         tool.one()
         tool.times.append(time.perf_counter() - t)
     tool.client_cpu += client_cpu() - c0
-    tool.service_cpu += proc_cpu(svc.pid) - s0
+    tool.service_cpu += proc_cpu(svc.pid, svc.keeper_pid) - s0
     tool.keeper_cpu += proc_cpu(svc.keeper_pid) - k0
 
 
@@ -252,15 +268,24 @@ def main() -> None:
     ap.add_argument("-k", type=int, default=10, help="containers per tool per round")
     ap.add_argument("-t", type=float, default=6.0,
                     help="seconds of two creators per tool (in three interleaved slices)")
+    ap.add_argument("--only", default="",
+                    help="the tools to run, by name, comma-separated (default all): for "
+                         "example 'containerfs spawn,bwrap'")
     args = ap.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("bench.peers: run as root (every tool here makes namespaces)")
-    have_lxc = shutil.which("lxc-start") is not None
-    if not have_lxc:
+    only = [name.strip() for name in args.only.split(",") if name.strip()]
+    have_lxc = shutil.which("lxc-start") is not None and (not only or "lxc" in only)
+    if not have_lxc and (not only or "lxc" in only):
         print(f"missing: lxc-start ({INSTALL['lxc-start']}, or scripts/bench-setup.sh): left out")
     with started_service() as svc, \
             (lxc_containers(2) if have_lxc else contextlib.nullcontext()) as lxc:
-        run(available_tools(lxc), svc, args.n, args.k, args.t)
+        tools = available_tools(lxc)
+        unknown = set(only) - {t.name for t in tools}
+        if unknown:
+            raise SystemExit(f"bench.peers: no tool {', '.join(sorted(unknown))} here; "
+                             f"there are: {', '.join(t.name for t in tools)}")
+        run([t for t in tools if not only or t.name in only], svc, args.n, args.k, args.t)
 
 
 def run(tools: list[Tool], svc: ServiceInfo, n: int, k: int, seconds: float) -> None:
@@ -268,11 +293,11 @@ def run(tools: list[Tool], svc: ServiceInfo, n: int, k: int, seconds: float) -> 
     for tool in tools:  # warm up: caches, the service's pool
         for _ in range(5):
             tool.one()
-    s0, k0, st0 = proc_cpu(svc.pid), proc_cpu(svc.keeper_pid), proc_stime(svc.pid)
+    s0, k0, st0 = proc_cpu(svc.pid, svc.keeper_pid), proc_cpu(svc.keeper_pid), proc_stime(svc.pid)
     for _ in range(max(1, n // k)):
         for tool in tools:
             round_of(tool, k, svc)
-    s_all, k_all = proc_cpu(svc.pid) - s0, proc_cpu(svc.keeper_pid) - k0
+    s_all, k_all = proc_cpu(svc.pid, svc.keeper_pid) - s0, proc_cpu(svc.keeper_pid) - k0
     st_all = proc_stime(svc.pid) - st0
     done = {t.name: [0, 0.0] for t in tools}
     for _ in range(3):  # interleaved too: three slices of each
