@@ -165,7 +165,11 @@ def fsconfig(fsfd: int, cmd: int, key: str | None = None, value: str | bytes | N
                 os.close(checker)
                 raise
 
-        made = nsexec.fds_in(order, make, 2 if pending else 1)
+        # A placeholder and its checker depend on no namespace but the user namespace (the
+        # checker parses gid= there): without one of its own they are made right here, with
+        # no helper thread. The real proc, made by init, stands in the container's.
+        made = make() if pending and not inside_userns else \
+            nsexec.fds_in(order, make, 2 if pending else 1)
         try:
             if ctx.fstype == "proc" and "pid" in named:
                 linux.fsconfig(made[0], FSCONFIG_SET_FD, "pidns", None, named["pid"])
