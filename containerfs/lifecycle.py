@@ -22,6 +22,7 @@ from syscalls.fd import Fd
 from . import namespaces
 from .keyring.service import KeyringService
 from .containerns import ContainerNs
+from .nsmaker import Maker, MakerGone
 from .process import Peer, pidfd_exited, pidfd_pid, stat_fields
 from .record import Container, requested_namespaces
 from .registry import Registry
@@ -41,6 +42,7 @@ class Lifecycle:
         self.dead_linger = dead_linger
         self.pool = namespaces.NamespacePool()
         self.mounts = namespaces.MountCopies()
+        self.maker = Maker()
         # Told of each death (what other parts keep per container goes then).
         self.on_death: Callable[[Container], None] | None = None
         self.pool_wanted = trio.Event()
@@ -152,14 +154,42 @@ class Lifecycle:
             while self.pool.missing() or self.mounts.missing():
                 try:
                     if self.pool.missing():
-                        await trio.to_thread.run_sync(self.pool.fill_once)
+                        made = await self._made_ahead(self.pool.missing())
+                        if made is None:
+                            await trio.to_thread.run_sync(self.pool.fill_once)
+                        else:
+                            self.pool.add(made)
                     if self.mounts.missing():
-                        await trio.to_thread.run_sync(self.mounts.fill_once)
+                        generation = self.mounts.generation_now()  # before the copy
+                        made = await self._made_ahead(["mnt"])
+                        if made is None:
+                            await trio.to_thread.run_sync(self.mounts.fill_once)
+                        else:
+                            self.mounts.add(generation, made)
                 except OSError as e:  # out of fds, say: creates make their own meanwhile
                     log.warning("namespace pool not refilled: %s; again in 1 s", e)
                     await trio.sleep(1)
             self.pool_wanted = trio.Event()
             await self.pool_wanted.wait()
+
+    async def _made_ahead(self, names: list[str]) -> dict[str, int] | None:
+        """Namespaces from the namespace maker (started on first use); None if it is gone
+        (said once: a worker thread makes them from then on). Its errors are raised."""
+        if self.maker.failed:
+            return None
+        try:
+            if self.maker.proc is None:
+                self.maker.start()
+            if not self.maker.ready():  # (starting: ~0.1 s) these are made here meanwhile
+                return None
+            made = await self.maker.make(names)
+            log.debug("the namespace maker made %s", ",".join(made))
+            return made
+        except MakerGone as e:
+            log.warning("%s: namespaces made ahead are made by a worker thread from now on", e)
+            self.maker.close()
+            self.maker.failed = True
+            return None
 
     # ---- init's death -------------------------------------------------------------------
 
@@ -300,5 +330,6 @@ class Lifecycle:
                     self.reg.remove(c)
 
     def close(self) -> None:
+        self.maker.close()
         self.mounts.close()
         self.pool.close()

@@ -244,12 +244,17 @@ class NamespacePool:
     def missing(self) -> list[str]:
         return [t for t in self.KINDS if len(self.free[t]) < self.size]
 
+    def add(self, made: Mapping[str, int]) -> None:
+        """Take fresh namespaces (fds by type) into the pool."""
+        for nstype, fd in made.items():
+            self.free[nstype].append(fd)
+
     def fill_once(self) -> None:
-        """Add one namespace of each kind that is short (blocking: run it in a thread)."""
+        """Add one namespace of each kind that is short, made by this thread (blocking: run
+        it in a thread; where the namespace maker cannot)."""
         kinds = self.missing()
         if kinds:
-            for nstype, fd in make_in_thread(kinds, None).items():
-                self.free[nstype].append(fd)
+            self.add(make_in_thread(kinds, None))
 
     def close(self) -> None:
         for fds in self.free.values():
@@ -295,7 +300,7 @@ class MountCopies:
         # root is the one setns(2) into the copy finds, and nobody need check it per copy.
         self.root_derived = is_ns_root(self._ours["root"], self._ours["mnt"])
 
-    def _look(self) -> int:
+    def generation_now(self) -> int:
         """The generation of our mount table: one more for each change seen since."""
         poller = select.poll()
         poller.register(self._mountinfo, select.POLLPRI)
@@ -311,7 +316,7 @@ class MountCopies:
         if not (linux.same_file(creator["mnt"], "/proc/self/ns/mnt")
                 and linux.same_place(creator["root"], self._ours["root"])):
             return None
-        now = self._look()
+        now = self.generation_now()
         while self.free:
             made, copy = self.free.pop(0)
             if made == now:
@@ -322,10 +327,16 @@ class MountCopies:
     def missing(self) -> bool:
         return len(self.free) < self.size
 
+    def add(self, generation: int, copy: dict[str, int]) -> None:
+        """Take a copy made after generation() said `generation` (a change during the copy
+        makes it stale)."""
+        self.free.append((generation, copy))
+
     def fill_once(self) -> None:
-        """Add one copy (blocking: run it in a thread)."""
-        generation = self._look()  # seen before the copy: a change during it makes it stale
-        self.free.append((generation, make_in_thread(["mnt"], self._ours)))
+        """Add one copy made by this thread (blocking: run it in a thread; where the
+        namespace maker cannot)."""
+        generation = self.generation_now()  # before the copy: a change during it: stale
+        self.add(generation, make_in_thread(["mnt"], self._ours))
 
     def close(self) -> None:
         for _, copy in self.free:

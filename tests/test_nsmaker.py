@@ -1,0 +1,246 @@
+"""The namespace maker (containerfs/nsmaker.py): root's fresh namespaces made ahead by a
+process of the service's own; what it refuses; the service going on without it."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from typing import Any
+
+import pytest
+import trio
+
+import syscalls
+from containerfs.nsmaker import Maker, MakerGone
+from syscalls import linux
+from syscalls import (
+    CONTAINER_KILL_ON_CLOSE, CONTAINER_NEW_IPC_NS, CONTAINER_NEW_NET_NS, CONTAINER_NEW_UTS_NS,
+)
+
+from .conftest import child_result, in_container, pid_alive
+
+FLAGS = CONTAINER_NEW_UTS_NS | CONTAINER_NEW_IPC_NS | CONTAINER_NEW_NET_NS | CONTAINER_KILL_ON_CLOSE
+
+
+def _children(service: Any) -> set[int]:
+    pids: set[int] = set()
+    for task in os.listdir(f"/proc/{service.proc.pid}/task"):
+        with open(f"/proc/{service.proc.pid}/task/{task}/children") as f:
+            pids.update(int(p) for p in f.read().split())
+    return pids
+
+
+def _maker_of(service: Any) -> int | None:
+    """The pid of the service's namespace maker, if it runs."""
+    for pid in _children(service):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"containerfs.nsmaker" in f.read():
+                    return pid
+        except FileNotFoundError:
+            continue
+    return None
+
+
+def _wait_log(service: Any, text: str, count: int = 1, timeout: float = 10) -> int:
+    deadline = time.monotonic() + timeout
+    while (seen := service.log.read_text().count(text)) < count and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return seen
+
+
+def _until_the_maker_made(service: Any, fds: list[int], timeout: float = 10) -> bool:
+    """Create containers (appended to `fds`) until the maker refilled the pool: at its start
+    (~0.1 s) the service fills it itself."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        fds.append(syscalls.container_create("m", FLAGS))
+        if _wait_log(service, "the namespace maker made uts,ipc,net", timeout=0.05):
+            return True
+    return False
+
+
+def _net_of(cfd: int) -> tuple[int, list[str]]:
+    """The container's network namespace (inode) and its interfaces."""
+    pid, seen = in_container(cfd, lambda: (os.stat("/proc/self/ns/net").st_ino,
+                                           sorted(n for _, n in socket.if_nameindex())))
+    assert child_result(pid) == 0
+    return seen[0], seen[1]
+
+
+def test_fresh_namespaces_come_from_the_maker(service: Any) -> None:
+    """The pool is filled by the maker, a child of the service at nice 10: the containers
+    given its namespaces have fresh ones of their own (only lo, none the host's)."""
+    fds: list[int] = []
+    try:
+        assert _until_the_maker_made(service, fds)
+        maker = _maker_of(service)
+        assert maker is not None
+        assert os.getpriority(os.PRIO_PROCESS, maker) == 10
+        fds += [syscalls.container_create("m", FLAGS) for _ in range(5)]
+        nets = [_net_of(fd) for fd in fds]
+        assert all(links == ["lo"] for _, links in nets)
+        inodes = {ino for ino, _ in nets}
+        assert len(inodes) == len(fds)
+        assert os.stat("/proc/self/ns/net").st_ino not in inodes
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def test_the_service_goes_on_when_the_maker_dies(service: Any) -> None:
+    """A killed maker costs nothing but speed: namespaces are made by a worker thread from
+    then on, and said so."""
+    fds: list[int] = []
+    try:
+        assert _until_the_maker_made(service, fds)
+        maker = _maker_of(service)
+        assert maker is not None
+        os.kill(maker, signal.SIGKILL)
+        for _ in range(8):  # more than the pool holds: refills after the kill are needed
+            fds.append(syscalls.container_create("m", FLAGS))
+        assert _wait_log(service, "worker thread from now on") == 1
+        nets = {_net_of(fd)[0] for fd in fds}
+        assert len(nets) == len(fds)
+        assert service.alive()
+        assert _maker_of(service) is None
+        assert not [p for p in _children(service) if not pid_alive(p)]  # reaped: no zombie
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+@pytest.fixture
+def maker() -> Any:
+    """A maker of our own on a socketpair, as the service starts one."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    proc = subprocess.Popen([sys.executable, "-m", "containerfs.nsmaker", str(theirs.fileno())],
+                            pass_fds=[theirs.fileno()])
+    theirs.close()
+    try:
+        assert ours.recv(64) == b"ready"
+        yield ours, proc
+    finally:
+        ours.close()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise AssertionError("the maker did not exit when its service hung up") from None
+
+
+@pytest.mark.parametrize("request_", [b"pid", b"user", b"net,net", b"mnt,net", b"", b"\xff"])
+def test_the_maker_refuses_what_it_does_not_make(maker: Any, request_: bytes) -> None:
+    sock, proc = maker
+    if not request_:
+        sock.close()  # (an empty datagram reads as a hang-up: it ends the maker)
+        assert proc.wait(5) == 0
+        return
+    sock.send(request_)
+    data, fds, _flags, _ = socket.recv_fds(sock, 64, 4)
+    assert fds == []
+    assert data == f"error {errno.EINVAL}".encode()
+    sock.send(b"uts")  # and it goes on
+    data, fds, _flags, _ = socket.recv_fds(sock, 64, 4)
+    try:
+        assert data == b"ok" and len(fds) == 1
+        assert os.readlink(f"/proc/self/fd/{fds[0]}").startswith("uts:")
+        assert os.fstat(fds[0]).st_ino != os.stat("/proc/self/ns/uts").st_ino
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def _in_mount_ns(mnt: int, fn: Any) -> Any:
+    """Run `fn` in a child standing in mount namespace `mnt`; its result (an int)."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.close(r)
+            linux.setns(mnt, linux.CLONE_NEWNS)
+            os.write(w, str(int(fn())).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    with os.fdopen(r) as f:
+        out = f.read()
+    assert child_result(pid) == 0
+    return int(out)
+
+
+def _copy(sock: socket.socket) -> list[int]:
+    sock.send(b"mnt")
+    data, fds, _flags, _ = socket.recv_fds(sock, 64, 4)
+    assert data == b"ok" and len(fds) == 2
+    assert os.readlink(f"/proc/self/fd/{fds[0]}").startswith("mnt:")
+    return fds
+
+
+def test_a_mount_copy_is_of_the_makers_first_namespace(maker: Any) -> None:
+    """Each copy is of the mount namespace the maker started in (the service's), never of
+    the copy it made last: a mount made in one copy is not in the next."""
+    sock, _proc = maker
+    where = "/mnt"
+    copies = [_copy(sock)]
+    try:
+        def mount_there() -> bool:
+            linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)  # ours alone
+            linux.mount("tmpfs", where, "tmpfs", 0)
+            return os.path.ismount(where)
+        assert not os.path.ismount(where)
+        assert _in_mount_ns(copies[0][0], mount_there)
+        copies.append(_copy(sock))
+        assert not _in_mount_ns(copies[1][0], lambda: os.path.ismount(where))
+        assert not os.path.ismount(where)  # nothing reached the host either
+        inodes = {os.fstat(c[0]).st_ino for c in copies}
+        assert len(inodes) == 2 and os.stat("/proc/self/ns/mnt").st_ino not in inodes
+    finally:
+        for fds in copies:
+            for fd in fds:
+                os.close(fd)
+
+
+def _answering(answer: bytes | None) -> Any:
+    """Maker.make against a fake maker that reads the request and answers `answer` (None:
+    hangs up); what make raised or returned."""
+    async def run() -> Any:
+        m = Maker()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        m.sock = trio.socket.from_stdlib_socket(ours)
+        try:
+            async with trio.open_nursery() as nursery:
+                async def fake() -> None:
+                    await trio.to_thread.run_sync(theirs.recv, 64)
+                    if answer is None:
+                        theirs.close()
+                    else:
+                        theirs.send(answer)
+                nursery.start_soon(fake)
+                try:
+                    return await m.make(["net"])
+                except OSError as e:
+                    return e
+        finally:
+            m.sock.close()
+            if theirs.fileno() >= 0:
+                theirs.close()
+    return trio.run(run)
+
+
+def test_the_makers_errors_are_told_apart() -> None:
+    """Its error (the pool retries later) from its absence (made elsewhere from then on)."""
+    full = _answering(f"error {errno.ENOSPC}".encode())
+    assert isinstance(full, OSError) and not isinstance(full, MakerGone)
+    assert full.errno == errno.ENOSPC
+    assert isinstance(_answering(None), MakerGone)
+    assert isinstance(_answering(b"nonsense"), MakerGone)
+    assert isinstance(_answering(b"ok"), MakerGone)  # "ok" with no fd: not a maker's answer
