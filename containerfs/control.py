@@ -24,6 +24,7 @@ from syscalls.fd import Fd
 from syscalls.replies import ContainerList, Created, ErrorReply, Reply, Reported
 
 from . import rundir
+from .forking import Planned
 from .process import Peer
 from .record import Container
 from .service import Service
@@ -74,8 +75,8 @@ class Connection:
         self.keep_key = keep_key
         # The forked process's seccomp listener was taken: a connection hands over one.
         self.listener_taken = False
-        # (container id, Forks.plan_key) of the fork plan create sent on this connection.
-        self.plan_made: tuple[int, tuple[object, ...]] | None = None
+        # The fork plan create sent on this connection.
+        self.plan_made: Planned | None = None
 
     async def run(self) -> None:
         try:
@@ -232,7 +233,7 @@ class Connection:
             log.warning("container %d: no plan of its first fork: %s", c.id, e)
             plan = None
         if plan is not None:
-            self.plan_made = (c.id, svc.forks.plan_key(self.peer, c, "init"))
+            self.plan_made = (c.id, svc.forks.plan_key(self.peer, c, "init"), plan[0].fds)
             return Created(c.id, plan=plan[0]), [rfd, *plan[1]]
         return Created(c.id), [rfd]
 

@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 from collections.abc import Callable
+from typing import Any
 
 import trio
 
@@ -31,6 +32,11 @@ from .record import Container
 from .registry import Registry
 from .resources import Origin
 from .states import State, check_transition
+
+# Forks.plan_key: what decides a plan's fds, and what decides the rest of its reply.
+PlanKey = tuple[tuple[object, ...], tuple[object, ...]]
+# A plan create sent: (container id, its PlanKey, the names of its fds).
+Planned = tuple[int, PlanKey, list[str]]
 
 log = logging.getLogger("containerfs")
 
@@ -59,11 +65,12 @@ class Forks:
     # ---- granting a fork ----------------------------------------------------------------
 
     async def begin(self, peer: Peer, c: Container,
-                    planned: tuple[int, tuple[object, ...]] | None = None
+                    planned: Planned | None = None
                     ) -> tuple[ForkGrant, list[int]]:
         """Check a fork and return what the intermediate must enter: (reply, fds it names).
-        `planned`: (container id, plan_key) of the plan its caller holds: if that plan still
-        holds, the reply says so (as_planned) and carries no fds."""
+        `planned`: (container id, plan_key, fd names) of the plan its caller holds: if that
+        plan still holds, the reply says so (as_planned) and carries no fds; if its fds do,
+        the reply says so (plan_fds), with the rest of it, and carries none."""
         self.policy.owner(peer, c, "fork into")
         # Its filter compiled (once, off the event loop) before the state is looked at: no
         # await comes between that look and the fork's grant.
@@ -81,8 +88,14 @@ class Forks:
             raise OSError(errno.ENOENT, f"container {c.id} has no root filesystem yet")
         role = "init" if c.state == State.CREATED else "member"
         fds: list[int] = []
-        if planned is not None and planned == (c.id, self.plan_key(peer, c, role)):
+        key = self.plan_key(peer, c, role) if planned is not None and planned[0] == c.id \
+            else None
+        if planned is not None and planned[1] == key:
             reply = ForkGrant(role=role, fds=[], id=c.id, as_planned=True)
+        elif planned is not None and key is not None and planned[1][0] == key[0]:
+            # The plan's fds hold (a proc placeholder mounted since, say): only the rest of
+            # the reply is sent again.
+            reply = self._grant(c, role, planned[2], plan_fds=True)
         else:
             reply, fds = self._plan(peer, c, role)
         if peer.uid != 0:
@@ -118,12 +131,14 @@ class Forks:
             return None  # (a fresh container has no profile yet: the plan is made at create)
         return self._plan(peer, c, "init")
 
-    def plan_key(self, peer: Peer, c: Container, role: str) -> tuple[object, ...]:
-        """Everything _plan reads, with no fd opened: equal keys, equal plans (the files of
-        its fds included: the namespaces by inode, the groups by path)."""
-        return (role, peer.uid, c.flags, c.new_ns, tuple(sorted(c.ns.ids.items())), c.ns.root,
-                repr(c.proc_paths) if role == "init" else "", repr(self.keyrings.fork_info(c)),
-                c.caps, self.confiner.program(c), self.reg.cgroups.v1_groups(c.id))
+    def plan_key(self, peer: Peer, c: Container, role: str) -> PlanKey:
+        """Everything _plan reads, with no fd opened, in two parts: what decides its fds (the
+        namespaces by inode, the groups by path) and what decides the rest of its reply.
+        Equal keys, equal plans."""
+        return ((role, peer.uid, c.flags, c.new_ns, tuple(sorted(c.ns.ids.items())), c.ns.root,
+                 self.reg.cgroups.v1_groups(c.id)),
+                (repr(c.proc_paths) if role == "init" else "", repr(self.keyrings.fork_info(c)),
+                 c.caps, self.confiner.program(c)))
 
     def _plan(self, peer: Peer, c: Container, role: str) -> tuple[ForkGrant, list[int]]:
         """What a fork in `role` enters, in order: (reply, the fds it names). No side effect
@@ -137,17 +152,21 @@ class Forks:
 
         try:
             self._add_fds(peer, c, role, add)
-            program, flags = self.confiner.program(c) or ("", 0)
-            reply = ForkGrant(role=role, fds=names, id=c.id,
-                              new_pid_ns=role == "init" and bool(c.flags & CONTAINER_NEW_PID_NS),
-                              proc_paths=list(c.proc_paths) if role == "init" else [],
-                              keyring=self.keyrings.fork_info(c), caps=c.caps,
-                              seccomp=program, seccomp_flags=flags)
+            reply = self._grant(c, role, names)
         except BaseException:
             for fd in fds:
                 os.close(fd)
             raise
         return reply, fds
+
+    def _grant(self, c: Container, role: str, names: list[str], **extra: Any) -> ForkGrant:
+        """The reply of a fork in `role` whose fds are `names`."""
+        program, flags = self.confiner.program(c) or ("", 0)
+        return ForkGrant(role=role, fds=names, id=c.id,
+                         new_pid_ns=role == "init" and bool(c.flags & CONTAINER_NEW_PID_NS),
+                         proc_paths=list(c.proc_paths) if role == "init" else [],
+                         keyring=self.keyrings.fork_info(c), caps=c.caps,
+                         seccomp=program, seccomp_flags=flags, **extra)
 
     def _add_fds(self, peer: Peer, c: Container, role: str,
                  add: Callable[[str, int], None]) -> None:

@@ -182,12 +182,16 @@ def _ask(handle: int, steps_for: Callable[[replies.ForkGrant, list[int], Connect
             reply, fds = conn.receive(replies.ForkGrant)
         except OSError as e:  # the service refused the fork (ECANCELED: dead...)
             raise OSError(e.errno, f"fork_into_container: {e.strerror}") from None
-        if reply.as_planned:
-            if plan is None or fds:
+        if reply.as_planned or reply.plan_fds:
+            if plan is None or fds or (reply.plan_fds and reply.fds != plan.reply.fds):
                 forkplans.close_fds(fds)
                 raise OSError(errno.EPROTO, "the containerfs service answered a fork with a "
                                             "plan it never sent")
-            return conn, plan.reply, plan.fds, made
+            if reply.as_planned:
+                return conn, plan.reply, plan.fds, made
+            if made is not None and made[2] >= 0:  # steps of the old reply: made again
+                os.close(made[2])
+            return conn, reply, plan.fds, None
     except BaseException:
         conn.close()
         drop_plan()

@@ -52,7 +52,8 @@ class Fork(Request):
     """Sent by fork_into_container's intermediate with the handle. Reply: role, ns fds.
     `keep`: the report will be one way (StartedNoReply), so the service must keep this
     connection where a crash cannot lose it. `planned`: the caller holds the plan create
-    sent on this connection, and takes ForkGrant.as_planned to mean "that one"."""
+    sent on this connection, and takes ForkGrant.as_planned to mean "that one" (and
+    ForkGrant.plan_fds "its fds, with this reply")."""
     op: ClassVar[str] = "fork"
     answer: ClassVar[type[Reply]] = replies.ForkGrant
     nfds: ClassVar[int] = 1

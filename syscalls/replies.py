@@ -51,6 +51,9 @@ class ForkGrant(Reply):
     # The plan create sent holds, fds and all (Fork.planned): then nothing else is filled in
     # and no fds come.
     as_planned: bool = False
+    # The plan's fds hold, the rest of it is this reply (a proc placeholder mounted since,
+    # say): `fds` names the plan's, and none come.
+    plan_fds: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

@@ -5,14 +5,17 @@ decides, and that the plan costs the caller nothing it can see."""
 from __future__ import annotations
 
 import errno
+import json
 import os
 import signal
+import sys
 import time
 from typing import Any
 
 import pytest
 
 import syscalls
+from containerfs.api import mount_proc
 from syscalls import CONTAINER_NEW_FS_NS, CONTAINER_NEW_NET_NS, CONTAINER_NEW_PID_NS, client, protocol
 
 from .conftest import child_result, hung_up, in_container
@@ -281,19 +284,19 @@ def test_a_process_reported_after_its_container_died_is_killed(service: Any) -> 
         os.close(cfd)
 
 
-def _create_with_plan(name: str) -> tuple[client.Connection, int, list[int]]:
+def _create_with_plan(name: str) -> tuple[client.Connection, int, list[int], list[str]]:
     """container_create by hand on a connection of our own, asking for a plan: (the
-    connection, the handle, the plan's fds)."""
+    connection, the handle, the plan's fds, their names)."""
     conn = client.Connection()
     reply, fds = conn.call(protocol.Create(name=name, flags=FLAGS, plan=1))
     assert reply.plan is not None and len(fds) == 1 + len(reply.plan.fds)
-    return conn, fds[0], fds[1:]
+    return conn, fds[0], fds[1:], reply.plan.fds
 
 
 def test_a_plan_that_holds_is_confirmed_without_fds(service: Any) -> None:
     """Fork(planned) on the create's connection: nothing changed since, so the service
     answers "as planned" and sends no fds (the caller enters the plan's)."""
-    conn, cfd, plan_fds = _create_with_plan("planned")
+    conn, cfd, plan_fds, _names = _create_with_plan("planned")
     try:
         reply, fds = conn.call(protocol.Fork(keep=1, planned=1), [cfd])
         assert reply.as_planned and fds == [] and reply.role == "init"
@@ -306,17 +309,21 @@ def test_a_plan_that_holds_is_confirmed_without_fds(service: Any) -> None:
         conn.close()
 
 
-@pytest.mark.parametrize("change", ["caps", "seccomp", "kill"])
+@pytest.mark.parametrize("change", ["caps", "seccomp", "kill", "cpu limit"])
 def test_a_plan_gone_stale_is_never_confirmed(service: Any, change: str) -> None:
     """Whatever changes between create and the fork (confinement set from elsewhere, a
-    kill) gets a full grant, or the error: never "as planned" with a stale plan (a process
-    would run unconfined)."""
-    conn, cfd, plan_fds = _create_with_plan("stale")
+    kill, a first cpu limit) is in the grant, or the error comes: never "as planned" with a
+    stale plan (a process would run unconfined). Confinement changes no fd of the plan: the
+    grant then says "the plan's fds" (plan_fds, none sent) with the new confinement; a cpu
+    limit adds a group to join: a full grant, fds and all."""
+    conn, cfd, plan_fds, plan_names = _create_with_plan("stale")
     try:
         if change == "caps":
             syscalls.container_set_caps(cfd, 1 << 0)
         elif change == "seccomp":
             syscalls.container_set_seccomp(cfd, '{"defaultAction": "SCMP_ACT_ALLOW"}')
+        elif change == "cpu limit":
+            syscalls.container_set_limit(cfd, "cpu.max", "50000 100000")
         else:
             syscalls.container_kill(cfd)
             assert hung_up(cfd, 5)
@@ -327,11 +334,16 @@ def test_a_plan_gone_stale_is_never_confirmed(service: Any, change: str) -> None
             return
         reply, fds = conn.call(protocol.Fork(keep=1, planned=1), [cfd])
         try:
-            assert not reply.as_planned and len(fds) == len(reply.fds) > 0
-            if change == "caps":
-                assert reply.caps == 1
+            assert not reply.as_planned
+            if change == "cpu limit":
+                assert not reply.plan_fds and len(fds) == len(reply.fds) > len(plan_names)
+                assert reply.fds.count("cgroup.v1") > plan_names.count("cgroup.v1")
             else:
-                assert reply.seccomp
+                assert reply.plan_fds and fds == [] and reply.fds == plan_names
+                if change == "caps":
+                    assert reply.caps == 1
+                else:
+                    assert reply.seccomp
         finally:
             for fd in fds:
                 os.close(fd)
@@ -355,6 +367,46 @@ def test_container_spawn_after_confinement_set_is_confined(service: Any) -> None
         os.close(w)
         assert child_result(pid) == 0
         assert int(os.read(r, 100).split()[1], 16) == 1
+        os.close(r)
+    finally:
+        os.close(cfd)
+
+
+def test_container_spawn_after_seccomp_set_is_filtered(service: Any) -> None:
+    """As above, for a seccomp profile set after create: the spawned process runs under it
+    (its mkdir refused with the profile's errno)."""
+    cfd = syscalls.container_create("spawned", FLAGS)
+    try:
+        syscalls.container_set_seccomp(cfd, json.dumps({
+            "defaultAction": "SCMP_ACT_ALLOW",
+            "syscalls": [{"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO",
+                          "errnoRet": errno.EROFS}]}))
+        r, w = os.pipe()
+        pid = syscalls.container_spawn(
+            cfd, sys.executable, [sys.executable, "-c", "import os\ntry:\n os.mkdir('/tmp/x')\n"
+                                  "except OSError as e:\n os.write(3, str(e.errno).encode())"],
+            file_actions=[(os.POSIX_SPAWN_DUP2, w, 3)], pass_fds=[3])
+        os.close(w)
+        assert child_result(pid) == 0
+        assert int(os.read(r, 100)) == errno.EROFS
+        os.close(r)
+    finally:
+        os.close(cfd)
+
+
+def test_container_spawn_after_a_proc_mount_gets_that_proc(service: Any) -> None:
+    """A proc mounted before init (a placeholder), then container_spawn on the create's
+    plan: init puts a proc of its own PID namespace there (it is PID 1 in it)."""
+    cfd = syscalls.container_create("spawned", FLAGS)
+    try:
+        mount_proc(cfd)
+        r, w = os.pipe()
+        pid = syscalls.container_spawn(
+            cfd, "/bin/sh", ["/bin/sh", "-c", "exec readlink /proc/self >&3"],
+            file_actions=[(os.POSIX_SPAWN_DUP2, w, 3)], pass_fds=[3])
+        os.close(w)
+        assert child_result(pid) == 0
+        assert os.read(r, 100).strip() == b"1"
         os.close(r)
     finally:
         os.close(cfd)
