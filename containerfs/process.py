@@ -57,11 +57,16 @@ class Peer:
 
 def stat_fields(pid: int) -> list[str] | None:
     """Fields 3.. of /proc/PID/stat (after the command name), or None if it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
+    try:  # (os-level: 3 system calls where open() makes 9, on the path of every death)
+        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
     except (FileNotFoundError, ProcessLookupError):
         return None
+    try:
+        data = os.read(fd, 4096)
+    except ProcessLookupError:
+        return None
+    finally:
+        os.close(fd)
     return data[data.rindex(b")") + 2:].decode().split()
 
 
