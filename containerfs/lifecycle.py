@@ -43,6 +43,7 @@ class Lifecycle:
         self.pool = namespaces.NamespacePool()
         self.mounts = namespaces.MountCopies()
         self.maker = Maker()
+        reg.ns.close_ns = self.maker.close_ns
         # Told of each death (what other parts keep per container goes then).
         self.on_death: Callable[[Container], None] | None = None
         self.pool_wanted = trio.Event()

@@ -70,8 +70,7 @@ DERIVED, HELD = "derived", "held"  # what c<id>/root says
 
 
 class Fresh(NamedTuple):
-    """A namespace not bound yet: the name its bind will have, its fd, when it became fresh
-    (time.monotonic())."""
+    """A namespace not bound yet: its bind's name, its fd, since when (time.monotonic())."""
     name: str
     fd: int
     since: float
@@ -103,6 +102,7 @@ class NsStore:
         self.kept_fresh: set[int] = set()  # containers whose keeper entry has fresh copies
         # Told the ids of kept_fresh once bound: their keeper entries let the copies go.
         self.on_bound: Callable[[set[int]], None] | None = None
+        self.close_ns: Callable[[str, int], None] = lambda _type, fd: os.close(fd)  # (type, fd)
 
     # ---- the holder ---------------------------------------------------------------------
 
@@ -344,13 +344,13 @@ class NsStore:
         del self.refs[key]
         fd = self.cache.pop(key, None)
         if fd is not None:
-            os.close(fd)
+            self.close_ns(key[0], fd)
         fresh = self.fresh.pop(key, None)
         if fresh is not None:
-            os.close(fresh.fd)
+            self.close_ns(key[0], fresh.fd)
         held = self.by_fd.pop(key, None)
         if held is not None:
-            os.close(held)
+            self.close_ns(key[0], held)
             self.fdstore.drop(f"{HELD_PREFIX}{key[0]}.{key[1]}")
         name = self.names.pop(key, None)
         if name is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -244,3 +245,33 @@ def test_the_makers_errors_are_told_apart() -> None:
     assert isinstance(_answering(None), MakerGone)
     assert isinstance(_answering(b"nonsense"), MakerGone)
     assert isinstance(_answering(b"ok"), MakerGone)  # "ok" with no fd: not a maker's answer
+
+
+def test_the_maker_closes_what_it_is_given() -> None:
+    """close_ns: a mount namespace's fd goes to the maker, which closes it (its teardown paid
+    there); the caller's copy is closed at once; the maker answers nothing, and the next
+    request still gets its own answer."""
+    async def run() -> None:  # (a Maker's trio socket closes inside trio, as the service's)
+        m = Maker()
+        m.start()
+        try:
+            deadline = time.monotonic() + 10
+            while not m.ready():
+                assert time.monotonic() < deadline, "the maker never said ready"
+                await trio.sleep(0.01)
+            for nstype in ("mnt", "net"):
+                r, w = os.pipe()
+                m.close_ns(nstype, w)  # (a pipe stands for the namespace: its end is seen)
+                with pytest.raises(OSError) as e:
+                    os.fstat(w)
+                assert e.value.errno == errno.EBADF
+                ready, _, _ = select.select([r], [], [], 5)
+                assert ready and os.read(r, 1) == b""  # every write end closed, the maker's too
+                os.close(r)
+            made = await m.make(["uts"])
+            assert list(made) == ["uts"]
+            os.close(made["uts"])
+        finally:
+            m.close()
+        assert m.proc is None
+    trio.run(run)
