@@ -153,25 +153,35 @@ class Lifecycle:
         request."""
         while True:
             while self.pool.missing() or self.mounts.missing():
-                try:
-                    if self.pool.missing():
-                        made = await self._made_ahead(self.pool.missing())
-                        if made is None:
-                            await trio.to_thread.run_sync(self.pool.fill_once)
-                        else:
-                            self.pool.add(made)
-                    if self.mounts.missing():
-                        generation = self.mounts.generation_now()  # before the copy
-                        made = await self._made_ahead(["mnt"])
-                        if made is None:
-                            await trio.to_thread.run_sync(self.mounts.fill_once)
-                        else:
-                            self.mounts.add(generation, made)
-                except OSError as e:  # out of fds, say: creates make their own meanwhile
-                    log.warning("namespace pool not refilled: %s; again in 1 s", e)
+                failed = False
+                # Each on its own: one failing (out of fds, say) never holds up the other.
+                for refill in (self._refill_pool, self._refill_mounts):
+                    try:
+                        await refill()
+                    except OSError as e:  # creates make their own meanwhile
+                        log.warning("namespace pool not refilled: %s; again in 1 s", e)
+                        failed = True
+                if failed:
                     await trio.sleep(1)
             self.pool_wanted = trio.Event()
             await self.pool_wanted.wait()
+
+    async def _refill_pool(self) -> None:
+        if self.pool.missing():
+            made = await self._made_ahead(self.pool.missing())
+            if made is None:
+                await trio.to_thread.run_sync(self.pool.fill_once)
+            else:
+                self.pool.add(made)
+
+    async def _refill_mounts(self) -> None:
+        if self.mounts.missing():
+            generation = self.mounts.generation_now()  # before the copy
+            made = await self._made_ahead(["mnt"])
+            if made is None:
+                await trio.to_thread.run_sync(self.mounts.fill_once)
+            else:
+                self.mounts.add(generation, made)
 
     async def _made_ahead(self, names: list[str]) -> dict[str, int] | None:
         """Namespaces from the namespace maker (started on first use); None if it is gone

@@ -35,33 +35,78 @@ MAX_REQUEST = 64
 READY = b"ready"  # its first message, once it has started
 CLOSE = b"close"  # the fds that come with it are closed here (no answer)
 MAX_DISPOSED = 16
+MAKE_TIMEOUT = 10.0  # seconds an answer may take (a network namespace takes ~0.5 ms)
 MADE_FRESH = ("uts", "ipc", "net")  # what a request may ask for beside "mnt"
 
 
-def _make(names: list[str], home: dict[str, int]) -> list[int]:
-    """The fds of `names`, made now (in this process, which moves into them)."""
+class Home:
+    """Where the maker stands between requests (the service's namespaces and root, as it
+    started), and its own /proc/PID/ns directory: every request goes back here, and no fd
+    is ever opened through a namespace it made (each one becomes a container's, which its
+    processes may change: mounts on /proc, a pivot_root)."""
+
+    def __init__(self) -> None:
+        self.ns = {t: os.open(f"/proc/self/ns/{t}", os.O_RDONLY | os.O_CLOEXEC)
+                   for t in ("mnt",) + MADE_FRESH}
+        self.root = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        # (this process has one thread: thread-self is it, for its whole life)
+        self.nsdir = os.open("/proc/thread-self/ns", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+    def open_own(self, names: list[str]) -> list[int]:
+        """fds of the namespaces of `names` this process stands in now."""
+        fds: list[int] = []
+        try:
+            for n in names:
+                fds.append(os.open(n, os.O_RDONLY | os.O_CLOEXEC, dir_fd=self.nsdir))
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        return fds
+
+    def back(self, names: list[str]) -> None:
+        """Back into the home namespaces of `names` (and root, for "mnt"); a maker that
+        cannot come back ends (it would stand in a container's)."""
+        try:
+            for n in names:
+                linux.setns(self.ns[n], linux.NS_FLAGS[n])
+            if "mnt" in names:
+                os.fchdir(self.root)
+                os.chroot(".")
+                os.chdir("/")
+        except OSError:
+            os._exit(70)
+
+
+def _make(names: list[str], home: Home) -> list[int]:
+    """The fds of `names`, made now by this process, which then goes home."""
     if names == ["mnt"]:
-        # A copy of the service's mount namespace, not of the last copy we stood in.
-        linux.setns(home["mnt"], linux.CLONE_NEWNS)
-        os.fchdir(home["root"])
-        os.chroot(".")
-        os.chdir("/")
-        linux.unshare(linux.CLONE_NEWNS)
-        return [os.open("/proc/thread-self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC),
-                os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)]
+        linux.unshare(linux.CLONE_NEWNS)  # a copy of home's: we never stand elsewhere
+        try:
+            fds = home.open_own(["mnt"])
+            try:
+                fds.append(os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC))
+            except BaseException:
+                os.close(fds[0])
+                raise
+            return fds
+        finally:
+            home.back(["mnt"])
     if not names or any(n not in MADE_FRESH for n in names) or len(set(names)) != len(names):
         raise OSError(errno.EINVAL, f"the namespace maker makes none of {names}")
     flags = 0
     for nstype in names:
         flags |= linux.NS_FLAGS[nstype]
     linux.unshare(flags)
-    return [os.open(f"/proc/thread-self/ns/{n}", os.O_RDONLY | os.O_CLOEXEC) for n in names]
+    try:
+        return home.open_own(names)
+    finally:
+        home.back(names)
 
 
 def serve(sock: socket.socket) -> None:
     """Answer the service's requests until it hangs up."""
-    home = {"mnt": os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC),
-            "root": os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)}
+    home = Home()
     sock.send(READY)
     while True:
         request, fds, _flags, _ = socket.recv_fds(sock, MAX_REQUEST, MAX_DISPOSED)
@@ -115,9 +160,12 @@ class Maker:
         try:
             # Not a fork of the service: a new program (posix_spawn or vfork, as subprocess
             # does it), which holds nothing of the service but this socket.
+            # -P: nothing imported from the service's working directory. A session of its
+            # own: a terminal's Ctrl-C is for the service (the maker ends with it).
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "containerfs.nsmaker", str(theirs.fileno())],
-                pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, close_fds=True)
+                [sys.executable, "-P", "-m", "containerfs.nsmaker", str(theirs.fileno())],
+                pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, close_fds=True,
+                start_new_session=True)
         except BaseException:
             ours.close()
             raise
@@ -145,20 +193,30 @@ class Maker:
         return True
 
     async def make(self, names: list[str]) -> dict[str, int]:
+        """New namespaces of `names` ({"mnt", "root"} for ["mnt"]), as fds the caller owns.
+        MakerGone if it is not there, or did not answer within MAKE_TIMEOUT (it is then
+        ended: make them elsewhere); the OSError it met making them (EMFILE here included:
+        fds it sent that did not fit are dropped). One request at a time."""
         import trio
 
-        """New namespaces of `names` ({"mnt", "root"} for ["mnt"]), as fds the caller owns.
-        MakerGone if it is not there (make them elsewhere); the OSError it met making them
-        (EMFILE here included: fds it sent that did not fit are dropped)."""
         if self.sock is None:
             raise MakerGone(errno.ESRCH, "the namespace maker is not running")
         want = names + (["root"] if names == ["mnt"] else [])
+        answered = False
         try:
-            await self.sock.send(",".join(names).encode())
-            data, anc, flags, _ = await self.sock.recvmsg(
-                MAX_REQUEST, socket.CMSG_SPACE(len(want) * 4), socket.MSG_CMSG_CLOEXEC)
+            with trio.move_on_after(MAKE_TIMEOUT):
+                await self.sock.send(",".join(names).encode())
+                data, anc, flags, _ = await self.sock.recvmsg(
+                    MAX_REQUEST, socket.CMSG_SPACE(len(want) * 4), socket.MSG_CMSG_CLOEXEC)
+                answered = True
         except (ConnectionError, trio.ClosedResourceError) as e:
             raise MakerGone(errno.ESRCH, f"the namespace maker is gone: {e}") from None
+        finally:
+            if not answered:  # (timed out or cancelled: its answer would go to the next one)
+                self.close()
+        if not answered:
+            raise MakerGone(errno.ETIMEDOUT, f"the namespace maker did not answer in "
+                                             f"{MAKE_TIMEOUT:.0f} s; ended")
         fds = fdpass.fds_from_ancdata(anc)
         if data == b"ok" and len(fds) == len(want):
             return dict(zip(want, fds))
@@ -186,11 +244,11 @@ class Maker:
             self.sock.close()
             self.sock = self._raw = None
         if self.proc is not None:
-            try:
-                self.proc.wait(timeout=2)  # it exits once our end is closed
-            except subprocess.TimeoutExpired:
+            # It holds nothing to save: ended now, never waited for (it would exit on its
+            # own once our end is closed, after the request it may be making).
+            if self.proc.poll() is None:
                 self.proc.kill()
-                self.proc.wait()
+            self.proc.wait()
             self.proc = None
 
 

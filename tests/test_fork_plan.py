@@ -7,8 +7,10 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import time
 from typing import Any
 
@@ -16,7 +18,10 @@ import pytest
 
 import syscalls
 from containerfs.api import mount_proc
+from containerfs.cgroupfs import detect_layout
 from syscalls import CONTAINER_NEW_FS_NS, CONTAINER_NEW_NET_NS, CONTAINER_NEW_PID_NS, client, protocol
+from syscalls import replies
+from syscalls.container import plans as kept_plans
 
 from .conftest import child_result, hung_up, in_container
 
@@ -309,6 +314,14 @@ def test_a_plan_that_holds_is_confirmed_without_fds(service: Any) -> None:
         conn.close()
 
 
+def _cpu_in_v1() -> bool:
+    """Whether this host's cpu controller is a v1 hierarchy (a hybrid host: a first cpu
+    limit then makes a v1 group the fork joins)."""
+    layout = detect_layout()
+    return "cpu" not in layout.v2_controllers and any("cpu" in h.controllers
+                                                      for h in layout.v1)
+
+
 @pytest.mark.parametrize("change", ["caps", "seccomp", "kill", "cpu limit"])
 def test_a_plan_gone_stale_is_never_confirmed(service: Any, change: str) -> None:
     """Whatever changes between create and the fork (confinement set from elsewhere, a
@@ -335,9 +348,11 @@ def test_a_plan_gone_stale_is_never_confirmed(service: Any, change: str) -> None
         reply, fds = conn.call(protocol.Fork(keep=1, planned=1), [cfd])
         try:
             assert not reply.as_planned
-            if change == "cpu limit":
+            if change == "cpu limit" and _cpu_in_v1():
                 assert not reply.plan_fds and len(fds) == len(reply.fds) > len(plan_names)
                 assert reply.fds.count("cgroup.v1") > plan_names.count("cgroup.v1")
+            elif change == "cpu limit":  # (cgroup2 carries cpu: the group is the same one)
+                assert reply.plan_fds and fds == [] and reply.fds == plan_names
             else:
                 assert reply.plan_fds and fds == [] and reply.fds == plan_names
                 if change == "caps":
@@ -354,59 +369,92 @@ def test_a_plan_gone_stale_is_never_confirmed(service: Any, change: str) -> None
         conn.close()
 
 
-def test_container_spawn_after_confinement_set_is_confined(service: Any) -> None:
+@pytest.fixture
+def grants(monkeypatch: Any) -> list[Any]:
+    """Every ForkGrant this process receives from now on."""
+    seen: list[Any] = []
+    receive = client.Connection.receive
+
+    def recording(self: client.Connection, cls: Any) -> Any:
+        got = receive(self, cls)
+        if cls is replies.ForkGrant:
+            seen.append(got[0])
+        return got
+    monkeypatch.setattr(client.Connection, "receive", recording)
+    return seen
+
+
+def _plan_kept() -> bool:
+    """Whether this process kept the create's plan (single-threaded root): its spawn is
+    then answered with the plan's fds and the new reply (plan_fds), not a full grant."""
+    if kept_plans.plan is None:
+        print("no plan kept here (threads running): the full grant was taken")
+    return kept_plans.plan is not None
+
+
+def _spawned_output(cfd: int, argv: list[str]) -> bytes:
+    """What `argv`, spawned into the container by container_spawn, wrote to its fd 3 (it
+    exited 0)."""
+    r, w = os.pipe()
+    try:
+        pid = syscalls.container_spawn(cfd, argv[0], argv,
+                                       file_actions=[(os.POSIX_SPAWN_DUP2, w, 3)], pass_fds=[3])
+        os.close(w)
+        w = -1
+        assert child_result(pid) == 0
+        return os.read(r, 100)
+    finally:
+        os.close(r)
+        if w >= 0:
+            os.close(w)
+
+
+def test_container_spawn_after_confinement_set_is_confined(service: Any,
+                                                          grants: list[Any]) -> None:
     """The compiled spawn path, whose plan came with create: capabilities set after create
     (the plan is then stale) confine the process it makes."""
     cfd = syscalls.container_create("spawned", FLAGS)
     try:
         syscalls.container_set_caps(cfd, 1 << 0)
-        r, w = os.pipe()
-        pid = syscalls.container_spawn(
-            cfd, "/bin/sh", ["/bin/sh", "-c", "grep CapEff /proc/self/status >&3"],
-            file_actions=[(os.POSIX_SPAWN_DUP2, w, 3)], pass_fds=[3])
-        os.close(w)
-        assert child_result(pid) == 0
-        assert int(os.read(r, 100).split()[1], 16) == 1
-        os.close(r)
+        kept = _plan_kept()
+        out = _spawned_output(cfd, ["/bin/sh", "-c", "grep CapEff /proc/self/status >&3"])
+        assert int(out.split()[1], 16) == 1
+        assert [g.plan_fds for g in grants] == [True] or not kept
     finally:
         os.close(cfd)
 
 
-def test_container_spawn_after_seccomp_set_is_filtered(service: Any) -> None:
+def test_container_spawn_after_seccomp_set_is_filtered(service: Any, grants: list[Any]) -> None:
     """As above, for a seccomp profile set after create: the spawned process runs under it
     (its mkdir refused with the profile's errno)."""
     cfd = syscalls.container_create("spawned", FLAGS)
+    where = tempfile.mkdtemp(prefix="cfs-seccomp-")  # (seen inside: a copy of our mounts)
     try:
         syscalls.container_set_seccomp(cfd, json.dumps({
             "defaultAction": "SCMP_ACT_ALLOW",
             "syscalls": [{"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO",
                           "errnoRet": errno.EROFS}]}))
-        r, w = os.pipe()
-        pid = syscalls.container_spawn(
-            cfd, sys.executable, [sys.executable, "-c", "import os\ntry:\n os.mkdir('/tmp/x')\n"
-                                  "except OSError as e:\n os.write(3, str(e.errno).encode())"],
-            file_actions=[(os.POSIX_SPAWN_DUP2, w, 3)], pass_fds=[3])
-        os.close(w)
-        assert child_result(pid) == 0
-        assert int(os.read(r, 100)) == errno.EROFS
-        os.close(r)
+        kept = _plan_kept()
+        out = _spawned_output(cfd, [sys.executable, "-c", "import os, sys\ntry:\n"
+                                    " os.mkdir(sys.argv[1])\nexcept OSError as e:\n"
+                                    " os.write(3, str(e.errno).encode())",
+                                    os.path.join(where, "x")])
+        assert int(out or b"0") == errno.EROFS
+        assert [g.plan_fds for g in grants] == [True] or not kept
     finally:
         os.close(cfd)
+        shutil.rmtree(where, ignore_errors=True)
 
 
-def test_container_spawn_after_a_proc_mount_gets_that_proc(service: Any) -> None:
+def test_container_spawn_after_a_proc_mount_gets_that_proc(service: Any,
+                                                          grants: list[Any]) -> None:
     """A proc mounted before init (a placeholder), then container_spawn on the create's
     plan: init puts a proc of its own PID namespace there (it is PID 1 in it)."""
     cfd = syscalls.container_create("spawned", FLAGS)
     try:
         mount_proc(cfd)
-        r, w = os.pipe()
-        pid = syscalls.container_spawn(
-            cfd, "/bin/sh", ["/bin/sh", "-c", "exec readlink /proc/self >&3"],
-            file_actions=[(os.POSIX_SPAWN_DUP2, w, 3)], pass_fds=[3])
-        os.close(w)
-        assert child_result(pid) == 0
-        assert os.read(r, 100).strip() == b"1"
-        os.close(r)
+        kept = _plan_kept()
+        assert _spawned_output(cfd, ["/bin/sh", "-c", "exec readlink /proc/self >&3"]) == b"1\n"
+        assert [g.plan_fds for g in grants] == [True] or not kept
     finally:
         os.close(cfd)

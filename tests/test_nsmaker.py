@@ -20,12 +20,14 @@ import syscalls
 from containerfs.nsmaker import Maker, MakerGone
 from syscalls import linux
 from syscalls import (
-    CONTAINER_KILL_ON_CLOSE, CONTAINER_NEW_IPC_NS, CONTAINER_NEW_NET_NS, CONTAINER_NEW_UTS_NS,
+    CONTAINER_KILL_ON_CLOSE, CONTAINER_NEW_FS_NS, CONTAINER_NEW_IPC_NS, CONTAINER_NEW_NET_NS,
+    CONTAINER_NEW_PID_NS, CONTAINER_NEW_UTS_NS,
 )
 
-from .conftest import child_result, in_container, pid_alive
+from .conftest import child_result, in_container
 
 FLAGS = CONTAINER_NEW_UTS_NS | CONTAINER_NEW_IPC_NS | CONTAINER_NEW_NET_NS | CONTAINER_KILL_ON_CLOSE
+ALL = FLAGS | CONTAINER_NEW_FS_NS | CONTAINER_NEW_PID_NS
 
 
 def _children(service: Any) -> set[int]:
@@ -110,8 +112,76 @@ def test_the_service_goes_on_when_the_maker_dies(service: Any) -> None:
         assert len(nets) == len(fds)
         assert service.alive()
         assert _maker_of(service) is None
-        assert not [p for p in _children(service) if not pid_alive(p)]  # reaped: no zombie
+        assert maker not in _children(service)  # reaped: not left a zombie
     finally:
+        for fd in fds:
+            os.close(fd)
+
+
+# init: its mounts its own, a proc of its PID namespace on /proc (as any container's init
+# does), then it says so and waits.
+INIT = ("import os, sys; from syscalls import linux\n"
+        "linux.mount(None, '/', None, linux.MS_REC | linux.MS_PRIVATE)\n"
+        "linux.mount('proc', '/proc', 'proc', 0)\n"
+        "os.write(3, b'ok'); os.close(3); sys.stdin.read()\n")
+
+
+def _mnt(pid: int) -> int:
+    return os.stat(f"/proc/{pid}/ns/mnt").st_ino
+
+
+def test_the_maker_never_stands_in_a_containers_mount_namespace(service: Any) -> None:
+    """Both copies made ahead taken while the maker lags (stopped here, to be sure), by
+    containers whose init mounts its own proc: the maker is never found in their mount
+    namespaces, refills go on without failing, and their namespaces die with them (found
+    by review: it stayed in the last copy it made, which then was a container's)."""
+    fds: list[int] = []
+    maker = None
+    try:
+        assert _until_the_maker_made(service, fds)
+        for _ in range(3):  # the mount copies taken: the maker makes the next ones
+            fds.append(syscalls.container_create("warm", ALL))
+            time.sleep(0.3)
+        for fd in fds:
+            os.close(fd)
+        fds.clear()
+        assert _wait_log(service, "the namespace maker made mnt,root", 2)
+        time.sleep(1.5)  # the pool and the mount copies refilled: the maker rests
+        maker = _maker_of(service)
+        assert maker is not None
+        os.kill(maker, signal.SIGSTOP)  # (only to make the refill's lag certain)
+        mine = set()
+        for _ in range(2):  # both copies made ahead taken, the last the maker made too
+            cfd = syscalls.container_create("pinned", ALL)
+            fds.append(cfd)
+            r, w = os.pipe()
+            pid = syscalls.container_spawn(
+                cfd, sys.executable, [sys.executable, "-c", INIT],
+                file_actions=[(os.POSIX_SPAWN_DUP2, w, 3)], pass_fds=[3],
+                env={"PYTHONPATH": os.environ.get("PYTHONPATH", "")})
+            os.close(w)
+            assert os.read(r, 2) == b"ok"
+            os.close(r)
+            mine.add(_mnt(pid))
+        os.kill(maker, signal.SIGCONT)
+        time.sleep(3)  # the refill, three times over if it fails
+        warnings = service.log.read_text().count("namespace pool not refilled")
+        inside = _mnt(maker) in mine
+        for fd in fds:
+            os.close(fd)  # the containers die
+        fds.clear()
+        time.sleep(1)
+        pinned = _mnt(maker) in mine
+        assert warnings == 0 and not inside and not pinned, (
+            f"{warnings} refill failures; the maker in a container's mount namespace: "
+            f"{inside}, and still after its death: {pinned}\n"
+            + service.log.read_text()[-800:])
+    finally:
+        if maker is not None:
+            try:
+                os.kill(maker, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
         for fd in fds:
             os.close(fd)
 
@@ -186,6 +256,25 @@ def _copy(sock: socket.socket) -> list[int]:
     return fds
 
 
+@pytest.mark.parametrize("request_", [b"uts,ipc,net", b"mnt"])
+def test_the_maker_goes_home_after_each_request(maker: Any, request_: bytes) -> None:
+    """What it made is handed out: the maker itself stands in our namespaces again (it was
+    started in them), never in one it made."""
+    sock, proc = maker
+    sock.send(request_)
+    data, fds, _flags, _ = socket.recv_fds(sock, 64, 4)
+    try:
+        assert data == b"ok"
+        for name in request_.decode().split(","):
+            theirs = os.stat(f"/proc/{proc.pid}/ns/{name}").st_ino
+            assert theirs == os.stat(f"/proc/self/ns/{name}").st_ino
+            assert theirs not in {os.fstat(fd).st_ino for fd in fds}
+        assert os.readlink(f"/proc/{proc.pid}/root") == "/"
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
 def test_a_mount_copy_is_of_the_makers_first_namespace(maker: Any) -> None:
     """Each copy is of the mount namespace the maker started in (the service's), never of
     the copy it made last: a mount made in one copy is not in the next."""
@@ -210,9 +299,12 @@ def test_a_mount_copy_is_of_the_makers_first_namespace(maker: Any) -> None:
                 os.close(fd)
 
 
+SILENT = b"(silent)"
+
+
 def _answering(answer: bytes | None) -> Any:
     """Maker.make against a fake maker that reads the request and answers `answer` (None:
-    hangs up); what make raised or returned."""
+    hangs up; SILENT: says nothing); what make raised or returned."""
     async def run() -> Any:
         m = Maker()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -223,7 +315,7 @@ def _answering(answer: bytes | None) -> Any:
                     await trio.to_thread.run_sync(theirs.recv, 64)
                     if answer is None:
                         theirs.close()
-                    else:
+                    elif answer is not SILENT:
                         theirs.send(answer)
                 nursery.start_soon(fake)
                 try:
@@ -231,7 +323,8 @@ def _answering(answer: bytes | None) -> Any:
                 except OSError as e:
                     return e
         finally:
-            m.sock.close()
+            if m.sock is not None:
+                m.sock.close()
             if theirs.fileno() >= 0:
                 theirs.close()
     return trio.run(run)
@@ -275,3 +368,14 @@ def test_the_maker_closes_what_it_is_given() -> None:
             m.close()
         assert m.proc is None
     trio.run(run)
+
+
+def test_a_maker_that_does_not_answer_is_given_up(monkeypatch: Any) -> None:
+    """No answer within MAKE_TIMEOUT: MakerGone (ETIMEDOUT) about then; make closed its end,
+    so an answer coming later can never be taken for the next request's."""
+    from containerfs import nsmaker
+    monkeypatch.setattr(nsmaker, "MAKE_TIMEOUT", 0.2)
+    t = time.monotonic()
+    silent = _answering(SILENT)
+    assert isinstance(silent, MakerGone) and silent.errno == errno.ETIMEDOUT
+    assert time.monotonic() - t < 5
