@@ -150,37 +150,32 @@ class Tool:
     rate: float = 0.0
 
 
+def stat_times(pid: int) -> tuple[float, float]:
+    """utime and stime of process `pid` (all its threads), in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) / TICK, int(fields[12]) / TICK
+
+
 def proc_cpu(pid: int | None, but: int | None = None) -> float:
     """utime + stime of process `pid` (all its threads) and of its children living now but
     `but` (the service's namespace maker: the service's work done in another process; not
     its keeper, counted apart), in seconds; 0 if unknown."""
     if pid is None:
         return 0.0
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    own = (int(fields[11]) + int(fields[12])) / TICK
+    total = sum(stat_times(pid))
     children: set[int] = set()
     for path in glob.glob(f"/proc/{pid}/task/*/children"):
         with contextlib.suppress(OSError), open(path) as f:
             children.update(int(c) for c in f.read().split())
     for child in children - {but}:
         with contextlib.suppress(OSError, ValueError, IndexError):
-            own += proc_cpu_own(child)
-    return own
-
-
-def proc_cpu_own(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
+            total += sum(stat_times(child))
+    return total
 
 
 def proc_stime(pid: int | None) -> float:
-    if pid is None:
-        return 0.0
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return int(fields[12]) / TICK
+    return 0.0 if pid is None else stat_times(pid)[1]
 
 
 def client_cpu() -> float:

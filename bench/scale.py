@@ -4,8 +4,8 @@ Starts its own service in a temporary directory (its FUSE view there too) and cr
 containers (mount, PID, UTS, IPC namespaces; no init forked) through the public API. Each
 handle is closed at once (no CONTAINER_KILL_ON_CLOSE, so the container stays, held by the
 service alone): this process has the same fd limit as the service and must not hold N fds.
-Prints, per block of 1,000, the create rate and the service's RSS and fds (/proc/PID/status,
-/proc/PID/fd) and its keeper's; then forks into the oldest container (its namespaces re-opened
+Prints, per block of 1,000, the create rate, the service's CPU per container (its namespace
+maker's included), its RSS and fds (/proc/PID/status, /proc/PID/fd) and its keeper's; then forks into the oldest container (its namespaces re-opened
 from where they are held), kills them all through the owner's Open and Kill requests, and
 prints the fds left in service and keeper against the start.
 
@@ -33,6 +33,8 @@ from syscalls import (
     CONTAINER_NEW_FS_NS, CONTAINER_NEW_IPC_NS, CONTAINER_NEW_PID_NS, CONTAINER_NEW_UTS_NS,
     client, protocol,
 )
+
+from .peers import proc_cpu
 
 FLAGS = CONTAINER_NEW_FS_NS | CONTAINER_NEW_PID_NS | CONTAINER_NEW_UTS_NS | CONTAINER_NEW_IPC_NS
 BLOCK = 1000
@@ -109,13 +111,6 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
-def cpu_s(pid: int) -> float:
-    """User + system CPU time of `pid` so far (/proc/PID/stat fields 14 and 15)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def snapshot(svc: Service) -> str:
     return (f"service {rss_mb(svc.proc.pid):6.1f} MB RSS {fds(svc.proc.pid):6d} fds; "
             f"keeper {rss_mb(svc.keeper):5.1f} MB {fds(svc.keeper):6d} fds")
@@ -161,7 +156,7 @@ def main() -> None:
         made = 0
         error = None
         while made < args.count and error is None:
-            cpu0, t0 = cpu_s(svc.proc.pid), time.perf_counter()
+            cpu0, t0 = proc_cpu(svc.proc.pid, svc.keeper), time.perf_counter()
             n = 0
             for _ in range(min(BLOCK, args.count - made)):
                 try:
@@ -172,7 +167,7 @@ def main() -> None:
                 os.close(fd)
                 n += 1
             dt = time.perf_counter() - t0
-            cpu = cpu_s(svc.proc.pid) - cpu0
+            cpu = proc_cpu(svc.proc.pid, svc.keeper) - cpu0
             made += n
             if n:
                 print(f"{made - n:>6}-{made:<6}: {n / dt:6.0f}/s, service CPU "
