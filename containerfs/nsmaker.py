@@ -28,6 +28,8 @@ from typing import TYPE_CHECKING
 
 from syscalls import fdpass, linux
 
+from .namespaces import NamespacePool
+
 if TYPE_CHECKING:  # (the maker itself runs without trio: a shorter start)
     import trio
 
@@ -36,7 +38,7 @@ READY = b"ready"  # its first message, once it has started
 CLOSE = b"close"  # the fds that come with it are closed here (no answer)
 MAX_DISPOSED = 16
 MAKE_TIMEOUT = 10.0  # seconds an answer may take (a network namespace takes ~0.5 ms)
-MADE_FRESH = ("uts", "ipc", "net")  # what a request may ask for beside "mnt"
+MADE_FRESH = NamespacePool.KINDS  # what a request may ask for beside "mnt"
 
 
 class Home:
