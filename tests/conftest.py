@@ -267,6 +267,19 @@ def users_handle(service: ServiceUnderTest, uid: int, gid: int) -> int:
     return fds[0]
 
 
+def held_init(cfd: int) -> tuple[int, int]:
+    """Fork the container's init, which waits until the returned fd is closed, then exits
+    0: (pid, fd)."""
+    hold_r, hold_w = os.pipe()
+    init = syscalls.fork_into_container(cfd)
+    if init == 0:
+        os.close(hold_w)
+        os.read(hold_r, 1)
+        os._exit(0)
+    os.close(hold_r)
+    return init, hold_w
+
+
 def in_container(cfd: int, fn: Callable[[], Any]) -> tuple[int, Any]:
     """Fork into the container, run `fn` there; return (pid, what fn returned)."""
     r, w = os.pipe()

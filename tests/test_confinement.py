@@ -22,7 +22,7 @@ from syscalls.caps import cap_last_cap
 from containerfs.confine import DEFAULT_CAPS, DEFAULT_SECCOMP
 from containerfs.keyring import intercept
 
-from .conftest import OTHER_GID, OTHER_UID, child_result, in_container, run_as
+from .conftest import OTHER_GID, OTHER_UID, child_result, held_init, in_container, run_as
 from .test_cli import cli
 from .test_keyring import Inside, ask
 
@@ -174,13 +174,7 @@ def test_who_and_when(service: Any) -> None:
             return out
         """, pass_fds=(cfd,))
         assert got == [errno.EPERM, errno.EPERM]
-        r, w = os.pipe()
-        init = syscalls.fork_into_container(cfd)
-        if init == 0:
-            os.close(w)
-            os.read(r, 1)
-            os._exit(0)
-        os.close(r)
+        init, w = held_init(cfd)
         pid, inside = in_container(cfd, lambda: _errno(syscalls.container_set_caps, cfd, 0))
         assert child_result(pid) == 0 and inside == errno.EPERM  # from inside
         with pytest.raises(OSError) as info:  # once init has started

@@ -23,7 +23,7 @@ from syscalls import (
 from containerfs.confine import DEFAULT_CAPS, DEFAULT_SECCOMP
 
 from .conftest import (
-    OTHER_GID, OTHER_UID, ROOT, child_result, hung_up, in_container, run_as,
+    OTHER_GID, OTHER_UID, ROOT, child_result, held_init, hung_up, in_container, run_as,
 )
 from .test_keyring import intercept
 
@@ -70,18 +70,6 @@ def spawn_probe(cfd: int) -> tuple[int, Any, int]:
     with os.fdopen(out_r) as f:
         line = f.readline()
     return pid, json.loads(line), in_w
-
-
-def held_init(cfd: int) -> tuple[int, int]:
-    """Fork the container's init, which waits until the returned fd is closed: (pid, fd)."""
-    hold_r, hold_w = os.pipe()
-    init = syscalls.fork_into_container(cfd)
-    if init == 0:
-        os.close(hold_w)
-        os.read(hold_r, 1)
-        os._exit(0)
-    os.close(hold_r)
-    return init, hold_w
 
 
 @pytest.mark.parametrize("confine", [False, True], ids=["plain", "confined"])

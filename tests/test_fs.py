@@ -21,7 +21,7 @@ from syscalls import (
     MOVE_MOUNT_T_CONTAINER_ROOT,
 )
 
-from .conftest import OTHER_GID, OTHER_UID, child_result, run_as, tmpfs
+from .conftest import OTHER_GID, OTHER_UID, child_result, held_init, run_as, tmpfs
 
 AT_RECURSIVE = 0x8000
 SET_ROOT = S.MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_CONTAINER_ROOT
@@ -86,13 +86,7 @@ def test_proc_after_init_shows_container_pids(rooted: int) -> None:
     cfd = rooted
     bind_host(cfd, "usr", "bin", "lib", "lib64")
     S.mkdirat(cfd, "proc", 0o555)
-    r, w = os.pipe()
-    init = S.fork_into_container(cfd)
-    if init == 0:
-        os.close(w)
-        os.read(r, 1)
-        os._exit(0)
-    os.close(r)
+    init, w = held_init(cfd)
     fs = S.fsopen("proc", S.FSOPEN_CLOEXEC)
     S.fsconfig(fs, FSCONFIG_SET_CONTAINER, None, None, cfd)
     S.fsconfig(fs, S.FSCONFIG_CMD_CREATE)
